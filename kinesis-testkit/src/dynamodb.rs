@@ -1,0 +1,71 @@
+//! A DynamoDB endpoint: the embedded dynoxide server, or the one the environment names.
+
+use crate::connection::{Connection, Origin, env_endpoint};
+use crate::error::{Error, Result};
+use crate::server::ServerThread;
+
+/// The variable that points the test bed at an external DynamoDB endpoint.
+pub const DYNAMODB_ENDPOINT_VAR: &str = "AWS_ENDPOINT_URL_DYNAMODB";
+
+/// A DynamoDB endpoint with ready clients. Dropping it stops the embedded server, if any, so keep
+/// it alive as long as its clients are in use.
+///
+/// [`DynamoDb::start`] uses the endpoint in `AWS_ENDPOINT_URL_DYNAMODB` when that is set, and
+/// otherwise starts dynoxide in-process, with an in-memory database, on 127.0.0.1 with a port the
+/// OS chooses.
+#[derive(Debug)]
+pub struct DynamoDb {
+    connection: Connection,
+    _server: Option<ServerThread>,
+}
+
+impl DynamoDb {
+    /// Connects to `AWS_ENDPOINT_URL_DYNAMODB` if it is set, or starts an embedded dynoxide server.
+    ///
+    /// # Errors
+    /// When the embedded server cannot create its database, bind a port or start its thread.
+    pub async fn start() -> Result<Self> {
+        if let Some(url) = env_endpoint(DYNAMODB_ENDPOINT_VAR) {
+            return Ok(Self { connection: Connection::from_environment(url).await, _server: None });
+        }
+        let server = ServerThread::spawn("dynoxide", 1, |listener, stop| {
+            let db = dynoxide::Database::memory().map_err(|e| format!("in-memory database: {e}"))?;
+            Ok(dynoxide::server::serve_with_shutdown(listener, db, async move {
+                let _ = stop.await;
+            }))
+        })
+        .await
+        .map_err(|e| Error::with_source("could not start the embedded DynamoDB server (dynoxide)", e))?;
+        let connection = Connection::local(server.url(), Origin::Embedded);
+        Ok(Self { connection, _server: Some(server) })
+    }
+
+    /// The endpoint URL, e.g. `http://127.0.0.1:38212`.
+    pub fn endpoint_url(&self) -> &str {
+        &self.connection.endpoint_url
+    }
+
+    /// Where the endpoint came from.
+    pub fn origin(&self) -> Origin {
+        self.connection.origin
+    }
+
+    /// A client with the SDK's standard retries (3 attempts).
+    pub fn client(&self) -> aws_sdk_dynamodb::Client {
+        aws_sdk_dynamodb::Client::from_conf(self.connection.dynamodb_config(true))
+    }
+
+    /// A client that makes one attempt per call.
+    pub fn client_without_retries(&self) -> aws_sdk_dynamodb::Client {
+        aws_sdk_dynamodb::Client::from_conf(self.connection.dynamodb_config(false))
+    }
+
+    /// Creates a uniquely named on-demand table keyed by the string attribute `hash_key`, waits
+    /// until it is ACTIVE and returns its name. See [`create_table`](crate::create_table).
+    ///
+    /// # Errors
+    /// When CreateTable fails or the table does not become ACTIVE in time.
+    pub async fn create_table(&self, hash_key: &str) -> Result<String> {
+        crate::resources::create_table(&self.client(), hash_key).await
+    }
+}

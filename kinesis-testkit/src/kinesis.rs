@@ -1,0 +1,137 @@
+//! A Kinesis endpoint: the embedded ferrokinesis server, or the one the environment names.
+
+use crate::connection::{Connection, Origin, env_endpoint};
+use crate::error::{Error, Result};
+use crate::server::ServerThread;
+use std::time::Duration;
+
+/// The variable that points the test bed at an external Kinesis endpoint.
+pub const KINESIS_ENDPOINT_VAR: &str = "AWS_ENDPOINT_URL_KINESIS";
+
+/// Options for the embedded Kinesis server (ferrokinesis).
+///
+/// They apply only when the server is embedded; an endpoint from the environment behaves as it
+/// does. Fill in what you need and take the rest from `Default`:
+///
+/// ```
+/// let options = kinesis_testkit::KinesisOptions { enforce_limits: true, ..Default::default() };
+/// assert_eq!(options.shard_limit, 1000);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KinesisOptions {
+    /// Per-shard write throttling as in AWS: 1,000 records/s and 1 MiB/s per shard, counted in a
+    /// fixed one-second window. Records over it fail inside the PutRecords response with
+    /// `ProvisionedThroughputExceededException`. Default: off.
+    pub enforce_limits: bool,
+    /// Open shards allowed across all streams of this server. Default: 1000 (ferrokinesis: 10).
+    pub shard_limit: u32,
+    /// How long CreateStream, DeleteStream and the resharding calls keep the stream in
+    /// CREATING / DELETING / UPDATING. Default: 10 ms (ferrokinesis: 500 ms).
+    pub transition_delay: Duration,
+}
+
+impl Default for KinesisOptions {
+    fn default() -> Self {
+        Self { enforce_limits: false, shard_limit: 1000, transition_delay: Duration::from_millis(10) }
+    }
+}
+
+/// A Kinesis endpoint with ready clients. Dropping it stops the embedded server, if any, so keep
+/// it alive as long as its clients are in use.
+///
+/// [`Kinesis::start`] uses the endpoint in `AWS_ENDPOINT_URL_KINESIS` when that is set, and
+/// otherwise starts ferrokinesis in-process on 127.0.0.1 with a port the OS chooses.
+#[derive(Debug)]
+pub struct Kinesis {
+    connection: Connection,
+    _server: Option<ServerThread>,
+}
+
+impl Kinesis {
+    /// [`Kinesis::start_with`] the default options.
+    ///
+    /// # Errors
+    /// See [`Kinesis::start_with`].
+    pub async fn start() -> Result<Self> {
+        Self::start_with(KinesisOptions::default()).await
+    }
+
+    /// Connects to `AWS_ENDPOINT_URL_KINESIS` if it is set (the options are then ignored), or
+    /// starts an embedded ferrokinesis server with `options`.
+    ///
+    /// The server accepts request bodies up to 16 MiB, room for a PutRecords call of 10 MiB of data.
+    ///
+    /// # Errors
+    /// When the embedded server cannot bind a port or start its thread.
+    pub async fn start_with(options: KinesisOptions) -> Result<Self> {
+        if let Some(url) = env_endpoint(KINESIS_ENDPOINT_VAR) {
+            return Ok(Self::external(Connection::from_environment(url).await));
+        }
+        let delay_ms = u64::try_from(options.transition_delay.as_millis()).unwrap_or(u64::MAX);
+        let store_options = ferrokinesis::store::StoreOptions {
+            create_stream_ms: delay_ms,
+            delete_stream_ms: delay_ms,
+            update_stream_ms: delay_ms,
+            shard_limit: options.shard_limit,
+            enforce_limits: options.enforce_limits,
+            ..Default::default()
+        };
+        let server = ServerThread::spawn("ferrokinesis", 2, move |listener, stop| {
+            // Inside the server's runtime: create_app may spawn background tasks.
+            let (app, _store) = ferrokinesis::create_app(store_options);
+            // The embedded router keeps axum's 2 MB body limit; a full PutRecords call (5 MiB of
+            // data, base64 in JSON) needs more. 16 MiB also covers 10 MiB calls. The standalone
+            // ferrokinesis binary sets 7 MB the same way.
+            let app = app.layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES));
+            Ok(async move {
+                ferrokinesis::serve_plain_http(listener, app, async move {
+                    let _ = stop.await;
+                })
+                .await
+                .map_err(|e| e.to_string())
+            })
+        })
+        .await
+        .map_err(|e| Error::with_source("could not start the embedded Kinesis server (ferrokinesis)", e))?;
+        let connection = Connection::local(server.url(), Origin::Embedded);
+        Ok(Self { connection, _server: Some(server) })
+    }
+
+    /// A handle on an endpoint that something else runs.
+    pub(crate) fn external(connection: Connection) -> Self {
+        Self { connection, _server: None }
+    }
+
+    /// The endpoint URL, e.g. `http://127.0.0.1:38211`.
+    pub fn endpoint_url(&self) -> &str {
+        &self.connection.endpoint_url
+    }
+
+    /// Where the endpoint came from.
+    pub fn origin(&self) -> Origin {
+        self.connection.origin
+    }
+
+    /// A client with the SDK's standard retries (3 attempts).
+    pub fn client(&self) -> aws_sdk_kinesis::Client {
+        aws_sdk_kinesis::Client::from_conf(self.connection.kinesis_config(true))
+    }
+
+    /// A client that makes one attempt per call, so that throttling and other errors reach the
+    /// caller as they are.
+    pub fn client_without_retries(&self) -> aws_sdk_kinesis::Client {
+        aws_sdk_kinesis::Client::from_conf(self.connection.kinesis_config(false))
+    }
+
+    /// Creates a uniquely named stream with `shard_count` shards, waits until it is ACTIVE and
+    /// returns its name. See [`create_stream`](crate::create_stream).
+    ///
+    /// # Errors
+    /// When CreateStream fails or the stream does not become ACTIVE in time.
+    pub async fn create_stream(&self, shard_count: u32) -> Result<String> {
+        crate::resources::create_stream(&self.client(), shard_count).await
+    }
+}
+
+/// The largest request body the embedded server accepts.
+const MAX_REQUEST_BODY_BYTES: usize = 16 * 1024 * 1024;

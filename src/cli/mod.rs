@@ -1,0 +1,16 @@
+//! The logic of the command-line tools. Each command reads from a `Read`, writes to a `Write` and
+//! returns a typed error, so that binaries stay thin and tests can drive the commands directly.
+
+pub mod agg;
+
+/// Formats an error and its chain of causes on one line: `outer: cause: root cause`.
+pub fn one_line(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line.replace('\n', " ")
+}
