@@ -84,11 +84,14 @@ impl Kinesis {
             // ferrokinesis binary sets 7 MB the same way.
             let app = app.layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES));
             Ok(async move {
-                ferrokinesis::serve_plain_http(listener, app, async move {
-                    let _ = stop.await;
-                })
-                .await
-                .map_err(|e| e.to_string())
+                // axum's own server: ferrokinesis's `serve_plain_http` needs its `server` feature,
+                // which also builds its CLI, OpenTelemetry export and mirroring.
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.await;
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
             })
         })
         .await
