@@ -12,24 +12,24 @@ use md5::{Digest, Md5};
 
 fuzz_target!(|input: &[u8]| {
     let raw = Bytes::copy_from_slice(input);
-    check(&Deaggregator::new(), raw.clone());
+    check(&mut Deaggregator::new(), raw.clone());
 
     let mut framed = limits::MAGIC.to_vec();
     framed.extend_from_slice(input);
     framed.extend_from_slice(&Md5::digest(input));
     let framed = Bytes::from(framed);
-    check(&Deaggregator::new(), framed.clone());
+    check(&mut Deaggregator::new(), framed.clone());
 
     if input.len() >= 32 {
         let a = u128::from_be_bytes(input[..16].try_into().unwrap());
         let b = u128::from_be_bytes(input[16..32].try_into().unwrap());
         let range = HashKeyRange::new(a.min(b), a.max(b)).unwrap();
-        check(&Deaggregator::with_hash_range(range), framed);
+        check(&mut Deaggregator::with_hash_range(range), framed);
     }
     let _ = deaggregate("", raw);
 });
 
-fn check(deaggregator: &Deaggregator, data: Bytes) {
+fn check(deaggregator: &mut Deaggregator, data: Bytes) {
     let out = deaggregator.deaggregate("pk", data.clone());
     match out.outcome {
         // A valid aggregate: every sub-record is returned or counted.

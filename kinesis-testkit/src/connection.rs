@@ -48,8 +48,9 @@ impl Connection {
         Self { endpoint_url, origin: Origin::Environment, region, credentials }
     }
 
-    pub(crate) fn kinesis_config(&self, retries: bool) -> aws_sdk_kinesis::Config {
-        let mut builder = aws_sdk_kinesis::Config::builder()
+    /// One SDK configuration for every service client: endpoint, region, credentials, retries.
+    fn sdk_config(&self, retries: bool) -> aws_config::SdkConfig {
+        let mut builder = aws_config::SdkConfig::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(self.region.clone())
             .credentials_provider(self.credentials.clone())
@@ -60,16 +61,12 @@ impl Connection {
         builder.build()
     }
 
+    pub(crate) fn kinesis_config(&self, retries: bool) -> aws_sdk_kinesis::Config {
+        aws_sdk_kinesis::Config::from(&self.sdk_config(retries))
+    }
+
     pub(crate) fn dynamodb_config(&self, retries: bool) -> aws_sdk_dynamodb::Config {
-        let mut builder = aws_sdk_dynamodb::Config::builder()
-            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-            .region(self.region.clone())
-            .credentials_provider(self.credentials.clone())
-            .endpoint_url(&self.endpoint_url);
-        if !retries {
-            builder = builder.retry_config(no_retries());
-        }
-        builder.build()
+        aws_sdk_dynamodb::Config::from(&self.sdk_config(retries))
     }
 }
 
