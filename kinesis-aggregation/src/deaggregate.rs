@@ -8,7 +8,8 @@
 //! after it.
 //!
 //! Sub-records get sub-sequence numbers `0..n` (their position in the aggregate). A sub-record has an
-//! explicit hash key only when its index field is present.
+//! explicit hash key only when its index field is present. A valid aggregate that holds no records
+//! (only key tables) yields no user records, as in the KCL: there is no user data in it to lose.
 //!
 //! Optionally, sub-records whose hash key falls outside a shard's range are left out and counted in
 //! [`Outcome::Aggregated::dropped`]; the others keep their positions as sub-sequence numbers. (The KCL
@@ -259,6 +260,13 @@ mod tests {
         good[last] ^= 1;
         let out = deaggregate("outer", Bytes::from(good));
         assert_eq!(out.outcome, Outcome::Corrupt(Corruption::ChecksumMismatch));
+    }
+
+    #[test]
+    fn an_aggregate_with_only_key_tables_has_no_user_records() {
+        let out = deaggregate("outer", frame(&[0x0A, 0x01, b'k']));
+        assert_eq!(out.outcome, Outcome::Aggregated { dropped: 0 });
+        assert!(out.records.is_empty());
     }
 
     #[test]
