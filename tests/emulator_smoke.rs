@@ -8,8 +8,10 @@
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, Record, Shard, ShardIteratorType};
-use kinesis_testkit::{DynamoDb, Kinesis, KinesisOptions, Origin, TestBed};
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use kinesis_testkit::{
+    DynamoDb, Kinesis, KinesisOptions, Origin, ShardEnd, TestBed, list_all_shards, read_shard, read_stream,
+};
 use md5::{Digest, Md5};
 use std::collections::HashMap;
 
@@ -21,13 +23,6 @@ fn hash_key(partition_key: &str) -> u128 {
     u128::from_be_bytes(digest)
 }
 
-/// The shard's inclusive hash key range.
-fn hash_range(shard: &Shard) -> (u128, u128) {
-    let range = shard.hash_key_range().expect("every shard has a hash key range");
-    let parse = |key: &str| key.parse::<u128>().expect("hash keys are decimal u128");
-    (parse(range.starting_hash_key()), parse(range.ending_hash_key()))
-}
-
 fn entry(partition_key: &str, data: &str) -> PutRecordsRequestEntry {
     PutRecordsRequestEntry::builder()
         .partition_key(partition_key)
@@ -36,39 +31,14 @@ fn entry(partition_key: &str, data: &str) -> PutRecordsRequestEntry {
         .expect("partition key and data are set")
 }
 
-async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Vec<Shard> {
-    // One page: ferrokinesis fails ListShards with only a NextToken, so avoid paging.
-    let out = client.list_shards().stream_name(stream).max_results(1000).send().await.expect("ListShards");
-    assert!(out.next_token().is_none(), "more than 1000 shards: this test does not page");
-    out.shards().to_vec()
+/// `(partition key, data)` pairs whose partition keys' MD5s spread over the whole hash key space.
+fn spread_records(count: usize) -> Vec<(String, String)> {
+    (0..count).map(|i| (format!("user-{}-{i}", (i * 7919) % 1009), format!("record number {i}"))).collect()
 }
 
-/// Reads an open shard from TRIM_HORIZON until GetRecords returns nothing and is not behind.
-async fn read_open_shard(client: &aws_sdk_kinesis::Client, stream: &str, shard_id: &str) -> Vec<Record> {
-    let mut iterator = client
-        .get_shard_iterator()
-        .stream_name(stream)
-        .shard_id(shard_id)
-        .shard_iterator_type(ShardIteratorType::TrimHorizon)
-        .send()
-        .await
-        .expect("GetShardIterator")
-        .shard_iterator()
-        .map(str::to_owned);
-    let mut records = Vec::new();
-    for _ in 0..100 {
-        let Some(current) = iterator else {
-            panic!("shard {shard_id} is open but GetRecords returned no NextShardIterator");
-        };
-        let out = client.get_records().shard_iterator(current).limit(10_000).send().await.expect("GetRecords");
-        let caught_up = out.records().is_empty() && out.millis_behind_latest().unwrap_or(0) == 0;
-        records.extend_from_slice(out.records());
-        if caught_up {
-            return records;
-        }
-        iterator = out.next_shard_iterator().map(str::to_owned);
-    }
-    panic!("shard {shard_id} was still not caught up after 100 GetRecords calls");
+/// A decimal sequence number as a sortable key: no leading zeros, so longer is larger.
+fn sequence_key(sequence_number: &str) -> (usize, &str) {
+    (sequence_number.len(), sequence_number)
 }
 
 #[tokio::test]
@@ -77,9 +47,7 @@ async fn every_record_comes_back_once_from_the_shard_of_its_hash_key() {
     let client = kinesis.client();
     let stream = kinesis.create_stream(4).await.expect("create a 4-shard stream");
 
-    // Partition keys whose MD5s spread over the whole hash key space.
-    let sent: Vec<(String, String)> =
-        (0..500).map(|i| (format!("user-{}-{i}", (i * 7919) % 1009), format!("record number {i}"))).collect();
+    let sent = spread_records(500);
     let out = client
         .put_records()
         .stream_name(&stream)
@@ -94,18 +62,19 @@ async fn every_record_comes_back_once_from_the_shard_of_its_hash_key() {
         .map(|((_, data), result)| (data.as_str(), result.shard_id().expect("a successful record has a shard id")))
         .collect();
 
-    let shards = list_shards(&client, &stream).await;
+    let shards = list_all_shards(&client, &stream).await.expect("ListShards");
     assert_eq!(shards.len(), 4, "{shards:?}");
 
     // data -> (shard it was read from, partition key it came back with)
     let mut received: HashMap<String, (String, String)> = HashMap::new();
     for shard in &shards {
-        let records = read_open_shard(&client, &stream, shard.shard_id()).await;
-        assert!(!records.is_empty(), "shard {} got no records out of 500", shard.shard_id());
-        for record in records {
-            let data = String::from_utf8(record.data().as_ref().to_vec()).expect("the test sent UTF-8");
-            let previous =
-                received.insert(data.clone(), (shard.shard_id().to_owned(), record.partition_key().to_owned()));
+        let read = read_shard(&client, &stream, shard).await.expect("read the shard");
+        assert_eq!(read.end, ShardEnd::CaughtUp, "shard {} is open: it ends caught up", shard.shard_id);
+        assert!(!read.records.is_empty(), "shard {} got no records out of 500", shard.shard_id);
+        for record in read.records {
+            assert_eq!(record.shard_id, shard.shard_id, "a record is labelled with the shard it was read from");
+            let data = String::from_utf8(record.data).expect("the test sent UTF-8");
+            let previous = received.insert(data.clone(), (shard.shard_id.clone(), record.partition_key));
             assert!(previous.is_none(), "{data:?} came back twice");
         }
     }
@@ -115,13 +84,155 @@ async fn every_record_comes_back_once_from_the_shard_of_its_hash_key() {
         let (shard_id, got_key) = received.get(data).unwrap_or_else(|| panic!("{data:?} never came back"));
         assert_eq!(got_key, partition_key, "partition key of {data:?}");
         assert_eq!(put_shard[data.as_str()], shard_id, "PutRecords and GetRecords disagree on the shard of {data:?}");
-        let shard = shards.iter().find(|s| s.shard_id() == shard_id).expect("the shard is listed");
-        let (start, end) = hash_range(shard);
+        let shard = shards.iter().find(|s| &s.shard_id == shard_id).expect("the shard is listed");
+        let (start, end) = (shard.starting_hash_key, shard.ending_hash_key);
+        let key = hash_key(partition_key);
+        assert!(shard.contains(key), "{data:?} (hash key {key}) was on {shard_id}, whose range is {start}..={end}");
+    }
+}
+
+#[tokio::test]
+async fn read_stream_returns_every_record_once_on_the_shard_of_its_hash_key() {
+    let kinesis = Kinesis::start().await.expect("start Kinesis");
+    let client = kinesis.client();
+    let stream = kinesis.create_stream(3).await.expect("create a 3-shard stream");
+
+    let sent = spread_records(300);
+    let out = client
+        .put_records()
+        .stream_name(&stream)
+        .set_records(Some(sent.iter().map(|(key, data)| entry(key, data)).collect()))
+        .send()
+        .await
+        .expect("PutRecords");
+    assert_eq!(out.failed_record_count(), Some(0), "no record may fail: {:?}", out.records());
+    // data -> (partition key, shard id, sequence number) as PutRecords reported them
+    let put: HashMap<&str, (&str, &str, &str)> = sent
+        .iter()
+        .zip(out.records())
+        .map(|((key, data), result)| {
+            let shard_id = result.shard_id().expect("a successful record has a shard id");
+            let sequence_number = result.sequence_number().expect("a successful record has a sequence number");
+            (data.as_str(), (key.as_str(), shard_id, sequence_number))
+        })
+        .collect();
+
+    let shards = list_all_shards(&client, &stream).await.expect("ListShards");
+    assert_eq!(shards.len(), 3, "{shards:?}");
+    assert!(shards.iter().all(|s| !s.closed), "a new stream has only open shards: {shards:?}");
+
+    let records = read_stream(&client, &stream).await.expect("read the stream");
+    assert_eq!(records.len(), sent.len(), "every record comes back once, and nothing else");
+
+    let mut received: HashMap<String, usize> = HashMap::new();
+    for record in &records {
+        let data = String::from_utf8(record.data.clone()).expect("the test sent UTF-8");
+        let &(partition_key, put_shard, put_sequence) =
+            put.get(data.as_str()).unwrap_or_else(|| panic!("{data:?} was never put"));
+        *received.entry(data.clone()).or_default() += 1;
+        assert_eq!(record.partition_key, partition_key, "partition key of {data:?}");
+        assert_eq!(record.shard_id, put_shard, "PutRecords and read_stream disagree on the shard of {data:?}");
+        assert_eq!(record.sequence_number, put_sequence, "sequence number of {data:?}");
+        assert!(record.approximate_arrival.is_some(), "{data:?} has an ApproximateArrivalTimestamp");
+        let shard = shards.iter().find(|s| s.shard_id == record.shard_id).expect("the shard is listed");
         let key = hash_key(partition_key);
         assert!(
-            (start..=end).contains(&key),
-            "{data:?} (hash key {key}) was on {shard_id}, whose range is {start}..={end}"
+            shard.contains(key),
+            "{data:?} (hash key {key}) was on {}, whose range is {}..={}",
+            shard.shard_id,
+            shard.starting_hash_key,
+            shard.ending_hash_key
         );
+    }
+    for (_, data) in &sent {
+        assert_eq!(received.get(data), Some(&1), "{data:?} must come back exactly once");
+    }
+
+    // Shard by shard (each shard's records together, in the listed order as no shard has a
+    // parent), and within a shard in sequence number order.
+    let mut shard_runs: Vec<&str> = records.iter().map(|r| r.shard_id.as_str()).collect();
+    shard_runs.dedup();
+    let listed: Vec<&str> = shards.iter().map(|s| s.shard_id.as_str()).collect();
+    assert_eq!(shard_runs, listed, "every shard got records, and they come shard by shard");
+    for pair in records.windows(2).filter(|pair| pair[0].shard_id == pair[1].shard_id) {
+        assert!(
+            sequence_key(&pair[0].sequence_number) < sequence_key(&pair[1].sequence_number),
+            "records of {} out of order: {} then {}",
+            pair[0].shard_id,
+            pair[0].sequence_number,
+            pair[1].sequence_number
+        );
+    }
+}
+
+/// A merge closes two shards: read_stream reads both to their end, and before the merged child.
+#[tokio::test]
+async fn read_stream_reads_closed_parents_before_the_merged_child() {
+    let kinesis = Kinesis::start().await.expect("start Kinesis");
+    let client = kinesis.client();
+    let stream = kinesis.create_stream(3).await.expect("create a 3-shard stream");
+    let put = |records: &[(String, String)]| {
+        client
+            .put_records()
+            .stream_name(&stream)
+            .set_records(Some(records.iter().map(|(key, data)| entry(key, data)).collect()))
+            .send()
+    };
+
+    let before: Vec<(String, String)> = spread_records(90);
+    let out = put(&before).await.expect("PutRecords before the merge");
+    assert_eq!(out.failed_record_count(), Some(0), "{:?}", out.records());
+
+    let shards = list_all_shards(&client, &stream).await.expect("ListShards");
+    assert_eq!(shards.len(), 3, "{shards:?}");
+    let (first, second) = (shards[0].shard_id.clone(), shards[1].shard_id.clone());
+    assert_eq!(shards[0].ending_hash_key + 1, shards[1].starting_hash_key, "the first two shards are adjacent");
+    client
+        .merge_shards()
+        .stream_name(&stream)
+        .shard_to_merge(&first)
+        .adjacent_shard_to_merge(&second)
+        .send()
+        .await
+        .expect("MergeShards");
+    kinesis_testkit::wait_until_stream_active(&client, &stream).await.expect("ACTIVE again after the merge");
+
+    let after: Vec<(String, String)> =
+        spread_records(90).into_iter().map(|(key, data)| (key, format!("{data} after the merge"))).collect();
+    let out = put(&after).await.expect("PutRecords after the merge");
+    assert_eq!(out.failed_record_count(), Some(0), "{:?}", out.records());
+
+    let shards = list_all_shards(&client, &stream).await.expect("ListShards");
+    let child = shards
+        .iter()
+        .find(|s| s.parent_shard_id.as_deref() == Some(first.as_str()))
+        .unwrap_or_else(|| panic!("the merged shard names {first} as its parent: {shards:?}"));
+    assert_eq!(child.adjacent_parent_shard_id.as_deref(), Some(second.as_str()), "{child:?}");
+    let closed: Vec<&str> = shards.iter().filter(|s| s.closed).map(|s| s.shard_id.as_str()).collect();
+    assert_eq!(closed, [first.as_str(), second.as_str()], "the merged shards are closed");
+
+    let records = read_stream(&client, &stream).await.expect("read the stream");
+    let mut counts: HashMap<&[u8], usize> = HashMap::new();
+    for record in &records {
+        *counts.entry(record.data.as_slice()).or_default() += 1;
+    }
+    for (_, data) in before.iter().chain(&after) {
+        assert_eq!(counts.get(data.as_bytes()), Some(&1), "{data:?} must come back exactly once");
+    }
+    assert_eq!(records.len(), before.len() + after.len(), "nothing but the records put comes back");
+
+    let position = |shard_id: &str| {
+        let at: Vec<usize> = (0..records.len()).filter(|&i| records[i].shard_id == shard_id).collect();
+        assert!(!at.is_empty(), "shard {shard_id} got records");
+        (at[0], at[at.len() - 1])
+    };
+    let (first_start, first_end) = position(&first);
+    let (second_start, second_end) = position(&second);
+    let (child_start, _) = position(&child.shard_id);
+    assert!(first_end < child_start && second_end < child_start, "both parents are read before the merged child");
+    assert!(first_end < second_start || second_end < first_start, "each shard's records are together");
+    for record in records.iter().filter(|r| r.shard_id == child.shard_id) {
+        assert!(record.data.ends_with(b" after the merge"), "only records put after the merge are on the child");
     }
 }
 

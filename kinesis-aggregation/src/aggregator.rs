@@ -38,7 +38,8 @@ pub enum TryPush {
 
 /// Limits of one aggregate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
+// Not `#[non_exhaustive]`: that would forbid `Config { x, ..Default::default() }` outside this
+// crate, which is how it is meant to be written. New fields always get a default.
 pub struct AggregatorConfig {
     /// The largest aggregate, magic + protobuf + MD5, in bytes. Default: the KPL's 51,200.
     pub max_bytes: usize,
@@ -91,6 +92,17 @@ pub struct Aggregator {
     body_len: usize,
     /// Hash key of the first record: the explicit hash key of the Kinesis record.
     first_hash_key: HashKey,
+}
+
+/// Where a record goes and what it adds, worked out before anything changes.
+struct Plan {
+    pk_index: u64,
+    /// The key's hash in the dedup table, when the key is new.
+    new_pk: Option<u64>,
+    ehk_index: Option<u64>,
+    new_ehk: Option<(u128, String)>,
+    added: usize,
+    message_len: usize,
 }
 
 /// A pushed record, with the length of its encoded `Record` message.
@@ -166,70 +178,113 @@ impl Aggregator {
     /// A [`PushError`], which hands the record back, when the record can never be aggregated: its
     /// partition key is empty or over 256 characters, or it alone exceeds the maximum size.
     pub fn try_push(&mut self, record: UserRecord) -> Result<TryPush, PushError> {
-        if let Err(reason) = validate_partition_key(&record.partition_key) {
-            return Err(PushError::new(reason, record));
+        let plan = match self.plan(&record.partition_key, record.explicit_hash_key, &record.data) {
+            Err(reason) => return Err(PushError::new(reason, record)),
+            Ok(None) => return Ok(TryPush::NoCapacity(record)),
+            Ok(Some(plan)) => plan,
+        };
+        let UserRecord { partition_key, explicit_hash_key, data } = record;
+        self.commit(plan, explicit_hash_key, data, move || partition_key);
+        Ok(TryPush::Added)
+    }
+
+    /// Adds a copy of a borrowed record when it fits: the data is shared (`Bytes`), the partition
+    /// key is copied only when the aggregate does not have it yet. Returns `false` when the record
+    /// does not fit; the caller keeps it either way.
+    ///
+    /// # Errors
+    /// [`InvalidRecord`] when the record can never be aggregated (see [`Aggregator::try_push`]).
+    pub fn try_push_ref(&mut self, record: &UserRecord) -> Result<bool, InvalidRecord> {
+        match self.plan(&record.partition_key, record.explicit_hash_key, &record.data)? {
+            None => Ok(false),
+            Some(plan) => {
+                self.commit(plan, record.explicit_hash_key, record.data.clone(), || record.partition_key.clone());
+                Ok(true)
+            }
         }
-        let pk_hash = self.hasher.hash_one(record.partition_key.as_bytes());
+    }
+
+    /// Works out where a record would go and what it would add, without changing anything.
+    /// `Ok(None)`: it does not fit.
+    fn plan(
+        &self,
+        partition_key: &str,
+        explicit_hash_key: Option<HashKey>,
+        data: &Bytes,
+    ) -> Result<Option<Plan>, InvalidRecord> {
+        validate_partition_key(partition_key)?;
+        let pk_hash = self.hasher.hash_one(partition_key.as_bytes());
         let table = &self.partition_key_table;
-        let existing_pk = self.partition_keys.find(pk_hash, |&i| table[i as usize] == record.partition_key).copied();
+        let existing_pk = self.partition_keys.find(pk_hash, |&i| table[i as usize] == partition_key).copied();
         let pk_index = existing_pk.unwrap_or(self.partition_key_table.len() as u64);
         let mut added = match existing_pk {
             Some(_) => 0,
-            None => table_entry_len(record.partition_key.len()),
+            None => table_entry_len(partition_key.len()),
         };
 
         let mut new_ehk = None;
-        let ehk_index = match record.explicit_hash_key {
-            None => None,
-            Some(HashKey(key)) => Some(match self.explicit_hash_keys.get(&key) {
-                Some(&index) => index,
-                None => {
-                    let text = key.to_string();
-                    added += table_entry_len(text.len());
-                    new_ehk = Some((key, text));
-                    self.explicit_hash_key_table.len() as u64
-                }
-            }),
-        };
+        let ehk_index = explicit_hash_key.map(|HashKey(key)| match self.explicit_hash_keys.get(&key) {
+            Some(&index) => index,
+            None => {
+                let text = key.to_string();
+                added += table_entry_len(text.len());
+                new_ehk = Some((key, text));
+                self.explicit_hash_key_table.len() as u64
+            }
+        });
 
-        let inner = 1
+        let message_len = 1
             + encoded_len_varint(pk_index)
             + ehk_index.map_or(0, |i| 1 + encoded_len_varint(i))
             + 1
-            + encoded_len_varint(record.data.len() as u64)
-            + record.data.len();
-        added += 1 + encoded_len_varint(inner as u64) + inner;
-        let message_len = inner;
+            + encoded_len_varint(data.len() as u64)
+            + data.len();
+        added += 1 + encoded_len_varint(message_len as u64) + message_len;
 
         let size = FRAMING_LEN + self.body_len + added;
         if size > self.config.max_bytes || self.len() >= self.config.max_records {
             if self.is_empty() {
-                let reason = InvalidRecord::TooLarge { size, max: self.config.max_bytes };
-                return Err(PushError::new(reason, record));
+                return Err(InvalidRecord::TooLarge { size, max: self.config.max_bytes });
             }
-            return Ok(TryPush::NoCapacity(record));
+            return Ok(None);
         }
+        let new_pk = existing_pk.is_none().then_some(pk_hash);
+        Ok(Some(Plan { pk_index, new_pk, ehk_index, new_ehk, added, message_len }))
+    }
 
+    /// Applies a plan. `partition_key` is called only when the key is new to the table.
+    fn commit(
+        &mut self,
+        plan: Plan,
+        explicit_hash_key: Option<HashKey>,
+        data: Bytes,
+        partition_key: impl FnOnce() -> String,
+    ) {
+        let partition_key = plan.new_pk.map(|hash| (hash, partition_key()));
         if self.is_empty() {
-            self.first_hash_key = record.hash_key();
+            self.first_hash_key = match (explicit_hash_key, &partition_key) {
+                (Some(key), _) => key,
+                // The first record's key is always new to an empty table.
+                (None, Some((_, key))) => HashKey::of_partition_key(key),
+                (None, None) => HashKey(0),
+            };
         }
-        if let Some((key, text)) = new_ehk {
-            self.explicit_hash_keys.insert(key, ehk_index.unwrap_or_default());
+        if let Some((key, text)) = plan.new_ehk {
+            self.explicit_hash_keys.insert(key, plan.ehk_index.unwrap_or_default());
             self.explicit_hash_key_table.push(text);
         }
-        if existing_pk.is_none() {
+        if let Some((hash, key)) = partition_key {
             let (hasher, table) = (&self.hasher, &self.partition_key_table);
-            self.partition_keys.insert_unique(pk_hash, pk_index, |&i| hasher.hash_one(table[i as usize].as_bytes()));
-            self.partition_key_table.push(record.partition_key);
+            self.partition_keys.insert_unique(hash, plan.pk_index, |&i| hasher.hash_one(table[i as usize].as_bytes()));
+            self.partition_key_table.push(key);
         }
         self.records.push(PendingRecord {
-            partition_key_index: pk_index,
-            explicit_hash_key_index: ehk_index,
-            data: record.data,
-            message_len,
+            partition_key_index: plan.pk_index,
+            explicit_hash_key_index: plan.ehk_index,
+            data,
+            message_len: plan.message_len,
         });
-        self.body_len += added;
-        Ok(TryPush::Added)
+        self.body_len += plan.added;
     }
 
     /// Encodes the aggregate and starts a new one. `None` when it is empty.
@@ -412,6 +467,26 @@ mod tests {
         let err = agg.try_push(record(&long, 1)).unwrap_err();
         assert_eq!(err.reason(), &InvalidRecord::PartitionKeyTooLong { chars: 257 });
         assert_eq!(err.into_record().partition_key, long);
+    }
+
+    #[test]
+    fn borrowed_and_owned_pushes_encode_the_same() {
+        let records: Vec<UserRecord> = (0..50)
+            .map(|i| {
+                let r = UserRecord::new(format!("k{}", i % 7), vec![i as u8; i]);
+                if i % 5 == 0 { r.with_explicit_hash_key(HashKey(i as u128)) } else { r }
+            })
+            .collect();
+        let (mut owned, mut borrowed) = (Aggregator::new(), Aggregator::new());
+        for r in &records {
+            assert!(matches!(owned.try_push(r.clone()).unwrap(), TryPush::Added));
+            assert!(borrowed.try_push_ref(r).unwrap());
+        }
+        assert_eq!(owned.finish(), borrowed.finish());
+        let mut small = Aggregator::with_config(AggregatorConfig::with_max_bytes(60));
+        assert!(small.try_push_ref(&record("k", 20)).unwrap());
+        assert!(!small.try_push_ref(&record("k", 20)).unwrap());
+        assert!(small.try_push_ref(&record("", 1)).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::fmt;
 /// A boxed cause: an SDK error, an I/O error, a message from an emulator.
 type Cause = Box<dyn StdError + Send + Sync + 'static>;
 
-/// What went wrong while starting an emulator or preparing a stream or table.
+/// What went wrong while starting an emulator, preparing a stream or table, or reading a stream back.
 ///
 /// `Display` says what the test bed was doing; the underlying error, if any, is the
 /// [`source`](StdError::source). `Debug` prints both, with the whole cause chain, so that

@@ -44,6 +44,13 @@
 //! [`create_stream`] and [`create_table`] create uniquely named resources (see [`unique_name`])
 //! and wait until they are ACTIVE, so tests can share one server and run in parallel.
 //!
+//! # Reading a stream back
+//!
+//! [`read_stream`] returns every record of a stream, shard by shard, parents before children;
+//! [`list_all_shards`] and [`read_shard`] do it a shard at a time. They take a client, so they
+//! work on every endpoint, and they avoid what the emulators get wrong (below): ListShards is
+//! paged with ExclusiveStartShardId, and a closed shard ends at a missing NextShardIterator.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -55,7 +62,9 @@
 //! let table = bed.dynamodb.create_table("leaseKey").await?;
 //! let kinesis = bed.kinesis.client();
 //! let shards = kinesis.list_shards().stream_name(&stream).send().await;
-//! # let _ = (shards, table);
+//! // ... put records, then read them all back:
+//! let records = kinesis_testkit::read_stream(&kinesis, &stream).await?;
+//! # let _ = (shards, table, records);
 //! # Ok(())
 //! # }
 //! ```
@@ -73,7 +82,8 @@
 //!
 //! Write tests so that they hold on every endpoint, or pick the endpoint that does the thing:
 //! - ferrokinesis gives no ChildShards at the end of a shard, ignores ShardFilter, fails
-//!   ListShards with only a NextToken (use a large MaxResults, or re-send the stream name), gives
+//!   ListShards with only a NextToken (use a large MaxResults, or page with the stream name and
+//!   ExclusiveStartShardId; NextToken together with the stream name is refused everywhere), gives
 //!   no ParentShardId to shards made by UpdateShardCount, and does not rate-limit GetRecords. Take
 //!   lineage from ListShards. It is the only emulator that throttles writes.
 //! - kinesis-local reports a fake EndingSequenceNumber on closed shards: detect the end of a shard
@@ -89,6 +99,7 @@ mod dynamodb;
 mod error;
 mod kinesis;
 mod local;
+mod read;
 mod resources;
 mod server;
 
@@ -97,6 +108,10 @@ pub use dynamodb::{DYNAMODB_ENDPOINT_VAR, DynamoDb};
 pub use error::{Error, Result};
 pub use kinesis::{KINESIS_ENDPOINT_VAR, Kinesis, KinesisOptions};
 pub use local::{KinesisLocal, KinesisLocalOptions, SCRIPT_VAR};
+pub use read::{
+    MAX_GET_RECORDS_CALLS, MAX_LIST_SHARDS_CALLS, ReadRecord, ShardEnd, ShardInfo, ShardRead, list_all_shards,
+    parents_first, read_shard, read_stream,
+};
 pub use resources::{
     ACTIVE_TIMEOUT, create_stream, create_table, unique_name, wait_until_stream_active, wait_until_table_active,
 };

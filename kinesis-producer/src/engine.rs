@@ -1,0 +1,623 @@
+//! The pipeline's one background task. It owns every buffered record from `put` to its receipt.
+//!
+//! ```text
+//!  inbox ──▶ route: shard map (hash key ─▶ open shard) ──▶ shard's aggregator ──seal──▶ ready queue
+//!                 ▲                                       (full, or RecordMaxBufferedTime)      │
+//!                 │                                                                            ▼
+//!  waiting (backoff, no shard map yet) ◀── retryable failure ◀── sender task ◀── batch ◀── rate limiter
+//!                                                                    │   (500 / 5 MiB)   (per shard)
+//!                                                                    └──▶ receipts, metrics
+//! ```
+//!
+//! Records that fail with a retryable error go back through `waiting` with backoff and are routed
+//! and aggregated again, so a record of a shard that was split lands in the right child. A record
+//! whose deadline (RecordTtl) passes fails with `Expired`, and the record is handed back.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use hashbrown::HashMap;
+use kinesis_aggregation::{Aggregator, AggregatorConfig, KinesisRecord, ShardRanges, UserRecord};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::batch::Batch;
+use crate::config::ProducerConfig;
+use crate::error::{DeliveryError, ErrorKind};
+use crate::metrics::Metrics;
+use crate::rate_limit::ShardLimiter;
+use crate::receipt::{Attempt, Receipt};
+use crate::transport::{CallError, EntryResult, PutEntry, ShardDescription, Transport};
+
+use std::sync::atomic::Ordering::Relaxed;
+
+/// A buffered user record and everything needed to resolve it.
+pub(crate) struct Pending {
+    pub(crate) record: UserRecord,
+    /// Partition key + data, in bytes.
+    pub(crate) size: usize,
+    pub(crate) reply: oneshot::Sender<Result<Receipt, DeliveryError>>,
+    pub(crate) enqueued: Instant,
+    pub(crate) deadline: Instant,
+    pub(crate) attempts: Vec<Attempt>,
+    pub(crate) backoff: Option<ExponentialBackoff>,
+    /// Buffer space, given back when the record is resolved (dropped).
+    pub(crate) _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// What the handle sends the task.
+pub(crate) enum Command {
+    Put(Box<Pending>),
+    Flush(oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A Kinesis record ready to send, with the user records it carries.
+struct Entry {
+    shard: Arc<str>,
+    kinesis: KinesisRecord,
+    members: Vec<Pending>,
+    aggregated: bool,
+    /// Partition key + data.
+    size: usize,
+    /// When the oldest member has waited RecordMaxBufferedTime.
+    due: Instant,
+}
+
+struct ShardState {
+    aggregator: Aggregator,
+    members: Vec<Pending>,
+    limiter: ShardLimiter,
+}
+
+/// A ListShards answer.
+type ShardList = Result<Vec<ShardDescription>, CallError>;
+
+struct Response {
+    entries: Vec<Entry>,
+    result: Result<Vec<EntryResult>, CallError>,
+    at: SystemTime,
+    duration: Duration,
+}
+
+pub(crate) struct Engine {
+    config: ProducerConfig,
+    transport: Arc<dyn Transport>,
+    metrics: Arc<Metrics>,
+    map: Option<ShardRanges<Arc<str>>>,
+    shards: HashMap<Arc<str>, ShardState>,
+    ready: VecDeque<Entry>,
+    ready_bytes: usize,
+    /// Records waiting for their backoff, or for a shard map; keyed by (not before, sequence).
+    waiting: BTreeMap<(Instant, u64), Pending>,
+    waiting_seq: u64,
+    in_flight: usize,
+    /// When the earliest entry held back by a shard's rate limiter may go.
+    limiter_wake: Option<Instant>,
+    outstanding: u64,
+    flush_waiters: Vec<oneshot::Sender<()>>,
+    shutdown_waiters: Vec<oneshot::Sender<()>>,
+    closing: bool,
+    refresh_in_flight: bool,
+    refresh_due: Option<Instant>,
+    refresh_backoff: ExponentialBackoff,
+    backoff: ExponentialBuilder,
+    responses: (mpsc::Sender<Response>, mpsc::Receiver<Response>),
+    shard_lists: (mpsc::Sender<ShardList>, mpsc::Receiver<ShardList>),
+}
+
+impl Engine {
+    pub(crate) fn new(config: ProducerConfig, transport: Arc<dyn Transport>, metrics: Arc<Metrics>) -> Self {
+        let backoff = ExponentialBuilder::new()
+            .with_min_delay(config.backoff_initial)
+            .with_max_delay(config.backoff_max)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times();
+        let in_flight = config.max_in_flight_requests;
+        Engine {
+            refresh_backoff: backoff.build(),
+            backoff,
+            config,
+            transport,
+            metrics,
+            map: None,
+            shards: HashMap::new(),
+            ready: VecDeque::new(),
+            ready_bytes: 0,
+            waiting: BTreeMap::new(),
+            waiting_seq: 0,
+            in_flight: 0,
+            limiter_wake: None,
+            outstanding: 0,
+            flush_waiters: Vec::new(),
+            shutdown_waiters: Vec::new(),
+            closing: false,
+            refresh_in_flight: false,
+            refresh_due: Some(Instant::now()),
+            responses: mpsc::channel(in_flight + 1),
+            shard_lists: mpsc::channel(1),
+        }
+    }
+
+    /// Runs until shut down (or every handle is dropped) and every record is resolved.
+    pub(crate) async fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+        let mut inbox_open = true;
+        loop {
+            let now = Instant::now();
+            self.step(now);
+            if (self.closing || !inbox_open) && self.outstanding == 0 && self.in_flight == 0 {
+                break;
+            }
+            let wake = self.next_wake(now);
+            tokio::select! {
+                biased;
+                Some(response) = self.responses.1.recv() => self.on_response(response),
+                Some(list) = self.shard_lists.1.recv() => self.on_shard_list(list),
+                command = inbox.recv(), if inbox_open => match command {
+                    Some(command) => {
+                        self.on_command(command);
+                        // Take what else is queued, up to a bound, before the next step.
+                        for _ in 0..1024 {
+                            match inbox.try_recv() {
+                                Ok(command) => self.on_command(command),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => inbox_open = false,
+                },
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+        for waiter in self.flush_waiters.drain(..).chain(self.shutdown_waiters.drain(..)) {
+            let _ = waiter.send(());
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Put(pending) => {
+                self.outstanding += 1;
+                self.metrics.user_records_pending.store(self.outstanding, Relaxed);
+                self.route(*pending, Instant::now());
+            }
+            Command::Flush(waiter) => self.flush_waiters.push(waiter),
+            Command::Shutdown(waiter) => {
+                self.closing = true;
+                self.shutdown_waiters.push(waiter);
+            }
+        }
+    }
+
+    fn flushing(&self) -> bool {
+        self.closing || !self.flush_waiters.is_empty()
+    }
+
+    /// Puts a record in its shard's aggregator, or in `waiting` while there is no shard map.
+    fn route(&mut self, pending: Pending, now: Instant) {
+        if now >= pending.deadline {
+            return self.fail(pending, ErrorKind::Expired, None);
+        }
+        let shard = match &self.map {
+            Some(map) => map.lookup(pending.record.hash_key().0).map(|(_, id)| id.clone()),
+            None => None,
+        };
+        let Some(shard) = shard else {
+            // No map yet, or a gap in it (mid-reshard): wait for a listing.
+            if !self.refresh_in_flight && self.refresh_due.is_none() {
+                self.refresh_due = Some(now);
+            }
+            return self.wait(pending, now + Duration::from_millis(50));
+        };
+        // Every routed shard has a state, whose limiter the dispatcher consults.
+        self.shard_state(&shard, now);
+        if !self.config.aggregation {
+            let entry = self.plain_entry(shard, pending);
+            return self.push_ready(entry);
+        }
+        let state = self.shard_state(&shard, now);
+        match state.aggregator.try_push_ref(&pending.record) {
+            Ok(true) => state.members.push(pending),
+            Ok(false) => {
+                self.seal(&shard);
+                let state = self.shard_state(&shard, now);
+                match state.aggregator.try_push_ref(&pending.record) {
+                    Ok(true) => state.members.push(pending),
+                    // Checked at put: a record that fits the record limit fits an empty aggregate,
+                    // or is sent plain.
+                    _ => {
+                        let entry = self.plain_entry(shard, pending);
+                        self.push_ready(entry);
+                    }
+                }
+            }
+            Err(_) => {
+                let entry = self.plain_entry(shard, pending);
+                self.push_ready(entry);
+            }
+        }
+    }
+
+    fn shard_state(&mut self, shard: &Arc<str>, now: Instant) -> &mut ShardState {
+        let config = &self.config;
+        self.shards.entry(shard.clone()).or_insert_with(|| ShardState {
+            aggregator: Aggregator::with_config(AggregatorConfig::with_max_bytes(config.aggregation_max_bytes)),
+            members: Vec::new(),
+            limiter: ShardLimiter::new(
+                config.rate_limit_percent,
+                config.shard_records_per_second,
+                config.shard_bytes_per_second,
+                now,
+            ),
+        })
+    }
+
+    fn plain_entry(&self, shard: Arc<str>, pending: Pending) -> Entry {
+        let kinesis = KinesisRecord {
+            partition_key: pending.record.partition_key.clone(),
+            explicit_hash_key: pending.record.explicit_hash_key,
+            data: pending.record.data.clone(),
+        };
+        let due = pending.enqueued + self.config.record_max_buffered_time;
+        Entry { shard, size: pending.size, kinesis, members: vec![pending], aggregated: false, due }
+    }
+
+    /// Turns a shard's aggregator into a ready entry. A lone record goes plain, as with the KPL.
+    fn seal(&mut self, shard: &Arc<str>) {
+        let Some(state) = self.shards.get_mut(shard) else { return };
+        if state.members.is_empty() {
+            return;
+        }
+        let members = std::mem::take(&mut state.members);
+        let aggregate = state.aggregator.finish();
+        if members.len() == 1 {
+            let entry = self.plain_entry(shard.clone(), members.into_iter().next().expect("one member"));
+            return self.push_ready(entry);
+        }
+        let Some(kinesis) = aggregate else { return };
+        let oldest = members.iter().map(|m| m.enqueued).min().unwrap_or_else(Instant::now);
+        let size = kinesis.data.len() + kinesis.partition_key.len();
+        let entry = Entry {
+            shard: shard.clone(),
+            kinesis,
+            members,
+            aggregated: true,
+            size,
+            due: oldest + self.config.record_max_buffered_time,
+        };
+        self.push_ready(entry);
+    }
+
+    fn push_ready(&mut self, entry: Entry) {
+        self.ready_bytes += entry.size;
+        self.ready.push_back(entry);
+    }
+
+    fn wait(&mut self, pending: Pending, not_before: Instant) {
+        self.waiting_seq += 1;
+        self.waiting.insert((not_before, self.waiting_seq), pending);
+    }
+
+    /// Everything time-driven: due retries, the shard map, lingering aggregates, sending.
+    fn step(&mut self, now: Instant) {
+        if self.refresh_due.is_some_and(|due| due <= now) && !self.refresh_in_flight {
+            self.refresh_due = None;
+            self.refresh_in_flight = true;
+            let (transport, tx) = (self.transport.clone(), self.shard_lists.0.clone());
+            tokio::spawn(async move {
+                let _ = tx.send(transport.list_shards().await).await;
+            });
+        }
+        if self.map.is_some() {
+            while let Some(entry) = self.waiting.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                let pending = entry.remove();
+                self.route(pending, now);
+            }
+        }
+        let flushing = self.flushing();
+        let linger = self.config.record_max_buffered_time;
+        let lingering: Vec<Arc<str>> = self
+            .shards
+            .iter()
+            .filter(|(_, s)| s.members.first().is_some_and(|m| flushing || m.enqueued + linger <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for shard in lingering {
+            self.seal(&shard);
+        }
+        self.dispatch(now);
+        let pending = self.outstanding;
+        self.metrics.user_records_pending.store(pending, Relaxed);
+        if pending == 0 {
+            for waiter in self.flush_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// Sends batches while there is room in flight and something worth sending.
+    fn dispatch(&mut self, now: Instant) {
+        self.limiter_wake = None;
+        while self.in_flight < self.config.max_in_flight_requests && !self.ready.is_empty() {
+            let worth_it = self.flushing()
+                || self.ready.len() >= self.config.collection_max_count
+                || self.ready_bytes >= self.config.collection_max_bytes
+                || self.ready.iter().any(|e| e.due <= now);
+            if !worth_it {
+                return;
+            }
+            let mut batch = Batch::new(self.config.collection_max_count, self.config.collection_max_bytes);
+            let mut kept = VecDeque::with_capacity(self.ready.len());
+            while let Some(entry) = self.ready.pop_front() {
+                if batch.is_full() || !batch.fits(entry.size) {
+                    kept.push_back(entry);
+                    continue;
+                }
+                if entry.members.iter().any(|m| m.deadline <= now) {
+                    self.ready_bytes -= entry.size;
+                    self.dissolve(entry, now);
+                    continue;
+                }
+                let Some(state) = self.shards.get_mut(&entry.shard) else {
+                    kept.push_back(entry);
+                    continue;
+                };
+                if let Err(wait) = state.limiter.try_take(now, entry.size) {
+                    let at = now + wait;
+                    self.limiter_wake = Some(self.limiter_wake.map_or(at, |w| w.min(at)));
+                    kept.push_back(entry);
+                    continue;
+                }
+                self.ready_bytes -= entry.size;
+                let size = entry.size;
+                if let Err(entry) = batch.try_push(entry, size) {
+                    self.ready_bytes += entry.size;
+                    kept.push_back(entry);
+                }
+            }
+            self.ready = kept;
+            if batch.is_empty() {
+                return;
+            }
+            self.send(batch.into_entries());
+        }
+    }
+
+    /// Takes an entry apart: expired members fail, the others are routed again.
+    fn dissolve(&mut self, entry: Entry, now: Instant) {
+        for member in entry.members {
+            if member.deadline <= now {
+                let code = member_code(&member);
+                self.fail(member, ErrorKind::Expired, code);
+            } else {
+                self.route(member, now);
+            }
+        }
+    }
+
+    fn send(&mut self, entries: Vec<Entry>) {
+        self.in_flight += 1;
+        let puts: Vec<PutEntry> = entries
+            .iter()
+            .map(|e| PutEntry {
+                partition_key: e.kinesis.partition_key.clone(),
+                explicit_hash_key: e.kinesis.explicit_hash_key,
+                data: e.kinesis.data.clone(),
+            })
+            .collect();
+        tracing::trace!(entries = puts.len(), "PutRecords");
+        let (transport, tx) = (self.transport.clone(), self.responses.0.clone());
+        tokio::spawn(async move {
+            let at = SystemTime::now();
+            let started = Instant::now();
+            let result = transport.put_records(puts).await;
+            let duration = started.elapsed();
+            let _ = tx.send(Response { entries, result, at, duration }).await;
+        });
+    }
+
+    fn on_response(&mut self, response: Response) {
+        self.in_flight -= 1;
+        let now = Instant::now();
+        let Response { entries, result, at, duration } = response;
+        self.metrics.put_records_requests.fetch_add(1, Relaxed);
+        self.metrics.request_time_micros.fetch_add(duration.as_micros() as u64, Relaxed);
+        match result {
+            Err(error) => {
+                let code = error.code.clone().unwrap_or_else(|| format!("{:?}", error.kind));
+                self.metrics.error(&code, entries.len() as u64);
+                tracing::debug!(kind = ?error.kind, %code, "PutRecords call failed");
+                for entry in entries {
+                    for mut member in entry.members {
+                        member.attempts.push(Attempt { at, duration, error_code: Some(code.clone()) });
+                        self.retry_or_fail(member, error.kind, now);
+                    }
+                }
+            }
+            Ok(results) => {
+                for (entry, result) in entries.into_iter().zip(results) {
+                    match result {
+                        EntryResult::Stored { shard_id, sequence_number } => {
+                            if *shard_id != *entry.shard {
+                                // The map is stale (a reshard): refresh it once.
+                                tracing::debug!(predicted = %entry.shard, actual = %shard_id, "record landed on another shard");
+                                self.request_refresh(now);
+                            }
+                            self.deliver(entry, &shard_id, &sequence_number, at, duration, now);
+                        }
+                        EntryResult::Failed { code } => {
+                            let kind = ErrorKind::of_code(&code);
+                            self.metrics.error(&code, 1);
+                            if kind == ErrorKind::Throttled
+                                && let Some(state) = self.shards.get_mut(&entry.shard)
+                            {
+                                state.limiter.throttled(now);
+                            }
+                            for mut member in entry.members {
+                                member.attempts.push(Attempt { at, duration, error_code: Some(code.clone()) });
+                                self.retry_or_fail(member, kind, now);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver(
+        &mut self,
+        entry: Entry,
+        shard_id: &str,
+        sequence_number: &str,
+        at: SystemTime,
+        duration: Duration,
+        now: Instant,
+    ) {
+        let m = self.metrics.clone();
+        m.kinesis_records_put.fetch_add(1, Relaxed);
+        m.kinesis_records_data_put.fetch_add(entry.size as u64, Relaxed);
+        for (index, mut member) in entry.members.into_iter().enumerate() {
+            m.user_records_put.fetch_add(1, Relaxed);
+            m.user_records_data_put.fetch_add(member.size as u64, Relaxed);
+            m.buffering_time_micros
+                .fetch_add(now.saturating_duration_since(member.enqueued).as_micros() as u64, Relaxed);
+            member.attempts.push(Attempt { at, duration, error_code: None });
+            let receipt = Receipt {
+                shard_id: shard_id.to_owned(),
+                sequence_number: sequence_number.to_owned(),
+                aggregated_index: entry.aggregated.then_some(index as u64),
+                attempts: std::mem::take(&mut member.attempts),
+            };
+            self.resolve(member, Ok(receipt));
+        }
+    }
+
+    fn retry_or_fail(&mut self, mut member: Pending, kind: ErrorKind, now: Instant) {
+        if !kind.is_retryable() {
+            let code = member_code(&member);
+            return self.fail(member, kind, code);
+        }
+        let delay =
+            member.backoff.get_or_insert_with(|| self.backoff.build()).next().unwrap_or(self.config.backoff_max);
+        let not_before = now + delay;
+        if not_before >= member.deadline {
+            let code = member_code(&member);
+            return self.fail(member, ErrorKind::Expired, code);
+        }
+        self.metrics.retries.fetch_add(1, Relaxed);
+        self.wait(member, not_before);
+    }
+
+    fn fail(&mut self, member: Pending, kind: ErrorKind, code: Option<String>) {
+        if kind == ErrorKind::Expired {
+            self.metrics.user_records_expired.fetch_add(1, Relaxed);
+        } else {
+            self.metrics.user_records_failed.fetch_add(1, Relaxed);
+        }
+        let Pending { record, attempts, reply, _permits, .. } = member;
+        let error = DeliveryError::new(kind, code, record, attempts);
+        self.outstanding -= 1;
+        let _ = reply.send(Err(error));
+        drop(_permits);
+    }
+
+    fn resolve(&mut self, member: Pending, receipt: Result<Receipt, DeliveryError>) {
+        self.outstanding -= 1;
+        let _ = member.reply.send(receipt);
+    }
+
+    fn request_refresh(&mut self, now: Instant) {
+        if !self.refresh_in_flight && self.refresh_due.is_none() {
+            self.refresh_due = Some(now);
+        }
+    }
+
+    fn on_shard_list(&mut self, list: ShardList) {
+        self.refresh_in_flight = false;
+        let now = Instant::now();
+        let shards = match list {
+            Ok(shards) => shards,
+            Err(error) => {
+                tracing::warn!(%error, "ListShards failed; retrying with backoff");
+                let delay = self.refresh_backoff.next().unwrap_or(self.config.backoff_max);
+                self.refresh_due = Some(now + delay);
+                return;
+            }
+        };
+        let open: Vec<_> =
+            shards.into_iter().filter(|s| s.open).map(|s| (s.range, Arc::<str>::from(s.shard_id.as_str()))).collect();
+        match ShardRanges::new(open) {
+            Ok(map) if map.covers_all() => {
+                self.refresh_backoff = self.backoff.build();
+                // Records held for shards that are gone go back through routing.
+                let gone: Vec<Arc<str>> =
+                    self.shards.keys().filter(|id| !map.iter().any(|(_, open)| open == *id)).cloned().collect();
+                self.map = Some(map);
+                for shard in gone {
+                    if let Some(state) = self.shards.remove(&shard) {
+                        for member in state.members {
+                            self.route(member, now);
+                        }
+                    }
+                    let (stale, keep): (VecDeque<Entry>, VecDeque<Entry>) =
+                        std::mem::take(&mut self.ready).into_iter().partition(|e| e.shard == shard);
+                    self.ready = keep;
+                    for entry in stale {
+                        self.ready_bytes -= entry.size;
+                        self.dissolve(entry, now);
+                    }
+                }
+            }
+            _ => {
+                // Mid-reshard the open shards may not cover the space yet: list again shortly.
+                let delay = self.refresh_backoff.next().unwrap_or(self.config.backoff_max);
+                self.refresh_due = Some(now + delay);
+            }
+        }
+    }
+
+    /// When the task must wake up next, at the latest.
+    fn next_wake(&self, now: Instant) -> Instant {
+        let mut wake = now + Duration::from_secs(1);
+        if let Some(due) = self.refresh_due {
+            wake = wake.min(due);
+        }
+        if let Some(((at, _), _)) = self.waiting.first_key_value()
+            && self.map.is_some()
+        {
+            wake = wake.min(*at);
+        }
+        let linger = self.config.record_max_buffered_time;
+        for state in self.shards.values() {
+            if let Some(first) = state.members.first() {
+                wake = wake.min(first.enqueued + linger);
+            }
+        }
+        // With every request slot taken, a response wakes the task.
+        if !self.ready.is_empty() && self.in_flight < self.config.max_in_flight_requests {
+            if let Some(at) = self.limiter_wake {
+                wake = wake.min(at);
+            }
+            if let Some(due) = self.ready.iter().map(|e| e.due).filter(|due| *due > now).min() {
+                wake = wake.min(due);
+            }
+        }
+        wake.max(now)
+    }
+}
+
+/// The last error code of a record's attempts.
+fn member_code(member: &Pending) -> Option<String> {
+    member.attempts.last().and_then(|a| a.error_code.clone())
+}
+
+/// The largest user record (partition key + data) that can be sent: the stream's record limit.
+pub(crate) fn record_size(record: &UserRecord) -> usize {
+    record.partition_key.len() + record.data.len()
+}

@@ -1,0 +1,176 @@
+//! Errors. `Display` describes this layer only; causes are in `source()`. No SDK type appears in a
+//! public variant: SDK errors are classified (see [`ErrorKind`]) and carried as their code.
+
+use kinesis_aggregation::UserRecord;
+
+/// What kind of failure an error is, and so whether trying again can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The service refused for throughput (ProvisionedThroughputExceeded, throttling): retry later.
+    Throttled,
+    /// A failure that may pass (InternalFailure, 5xx, timeout, connection): retry.
+    Transient,
+    /// The record's time to live ran out before it was delivered.
+    Expired,
+    /// The input is invalid; it will never be accepted.
+    InvalidInput,
+    /// The stream does not exist.
+    NotFound,
+    /// Anything else that trying again cannot fix (access denied, KMS key problems, ...).
+    Fatal,
+}
+
+impl ErrorKind {
+    /// Whether trying again can succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorKind::Throttled | ErrorKind::Transient)
+    }
+
+    /// Classifies a Kinesis error code (whole-call or per-record).
+    pub fn of_code(code: &str) -> ErrorKind {
+        match code {
+            "ProvisionedThroughputExceededException"
+            | "ThrottlingException"
+            | "Throttling"
+            | "LimitExceededException"
+            | "RequestLimitExceeded"
+            | "KMSThrottlingException" => ErrorKind::Throttled,
+            "InternalFailure"
+            | "InternalFailureException"
+            | "ServiceUnavailable"
+            | "ServiceUnavailableException"
+            | "ResourceInUseException" => ErrorKind::Transient,
+            "ResourceNotFoundException" => ErrorKind::NotFound,
+            "InvalidArgumentException" | "ValidationException" | "SerializationException" => ErrorKind::InvalidInput,
+            _ => ErrorKind::Fatal,
+        }
+    }
+}
+
+/// Why `put` refused a record. The record is handed back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PutErrorReason {
+    /// The partition key is empty or longer than 256 characters.
+    #[error("the partition key must have 1 to 256 characters")]
+    InvalidPartitionKey,
+    /// Partition key plus data exceed the stream's record limit (or the buffer's byte cap).
+    #[error("the record has {size} bytes (partition key + data), over the limit of {max}")]
+    TooLarge {
+        /// Partition key + data, in bytes.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The producer is shut down.
+    #[error("the producer is shut down")]
+    Shutdown,
+    /// `try_put` only: the buffer is full.
+    #[error("the producer's buffer is full")]
+    Full,
+}
+
+/// A record that `put` / `try_put` refused, handed back with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("the producer refused a record")]
+pub struct PutError {
+    #[source]
+    reason: PutErrorReason,
+    record: Box<UserRecord>,
+}
+
+impl PutError {
+    pub(crate) fn new(reason: PutErrorReason, record: UserRecord) -> Self {
+        PutError { reason, record: Box::new(record) }
+    }
+
+    /// Why the record was refused.
+    pub fn reason(&self) -> &PutErrorReason {
+        &self.reason
+    }
+
+    /// Whether the buffer was full (only `try_put` says so; `put` waits instead).
+    pub fn is_full(&self) -> bool {
+        matches!(self.reason, PutErrorReason::Full)
+    }
+
+    /// The refused record, unchanged.
+    pub fn into_record(self) -> UserRecord {
+        *self.record
+    }
+}
+
+/// A buffered record that could not be delivered. The record is handed back.
+#[derive(Debug, thiserror::Error)]
+#[error("the record was not delivered ({kind:?}{})", code.as_deref().map(|c| format!(", last error {c}")).unwrap_or_default())]
+pub struct DeliveryError {
+    kind: ErrorKind,
+    code: Option<String>,
+    record: Box<UserRecord>,
+    attempts: Vec<crate::receipt::Attempt>,
+}
+
+impl DeliveryError {
+    pub(crate) fn new(
+        kind: ErrorKind,
+        code: Option<String>,
+        record: UserRecord,
+        attempts: Vec<crate::receipt::Attempt>,
+    ) -> Self {
+        DeliveryError { kind, code, record: Box::new(record), attempts }
+    }
+
+    /// Why: [`ErrorKind::Expired`] when the time to live ran out, or the kind of a fatal error.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The last error code from Kinesis, if any.
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+
+    /// Every attempt made to send the record.
+    pub fn attempts(&self) -> &[crate::receipt::Attempt] {
+        &self.attempts
+    }
+
+    /// The undelivered record, unchanged.
+    pub fn into_record(self) -> UserRecord {
+        *self.record
+    }
+}
+
+/// An error building or starting a producer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A configuration value is out of range.
+    #[error("invalid producer configuration: {0}")]
+    InvalidConfig(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_are_classified() {
+        let table = [
+            ("ProvisionedThroughputExceededException", ErrorKind::Throttled, true),
+            ("KMSThrottlingException", ErrorKind::Throttled, true),
+            ("InternalFailure", ErrorKind::Transient, true),
+            ("ServiceUnavailable", ErrorKind::Transient, true),
+            ("ResourceNotFoundException", ErrorKind::NotFound, false),
+            ("AccessDeniedException", ErrorKind::Fatal, false),
+            ("KMSAccessDeniedException", ErrorKind::Fatal, false),
+            ("InvalidArgumentException", ErrorKind::InvalidInput, false),
+            ("SomethingNew", ErrorKind::Fatal, false),
+        ];
+        for (code, kind, retryable) in table {
+            assert_eq!(ErrorKind::of_code(code), kind, "{code}");
+            assert_eq!(ErrorKind::of_code(code).is_retryable(), retryable, "{code}");
+        }
+    }
+}

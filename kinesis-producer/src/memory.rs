@@ -1,0 +1,144 @@
+//! An in-memory [`Transport`]: a stream of N equal shards kept in memory, for benchmarks and for
+//! deterministic tests of timing and faults. It routes every entry exactly as Kinesis does (explicit
+//! hash key, or MD5 of the partition key) and can be told to refuse writes.
+
+use std::sync::{Arc, Mutex};
+
+use kinesis_aggregation::{HashKey, HashKeyRange};
+
+use crate::error::ErrorKind;
+use crate::transport::{BoxFuture, CallError, EntryResult, PutEntry, ShardDescription, Transport};
+
+/// A record the memory stream stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// The shard it is on.
+    pub shard_id: String,
+    /// Its sequence number (a per-stream counter, as a decimal string).
+    pub sequence_number: String,
+    /// The entry as sent.
+    pub entry: PutEntry,
+}
+
+/// How the memory stream answers writes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Faults {
+    /// Store everything.
+    #[default]
+    None,
+    /// Refuse every entry with this per-record error code.
+    RejectRecords(String),
+    /// Fail every call with this error code.
+    FailCalls(String),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    stored: Vec<StoredRecord>,
+    calls: usize,
+    next_sequence: u128,
+    faults: Faults,
+    keep: bool,
+}
+
+/// The in-memory stream. Clones share it.
+#[derive(Clone, Debug)]
+pub struct MemoryTransport {
+    shards: Arc<Vec<ShardDescription>>,
+    state: Arc<Mutex<State>>,
+}
+
+impl MemoryTransport {
+    /// A stream of `shard_count` shards splitting the hash-key space evenly, which keeps what it
+    /// stores (see [`MemoryTransport::discarding`]).
+    pub fn new(shard_count: u32) -> Self {
+        let count = u128::from(shard_count.max(1));
+        let width = u128::MAX / count;
+        let shards = (0..count)
+            .map(|i| {
+                let start = i * width;
+                let end = if i + 1 == count { u128::MAX } else { (i + 1) * width - 1 };
+                ShardDescription {
+                    shard_id: format!("shardId-{i:012}"),
+                    range: HashKeyRange::new(start, end).expect("start <= end"),
+                    open: true,
+                }
+            })
+            .collect();
+        MemoryTransport {
+            shards: Arc::new(shards),
+            state: Arc::new(Mutex::new(State { keep: true, ..Default::default() })),
+        }
+    }
+
+    /// The same stream, but it only counts what it stores (for long benchmarks).
+    pub fn discarding(self) -> Self {
+        self.lock().keep = false;
+        self
+    }
+
+    /// Changes how writes are answered from now on.
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().faults = faults;
+    }
+
+    /// What was stored, in order.
+    pub fn stored(&self) -> Vec<StoredRecord> {
+        self.lock().stored.clone()
+    }
+
+    /// How many PutRecords calls were made.
+    pub fn calls(&self) -> usize {
+        self.lock().calls
+    }
+
+    /// How many records were stored.
+    pub fn stored_count(&self) -> u128 {
+        self.lock().next_sequence
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Transport for MemoryTransport {
+    fn put_records(&self, entries: Vec<PutEntry>) -> BoxFuture<Result<Vec<EntryResult>, CallError>> {
+        let mut state = self.lock();
+        state.calls += 1;
+        let result = match state.faults.clone() {
+            Faults::FailCalls(code) => Err(CallError {
+                kind: ErrorKind::of_code(&code),
+                code: Some(code.clone()),
+                message: format!("memory stream: {code}"),
+            }),
+            Faults::RejectRecords(code) => {
+                Ok(entries.iter().map(|_| EntryResult::Failed { code: code.clone() }).collect())
+            }
+            Faults::None => {
+                let mut results = Vec::with_capacity(entries.len());
+                for entry in entries {
+                    let key =
+                        entry.explicit_hash_key.unwrap_or_else(|| HashKey::of_partition_key(&entry.partition_key));
+                    let shard = self.shards.iter().find(|s| s.range.contains(key.0)).expect("shards cover the space");
+                    state.next_sequence += 1;
+                    let sequence_number = format!("{:056}", state.next_sequence);
+                    results.push(EntryResult::Stored {
+                        shard_id: shard.shard_id.clone(),
+                        sequence_number: sequence_number.clone(),
+                    });
+                    if state.keep {
+                        state.stored.push(StoredRecord { shard_id: shard.shard_id.clone(), sequence_number, entry });
+                    }
+                }
+                Ok(results)
+            }
+        };
+        Box::pin(std::future::ready(result))
+    }
+
+    fn list_shards(&self) -> BoxFuture<Result<Vec<ShardDescription>, CallError>> {
+        Box::pin(std::future::ready(Ok(self.shards.as_ref().clone())))
+    }
+}

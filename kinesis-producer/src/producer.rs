@@ -1,0 +1,221 @@
+//! The [`Producer`] handle: a cheap `Clone` over a bounded channel to the pipeline task.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use kinesis_aggregation::{UserRecord, validate_partition_key};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::config::ProducerConfig;
+use crate::engine::{Command, Engine, Pending, record_size};
+use crate::error::{BuildError, PutError, PutErrorReason};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::receipt::ReceiptFuture;
+use crate::transport::{KinesisTransport, Transport};
+
+/// Builds a [`Producer`].
+#[derive(Debug)]
+pub struct ProducerBuilder {
+    transport: Arc<dyn TransportDebug>,
+    config: ProducerConfig,
+}
+
+/// `Transport` with `Debug`, so that the builder can derive it.
+trait TransportDebug: Transport + std::fmt::Debug {}
+impl<T: Transport + std::fmt::Debug> TransportDebug for T {}
+
+impl ProducerBuilder {
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: ProducerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Validates the configuration and starts the pipeline task on the current tokio runtime.
+    ///
+    /// # Errors
+    /// [`BuildError::InvalidConfig`] when a value is out of range.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn build(self) -> Result<Producer, BuildError> {
+        self.config.validate()?;
+        let config = self.config;
+        let metrics = Arc::new(Metrics::default());
+        // The inbox is bounded; buffer space is bounded by the two semaphores below.
+        let (tx, rx) = mpsc::channel(4096);
+        let transport: Arc<dyn Transport> = Arc::new(Upcast(self.transport));
+        let engine = Engine::new(config.clone(), transport, metrics.clone());
+        tokio::spawn(engine.run(rx));
+        Ok(Producer {
+            inner: Arc::new(Inner {
+                records: Arc::new(Semaphore::new(config.max_buffered_records)),
+                bytes: Arc::new(Semaphore::new(config.max_buffered_bytes)),
+                tx,
+                config,
+                metrics,
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Upcast(Arc<dyn TransportDebug>);
+impl Transport for Upcast {
+    fn put_records(
+        &self,
+        entries: Vec<crate::PutEntry>,
+    ) -> crate::transport::BoxFuture<Result<Vec<crate::EntryResult>, crate::CallError>> {
+        self.0.put_records(entries)
+    }
+    fn list_shards(&self) -> crate::transport::BoxFuture<Result<Vec<crate::ShardDescription>, crate::CallError>> {
+        self.0.list_shards()
+    }
+}
+
+/// A KPL-class producer for one stream. Clone it freely: clones share one pipeline.
+///
+/// ```no_run
+/// # async fn example(client: aws_sdk_kinesis::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// use kinesis_producer::{Producer, UserRecord};
+///
+/// let producer = Producer::builder(client, "my-stream").build()?;
+/// let receipt = producer.put(UserRecord::new("sensor-7", "{\"t\":21.5}")).await?; // buffered
+/// let receipt = receipt.await?;                                                   // delivered
+/// println!("{} {}", receipt.shard_id, receipt.sequence_number);
+/// producer.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Producer {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    tx: mpsc::Sender<Command>,
+    records: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    config: ProducerConfig,
+    metrics: Arc<Metrics>,
+    closed: AtomicBool,
+}
+
+impl Producer {
+    /// A builder for a producer on `stream_name`, with the KPL's defaults.
+    pub fn builder(client: aws_sdk_kinesis::Client, stream_name: impl Into<String>) -> ProducerBuilder {
+        Self::builder_with_transport(KinesisTransport::new(client, stream_name))
+    }
+
+    /// A builder over another [`Transport`] (an in-memory sink for benchmarks, a fault injector).
+    pub fn builder_with_transport(transport: impl Transport + std::fmt::Debug) -> ProducerBuilder {
+        ProducerBuilder { transport: Arc::new(transport), config: ProducerConfig::default() }
+    }
+
+    /// Buffers a record; waits while the buffer is full. The returned future resolves when the
+    /// record is delivered (or fails for good).
+    ///
+    /// Cancel-safe: if the future is dropped before it returns, the record was not buffered.
+    ///
+    /// # Errors
+    /// [`PutError`], handing the record back, for an invalid partition key, a record over the
+    /// stream's record limit, or a producer that is shut down.
+    pub async fn put(&self, record: UserRecord) -> Result<ReceiptFuture, PutError> {
+        let size = self.check(&record).map_err(|reason| PutError::new(reason, record.clone()))?;
+        let inner = &self.inner;
+        let (Ok(r), Ok(b)) =
+            (inner.records.clone().acquire_owned().await, inner.bytes.clone().acquire_many_owned(size as u32).await)
+        else {
+            return Err(PutError::new(PutErrorReason::Shutdown, record));
+        };
+        self.enqueue(record, size, (r, b)).await
+    }
+
+    /// Like [`Producer::put`], but returns [`PutErrorReason::Full`] instead of waiting for space.
+    ///
+    /// # Errors
+    /// As [`Producer::put`], and `Full` when the buffer is full.
+    pub async fn try_put(&self, record: UserRecord) -> Result<ReceiptFuture, PutError> {
+        let size = match self.check(&record) {
+            Ok(size) => size,
+            Err(reason) => return Err(PutError::new(reason, record)),
+        };
+        let inner = &self.inner;
+        let r = inner.records.clone().try_acquire_owned();
+        let b = inner.bytes.clone().try_acquire_many_owned(size as u32);
+        let (Ok(r), Ok(b)) = (r, b) else {
+            return Err(PutError::new(PutErrorReason::Full, record));
+        };
+        self.enqueue(record, size, (r, b)).await
+    }
+
+    fn check(&self, record: &UserRecord) -> Result<usize, PutErrorReason> {
+        if self.inner.closed.load(Relaxed) {
+            return Err(PutErrorReason::Shutdown);
+        }
+        validate_partition_key(&record.partition_key).map_err(|_| PutErrorReason::InvalidPartitionKey)?;
+        let size = record_size(record);
+        let max = self.inner.config.max_record_bytes;
+        if size > max {
+            return Err(PutErrorReason::TooLarge { size, max });
+        }
+        Ok(size)
+    }
+
+    async fn enqueue(
+        &self,
+        record: UserRecord,
+        size: usize,
+        permits: (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit),
+    ) -> Result<ReceiptFuture, PutError> {
+        let (reply, rx) = oneshot::channel();
+        let now = Instant::now();
+        let pending = Pending {
+            record,
+            size,
+            reply,
+            enqueued: now,
+            deadline: now + self.inner.config.record_ttl,
+            attempts: Vec::new(),
+            backoff: None,
+            _permits: permits,
+        };
+        match self.inner.tx.send(Command::Put(Box::new(pending))).await {
+            Ok(()) => {
+                self.inner.metrics.user_records_received.fetch_add(1, Relaxed);
+                Ok(ReceiptFuture::new(rx))
+            }
+            Err(mpsc::error::SendError(command)) => {
+                let Command::Put(pending) = command else { unreachable!("sent a Put") };
+                Err(PutError::new(PutErrorReason::Shutdown, pending.record))
+            }
+        }
+    }
+
+    /// Sends everything buffered now, without waiting for RecordMaxBufferedTime, and waits until
+    /// every record buffered so far is resolved. (While other tasks keep putting, it waits for
+    /// those too.)
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.tx.send(Command::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Stops accepting records, delivers (or expires) everything buffered, and stops the task.
+    /// Every receipt is resolved when this returns. Later `put`s fail with `Shutdown`.
+    pub async fn shutdown(&self) {
+        self.inner.closed.store(true, Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if self.inner.tx.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// The metrics now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.inner.metrics.snapshot()
+    }
+}

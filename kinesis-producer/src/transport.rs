@@ -1,0 +1,195 @@
+//! The seam between the pipeline and Kinesis: two calls, PutRecords and ListShards.
+//!
+//! [`KinesisTransport`] is the real one, over `aws_sdk_kinesis::Client`. Tests and benchmarks can
+//! plug in another [`Transport`] (an in-memory sink, a fault injector) without touching the
+//! pipeline.
+//!
+//! **Who retries what.** The SDK's own retries are turned off for these calls
+//! (`RetryConfig::disabled()`): the producer is the single retry layer. A whole-call failure that
+//! can pass (throttling, 5xx, timeout, connection error) sends every record of the call back into
+//! the pipeline with backoff; a per-record failure (ProvisionedThroughputExceeded, InternalFailure)
+//! does the same for that record only. Either way a record keeps its original deadline (RecordTtl).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use aws_sdk_kinesis::config::retry::RetryConfig;
+use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use bytes::Bytes;
+use kinesis_aggregation::{HashKey, HashKeyRange};
+
+use crate::error::ErrorKind;
+
+/// A boxed future, as the transport returns.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// One entry of a PutRecords call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PutEntry {
+    /// The entry's partition key.
+    pub partition_key: String,
+    /// The entry's explicit hash key.
+    pub explicit_hash_key: Option<HashKey>,
+    /// The entry's data.
+    pub data: Bytes,
+}
+
+/// The outcome of one entry of a PutRecords call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryResult {
+    /// Stored.
+    Stored {
+        /// The shard that stored it.
+        shard_id: String,
+        /// Its sequence number.
+        sequence_number: String,
+    },
+    /// Refused, with the error code (e.g. ProvisionedThroughputExceededException).
+    Failed {
+        /// The error code.
+        code: String,
+    },
+}
+
+/// A whole call failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("Kinesis call failed ({kind:?}): {message}")]
+pub struct CallError {
+    /// Whether and how to retry.
+    pub kind: ErrorKind,
+    /// The service's error code, if it gave one.
+    pub code: Option<String>,
+    /// What happened.
+    pub message: String,
+}
+
+/// A shard as ListShards describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardDescription {
+    /// The shard id.
+    pub shard_id: String,
+    /// Its hash-key range.
+    pub range: HashKeyRange,
+    /// Whether it still takes writes (no EndingSequenceNumber).
+    pub open: bool,
+}
+
+/// What the pipeline needs from Kinesis.
+pub trait Transport: Send + Sync + 'static {
+    /// One PutRecords call; the results are in the order of the entries.
+    fn put_records(&self, entries: Vec<PutEntry>) -> BoxFuture<Result<Vec<EntryResult>, CallError>>;
+    /// Every shard of the stream (all pages).
+    fn list_shards(&self) -> BoxFuture<Result<Vec<ShardDescription>, CallError>>;
+}
+
+/// The real transport, over the AWS SDK.
+#[derive(Clone, Debug)]
+pub struct KinesisTransport {
+    client: aws_sdk_kinesis::Client,
+    stream_name: String,
+}
+
+impl KinesisTransport {
+    /// Wraps a client (its retries turned off: the producer retries) for one stream.
+    pub fn new(client: aws_sdk_kinesis::Client, stream_name: impl Into<String>) -> Self {
+        let config = client.config().to_builder().retry_config(RetryConfig::disabled()).build();
+        KinesisTransport { client: aws_sdk_kinesis::Client::from_conf(config), stream_name: stream_name.into() }
+    }
+}
+
+fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(error: &SdkError<E, R>) -> CallError {
+    let message = match error {
+        SdkError::ServiceError(e) => e.err().message().unwrap_or("service error").to_owned(),
+        other => format!("{other:?}").chars().take(300).collect(),
+    };
+    match error {
+        SdkError::ServiceError(e) => {
+            let code = e.err().code().map(str::to_owned);
+            let kind = code.as_deref().map_or(ErrorKind::Transient, ErrorKind::of_code);
+            CallError { kind, code, message }
+        }
+        SdkError::ConstructionFailure(_) => CallError { kind: ErrorKind::InvalidInput, code: None, message },
+        // Timeouts, dispatch (connection) failures and unreadable responses may pass.
+        _ => CallError { kind: ErrorKind::Transient, code: None, message },
+    }
+}
+
+impl Transport for KinesisTransport {
+    fn put_records(&self, entries: Vec<PutEntry>) -> BoxFuture<Result<Vec<EntryResult>, CallError>> {
+        let (client, stream) = (self.client.clone(), self.stream_name.clone());
+        Box::pin(async move {
+            let count = entries.len();
+            let mut request = Vec::with_capacity(count);
+            for entry in entries {
+                let built = PutRecordsRequestEntry::builder()
+                    .partition_key(entry.partition_key)
+                    .set_explicit_hash_key(entry.explicit_hash_key.map(|k| k.to_string()))
+                    .data(Blob::new(Vec::from(entry.data)))
+                    .build()
+                    .map_err(|e| CallError { kind: ErrorKind::InvalidInput, code: None, message: e.to_string() })?;
+                request.push(built);
+            }
+            let out = client
+                .put_records()
+                .stream_name(stream)
+                .set_records(Some(request))
+                .send()
+                .await
+                .map_err(|e| classify(&e))?;
+            let results: Vec<EntryResult> = out
+                .records()
+                .iter()
+                .map(|r| match (r.error_code(), r.shard_id(), r.sequence_number()) {
+                    (None, Some(shard_id), Some(sequence_number)) => EntryResult::Stored {
+                        shard_id: shard_id.to_owned(),
+                        sequence_number: sequence_number.to_owned(),
+                    },
+                    (code, _, _) => EntryResult::Failed { code: code.unwrap_or("InternalFailure").to_owned() },
+                })
+                .collect();
+            if results.len() != count {
+                return Err(CallError {
+                    kind: ErrorKind::Transient,
+                    code: None,
+                    message: format!("PutRecords answered {} results for {count} entries", results.len()),
+                });
+            }
+            Ok(results)
+        })
+    }
+
+    fn list_shards(&self) -> BoxFuture<Result<Vec<ShardDescription>, CallError>> {
+        let (client, stream) = (self.client.clone(), self.stream_name.clone());
+        Box::pin(async move {
+            let mut shards: Vec<ShardDescription> = Vec::new();
+            loop {
+                // Page with the stream name and the last shard seen (ExclusiveStartShardId): a
+                // NextToken-only call fails on ferrokinesis, and a NextToken may not be sent with
+                // the stream name; this form works on AWS and on both emulators.
+                let mut request = client.list_shards().stream_name(&stream).max_results(1000);
+                if let Some(last) = shards.last() {
+                    request = request.exclusive_start_shard_id(&last.shard_id);
+                }
+                let out = request.send().await.map_err(|e| classify(&e))?;
+                for shard in out.shards() {
+                    let range = shard
+                        .hash_key_range()
+                        .and_then(|r| HashKeyRange::parse(r.starting_hash_key(), r.ending_hash_key()).ok())
+                        .ok_or_else(|| CallError {
+                            kind: ErrorKind::Fatal,
+                            code: None,
+                            message: format!("shard {} has no valid hash-key range", shard.shard_id()),
+                        })?;
+                    let open = shard.sequence_number_range().is_none_or(|r| r.ending_sequence_number().is_none());
+                    shards.push(ShardDescription { shard_id: shard.shard_id().to_owned(), range, open });
+                }
+                let more = out.next_token().is_some_and(|t| !t.is_empty()) && !out.shards().is_empty();
+                if !more || shards.len() > 100_000 {
+                    return Ok(shards);
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,103 @@
+//! The producer against a real Kinesis server: embedded ferrokinesis from the test bed (or the
+//! endpoint in `AWS_ENDPOINT_URL_KINESIS`). Everything put is read back with GetRecords and
+//! deaggregated, and checked against the receipts.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use kinesis_aggregation::{Deaggregator, HashKeyRange};
+use kinesis_producer::{Producer, UserRecord};
+use kinesis_testkit::{Kinesis, KinesisOptions, list_all_shards, read_stream};
+
+/// Where each user record was found: data -> (shard, sequence number, sub-sequence number).
+async fn read_back(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> HashMap<Bytes, Vec<(String, String, Option<u64>)>> {
+    let shards = list_all_shards(client, stream).await.expect("ListShards");
+    let ranges: HashMap<String, HashKeyRange> = shards
+        .iter()
+        .map(|s| (s.shard_id.clone(), HashKeyRange::new(s.starting_hash_key, s.ending_hash_key).unwrap()))
+        .collect();
+    let mut found: HashMap<Bytes, Vec<(String, String, Option<u64>)>> = HashMap::new();
+    let mut deaggregators: HashMap<String, Deaggregator> = HashMap::new();
+    for record in read_stream(client, stream).await.expect("read the stream") {
+        let deaggregator = deaggregators
+            .entry(record.shard_id.clone())
+            .or_insert_with(|| Deaggregator::with_hash_range(ranges[&record.shard_id]));
+        let out = deaggregator.deaggregate(&record.partition_key, Bytes::from(record.data));
+        assert_eq!(out.dropped(), 0, "an aggregate on {} holds a record of another shard", record.shard_id);
+        for user in out.records {
+            let at = (record.shard_id.clone(), record.sequence_number.clone(), user.sub_sequence_number());
+            found.entry(user.into_data()).or_default().push(at);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_thousand_records_over_eight_shards_all_arrive_where_the_receipts_say() {
+    const RECORDS: usize = 200_000;
+    let kinesis = Kinesis::start().await.expect("start Kinesis");
+    let stream = kinesis.create_stream(8).await.expect("create an 8-shard stream");
+    let producer = Producer::builder(kinesis.client(), &stream).build().expect("producer");
+
+    let mut receipts = Vec::with_capacity(RECORDS);
+    for i in 0..RECORDS {
+        let record = UserRecord::new(format!("device-{}", i % 1_000), format!("reading {i:07}"));
+        receipts.push(producer.put(record).await.expect("buffered"));
+    }
+    producer.flush().await;
+    let found = read_back(&kinesis.client(), &stream).await;
+    assert_eq!(found.len(), RECORDS, "distinct records read back");
+    let mut shards_used = std::collections::HashSet::new();
+    for (i, receipt) in receipts.into_iter().enumerate() {
+        let receipt = receipt.await.unwrap_or_else(|e| panic!("record {i} failed: {e}"));
+        let data = Bytes::from(format!("reading {i:07}"));
+        let places = found.get(&data).unwrap_or_else(|| panic!("record {i} never arrived"));
+        assert_eq!(places.len(), 1, "record {i} arrived {} times", places.len());
+        assert_eq!(places[0], (receipt.shard_id.clone(), receipt.sequence_number.clone(), receipt.aggregated_index));
+        shards_used.insert(receipt.shard_id);
+    }
+    assert_eq!(shards_used.len(), 8);
+    let m = producer.metrics();
+    assert_eq!(m.user_records_put, RECORDS as u64);
+    assert!(m.user_records_per_kinesis_record() > 100.0, "aggregated: {}", m.user_records_per_kinesis_record());
+    producer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_of_three_times_a_throttled_shard_is_all_delivered_with_retries() {
+    // ferrokinesis's per-shard limits: 1,000 records/s and 1 MiB/s, per-record throttling.
+    let kinesis = Kinesis::start_with(KinesisOptions { enforce_limits: true, ..Default::default() })
+        .await
+        .expect("start Kinesis with limits");
+    let stream = kinesis.create_stream(1).await.expect("create a 1-shard stream");
+    let producer = Producer::builder(kinesis.client(), &stream).build().expect("producer");
+
+    // 3 MiB of data at once: three times what the shard takes in a second.
+    let payload = vec![b'x'; 1_000];
+    let mut receipts = Vec::new();
+    for i in 0..3_146 {
+        let mut data = format!("{i:06}-").into_bytes();
+        data.extend_from_slice(&payload);
+        receipts.push(producer.put(UserRecord::new(format!("k{}", i % 50), data)).await.expect("buffered"));
+    }
+    let mut retried = 0;
+    for receipt in receipts {
+        let receipt = receipt.await.expect("delivered despite throttling");
+        if receipt.attempts.len() > 1 {
+            retried += 1;
+            assert!(receipt.attempts[0].error_code.is_some());
+        }
+    }
+    let m = producer.metrics();
+    assert!(retried > 0, "some records needed more than one attempt");
+    assert!(m.errors_by_code.get("ProvisionedThroughputExceededException").copied().unwrap_or(0) > 0, "{m:?}");
+    assert!(m.retries > 0);
+    assert_eq!(m.user_records_put, 3_146);
+    let found = read_back(&kinesis.client(), &stream).await;
+    assert_eq!(found.len(), 3_146);
+    assert!(found.values().all(|places| places.len() == 1), "no duplicates");
+    producer.shutdown().await;
+}

@@ -1,0 +1,205 @@
+//! The pipeline with the in-memory transport and tokio's paused clock: linger, batching, retries,
+//! time to live, back-pressure and bad input, deterministically. (The emulator tests in
+//! `emulator.rs` cover the same paths against a real Kinesis server.)
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use kinesis_aggregation::deaggregate;
+use kinesis_producer::{ErrorKind, Faults, MemoryTransport, Producer, ProducerConfig, PutErrorReason, UserRecord};
+use tokio::time::Instant;
+
+fn producer(transport: &MemoryTransport, config: ProducerConfig) -> Producer {
+    Producer::builder_with_transport(transport.clone()).config(config).build().expect("valid config")
+}
+
+fn record(i: usize) -> UserRecord {
+    UserRecord::new(format!("key-{}", i % 100), format!("payload-{i:06}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_waits_for_the_linger_time_then_goes() {
+    let transport = MemoryTransport::new(1);
+    let p = producer(&transport, ProducerConfig::default());
+    let started = Instant::now();
+    let receipt = p.put(record(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(transport.calls(), 0, "nothing is sent before RecordMaxBufferedTime");
+    let receipt = receipt.await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(100), "{:?}", started.elapsed());
+    assert_eq!(transport.calls(), 1);
+    assert_eq!(receipt.attempts.len(), 1);
+    // A lone record goes plain, as with the KPL.
+    assert_eq!(receipt.aggregated_index, None);
+    assert_eq!(transport.stored()[0].entry.data, Bytes::from("payload-000001"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_are_aggregated_per_predicted_shard_and_receipts_match() {
+    let transport = MemoryTransport::new(4);
+    let p = producer(&transport, ProducerConfig::default());
+    let mut receipts = Vec::new();
+    for i in 0..5_000 {
+        receipts.push((i, p.put(record(i)).await.unwrap()));
+    }
+    p.flush().await;
+    // Each stored Kinesis record, deaggregated once, by sequence number.
+    let width = u128::MAX / 4;
+    let mut by_sequence = std::collections::HashMap::new();
+    for kinesis in transport.stored() {
+        let user = deaggregate(&kinesis.entry.partition_key, kinesis.entry.data.clone());
+        // Every sub-record of the aggregate belongs to the shard it is on.
+        let shard = kinesis.shard_id.trim_start_matches("shardId-").parse::<u128>().unwrap();
+        for r in &user.records {
+            let key = kinesis_aggregation::hash_key(r.partition_key());
+            assert_eq!((key / width).min(3), shard, "{}", r.partition_key());
+        }
+        by_sequence.insert(kinesis.sequence_number.clone(), (kinesis.shard_id, user));
+    }
+    for (i, receipt) in receipts {
+        let receipt = receipt.await.unwrap();
+        let (shard_id, user) = &by_sequence[&receipt.sequence_number];
+        assert_eq!(shard_id, &receipt.shard_id);
+        let index = receipt.aggregated_index.expect("aggregated") as usize;
+        assert_eq!(user.records[index].data(), &record(i).data);
+    }
+    let m = p.metrics();
+    assert_eq!(m.user_records_put, 5_000);
+    assert!(m.kinesis_records_put < 100, "aggregated into few Kinesis records: {}", m.kinesis_records_put);
+    assert_eq!(m.user_records_pending, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_records_are_retried_with_backoff_until_they_go() {
+    let transport = MemoryTransport::new(2);
+    transport.set_faults(Faults::RejectRecords("ProvisionedThroughputExceededException".into()));
+    let p = producer(&transport, ProducerConfig::default());
+    let receipt = p.put(record(7)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls_while_throttled = transport.calls();
+    assert!(calls_while_throttled >= 2, "retried: {calls_while_throttled}");
+    // Backoff: far fewer calls than one per millisecond.
+    assert!(calls_while_throttled < 20, "backs off: {calls_while_throttled}");
+    transport.set_faults(Faults::None);
+    let receipt = receipt.await.unwrap();
+    assert!(receipt.attempts.len() >= 3);
+    assert!(
+        receipt.attempts[..receipt.attempts.len() - 1]
+            .iter()
+            .all(|a| a.error_code.as_deref() == Some("ProvisionedThroughputExceededException"))
+    );
+    assert_eq!(receipt.attempts.last().unwrap().error_code, None);
+    let m = p.metrics();
+    assert!(m.retries >= 2);
+    assert!(m.errors_by_code["ProvisionedThroughputExceededException"] >= 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_rejects_everything_expires_records_after_the_ttl_and_hands_them_back() {
+    let transport = MemoryTransport::new(1);
+    transport.set_faults(Faults::FailCalls("InternalFailure".into()));
+    let config =
+        ProducerConfig { record_ttl: Duration::from_secs(5), max_buffered_records: 1_000, ..Default::default() };
+    let p = producer(&transport, config);
+    let started = Instant::now();
+    let mut receipts = Vec::new();
+    for i in 0..500 {
+        receipts.push(p.put(record(i)).await.unwrap());
+    }
+    for (i, receipt) in receipts.into_iter().enumerate() {
+        let error = receipt.await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Expired);
+        assert_eq!(error.code(), Some("InternalFailure"));
+        assert!(!error.attempts().is_empty());
+        assert_eq!(error.into_record(), record(i), "the record comes back unchanged");
+    }
+    assert!(started.elapsed() <= Duration::from_secs(6), "expired at the TTL: {:?}", started.elapsed());
+    let m = p.metrics();
+    assert_eq!(m.user_record_expired, 500);
+    assert_eq!(m.user_records_pending, 0);
+    // Buffer space came back: the buffer takes a full load again.
+    for i in 0..1_000 {
+        assert!(p.try_put(record(i)).await.is_ok(), "space for record {i}");
+    }
+    p.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn fatal_errors_fail_at_once_with_the_record() {
+    let transport = MemoryTransport::new(1);
+    transport.set_faults(Faults::FailCalls("ResourceNotFoundException".into()));
+    let p = producer(&transport, ProducerConfig::default());
+    let error = p.put(record(3)).await.unwrap().await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NotFound);
+    assert_eq!(error.attempts().len(), 1);
+    assert_eq!(error.into_record(), record(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_buffer_makes_put_wait_and_try_put_refuse() {
+    let transport = MemoryTransport::new(1);
+    transport.set_faults(Faults::RejectRecords("ProvisionedThroughputExceededException".into()));
+    let config = ProducerConfig { max_buffered_records: 10, ..Default::default() };
+    let p = producer(&transport, config);
+    let mut receipts = Vec::new();
+    for i in 0..10 {
+        receipts.push(p.put(record(i)).await.unwrap());
+    }
+    let refused = p.try_put(record(10)).await.unwrap_err();
+    assert!(refused.is_full());
+    assert_eq!(refused.into_record(), record(10));
+    // put waits; it goes through once the throttling stops and space frees up.
+    let waiting = tokio::spawn({
+        let p = p.clone();
+        async move { p.put(record(11)).await.map(|_| ()) }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiting.is_finished(), "put waits while the buffer is full");
+    transport.set_faults(Faults::None);
+    waiting.await.unwrap().unwrap();
+    for receipt in receipts {
+        receipt.await.unwrap();
+    }
+    p.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_input_is_refused_at_put_with_the_record() {
+    let transport = MemoryTransport::new(1);
+    let p = producer(&transport, ProducerConfig::default());
+    let cases = [
+        (UserRecord::new("", "x"), "partition key"),
+        (UserRecord::new("k".repeat(257), "x"), "partition key"),
+        (UserRecord::new("k", vec![0u8; 1024 * 1024]), "over the limit"),
+    ];
+    for (bad, words) in cases {
+        let error = p.put(bad.clone()).await.unwrap_err();
+        assert!(error.reason().to_string().contains(words), "{}", error.reason());
+        assert_eq!(error.into_record(), bad);
+    }
+    // 1 MiB including the key is allowed.
+    let fits = UserRecord::new("k", vec![0u8; 1024 * 1024 - 1]);
+    assert!(p.put(fits).await.unwrap().await.is_ok());
+    p.shutdown().await;
+    let after = p.put(record(1)).await.unwrap_err();
+    assert!(matches!(after.reason(), PutErrorReason::Shutdown));
+    assert_eq!(after.into_record(), record(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_delivers_everything_buffered() {
+    let transport = MemoryTransport::new(3);
+    let p = producer(&transport, ProducerConfig { aggregation: false, ..Default::default() });
+    let mut receipts = Vec::new();
+    for i in 0..2_000 {
+        receipts.push(p.put(record(i)).await.unwrap());
+    }
+    p.shutdown().await;
+    for receipt in receipts {
+        let r = receipt.await.unwrap();
+        assert_eq!(r.aggregated_index, None, "aggregation off: plain records");
+    }
+    assert_eq!(transport.stored().len(), 2_000);
+    // Calls hold at most 500 entries.
+    assert!(transport.calls() >= 4);
+}
