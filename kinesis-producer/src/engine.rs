@@ -102,6 +102,9 @@ pub(crate) struct Engine {
     closing: bool,
     refresh_in_flight: bool,
     refresh_due: Option<Instant>,
+    /// A record landed on a shard other than the predicted one: the map is out of date, and
+    /// routing waits for the next listing.
+    map_stale: bool,
     refresh_backoff: ExponentialBackoff,
     backoff: ExponentialBuilder,
     responses: (mpsc::Sender<Response>, mpsc::Receiver<Response>),
@@ -137,6 +140,7 @@ impl Engine {
             closing: false,
             refresh_in_flight: false,
             refresh_due: Some(Instant::now()),
+            map_stale: false,
             responses: mpsc::channel(in_flight + 1),
             shard_lists: mpsc::channel(1),
         }
@@ -202,8 +206,8 @@ impl Engine {
             return self.fail(pending, ErrorKind::Expired, None);
         }
         let shard = match &self.map {
-            Some(map) => map.lookup(pending.record.hash_key().0).map(|(_, id)| id.clone()),
-            None => None,
+            Some(map) if !self.map_stale => map.lookup(pending.record.hash_key().0).map(|(_, id)| id.clone()),
+            _ => None,
         };
         let Some(shard) = shard else {
             // No map yet, or a gap in it (mid-reshard): wait for a listing.
@@ -311,7 +315,7 @@ impl Engine {
                 let _ = tx.send(transport.list_shards().await).await;
             });
         }
-        if self.map.is_some() {
+        if self.map.is_some() && !self.map_stale {
             while let Some(entry) = self.waiting.first_entry() {
                 if entry.key().0 > now {
                     break;
@@ -444,12 +448,28 @@ impl Engine {
                 for (entry, result) in entries.into_iter().zip(results) {
                     match result {
                         EntryResult::Stored { shard_id, sequence_number } => {
-                            if *shard_id != *entry.shard {
-                                // The map is stale (a reshard): refresh it once.
-                                tracing::debug!(predicted = %entry.shard, actual = %shard_id, "record landed on another shard");
-                                self.request_refresh(now);
+                            if *shard_id == *entry.shard || !entry.aggregated {
+                                // A plain record is readable wherever it lands.
+                                if *shard_id != *entry.shard {
+                                    self.map_out_of_date(now);
+                                }
+                                self.deliver(entry, &shard_id, &sequence_number, at, duration, now);
+                            } else {
+                                // An aggregate on a shard it was not built for (the stream was
+                                // resharded): a KCL reader drops it whole when any sub-record is
+                                // outside the shard. Send every member again, routed by a fresh map.
+                                tracing::debug!(predicted = %entry.shard, actual = %shard_id, "aggregate landed on another shard");
+                                self.map_out_of_date(now);
+                                self.metrics.error(STALE_SHARD_MAP, entry.members.len() as u64);
+                                for mut member in entry.members {
+                                    member.attempts.push(Attempt {
+                                        at,
+                                        duration,
+                                        error_code: Some(STALE_SHARD_MAP.into()),
+                                    });
+                                    self.retry_or_fail(member, ErrorKind::Transient, now);
+                                }
                             }
-                            self.deliver(entry, &shard_id, &sequence_number, at, duration, now);
                         }
                         EntryResult::Failed { code } => {
                             let kind = ErrorKind::of_code(&code);
@@ -532,7 +552,9 @@ impl Engine {
         let _ = member.reply.send(receipt);
     }
 
-    fn request_refresh(&mut self, now: Instant) {
+    /// A record landed on another shard than predicted: hold routing until a new listing.
+    fn map_out_of_date(&mut self, now: Instant) {
+        self.map_stale = true;
         if !self.refresh_in_flight && self.refresh_due.is_none() {
             self.refresh_due = Some(now);
         }
@@ -555,6 +577,7 @@ impl Engine {
         match ShardRanges::new(open) {
             Ok(map) if map.covers_all() => {
                 self.refresh_backoff = self.backoff.build();
+                self.map_stale = false;
                 // Records held for shards that are gone go back through routing.
                 let gone: Vec<Arc<str>> =
                     self.shards.keys().filter(|id| !map.iter().any(|(_, open)| open == *id)).cloned().collect();
@@ -590,6 +613,7 @@ impl Engine {
         }
         if let Some(((at, _), _)) = self.waiting.first_key_value()
             && self.map.is_some()
+            && !self.map_stale
         {
             wake = wake.min(*at);
         }
@@ -611,6 +635,9 @@ impl Engine {
         wake.max(now)
     }
 }
+
+/// The attempt code of an aggregate that landed on a shard it was not built for.
+pub(crate) const STALE_SHARD_MAP: &str = "StaleShardMap";
 
 /// The last error code of a record's attempts.
 fn member_code(member: &Pending) -> Option<String> {

@@ -35,6 +35,7 @@ pub enum Faults {
 
 #[derive(Debug, Default)]
 struct State {
+    shards: Vec<ShardDescription>,
     stored: Vec<StoredRecord>,
     calls: usize,
     next_sequence: u128,
@@ -45,7 +46,6 @@ struct State {
 /// The in-memory stream. Clones share it.
 #[derive(Clone, Debug)]
 pub struct MemoryTransport {
-    shards: Arc<Vec<ShardDescription>>,
     state: Arc<Mutex<State>>,
 }
 
@@ -66,10 +66,35 @@ impl MemoryTransport {
                 }
             })
             .collect();
-        MemoryTransport {
-            shards: Arc::new(shards),
-            state: Arc::new(Mutex::new(State { keep: true, ..Default::default() })),
-        }
+        MemoryTransport { state: Arc::new(Mutex::new(State { shards, keep: true, ..Default::default() })) }
+    }
+
+    /// Splits an open shard at the middle of its range, as SplitShard does: the parent closes and
+    /// two children take its writes. Returns the children's ids.
+    ///
+    /// # Panics
+    /// When `shard_id` is not an open shard.
+    pub fn split_shard(&self, shard_id: &str) -> (String, String) {
+        let mut state = self.lock();
+        let index = state.shards.iter().position(|s| s.shard_id == shard_id && s.open).expect("an open shard");
+        state.shards[index].open = false;
+        let range = state.shards[index].range;
+        let middle = range.start + (range.end - range.start) / 2;
+        let next = state.shards.len();
+        let children =
+            [(next, range.start, middle), (next + 1, middle + 1, range.end)].map(|(n, start, end)| ShardDescription {
+                shard_id: format!("shardId-{n:012}"),
+                range: HashKeyRange::new(start, end).expect("start <= end"),
+                open: true,
+            });
+        let ids = (children[0].shard_id.clone(), children[1].shard_id.clone());
+        state.shards.extend(children);
+        ids
+    }
+
+    /// The shards, open and closed.
+    pub fn shards(&self) -> Vec<ShardDescription> {
+        self.lock().shards.clone()
     }
 
     /// The same stream, but it only counts what it stores (for long benchmarks).
@@ -121,7 +146,12 @@ impl Transport for MemoryTransport {
                 for entry in entries {
                     let key =
                         entry.explicit_hash_key.unwrap_or_else(|| HashKey::of_partition_key(&entry.partition_key));
-                    let shard = self.shards.iter().find(|s| s.range.contains(key.0)).expect("shards cover the space");
+                    let shard = state
+                        .shards
+                        .iter()
+                        .find(|s| s.open && s.range.contains(key.0))
+                        .expect("open shards cover the space")
+                        .clone();
                     state.next_sequence += 1;
                     let sequence_number = format!("{:056}", state.next_sequence);
                     results.push(EntryResult::Stored {
@@ -139,6 +169,6 @@ impl Transport for MemoryTransport {
     }
 
     fn list_shards(&self) -> BoxFuture<Result<Vec<ShardDescription>, CallError>> {
-        Box::pin(std::future::ready(Ok(self.shards.as_ref().clone())))
+        Box::pin(std::future::ready(Ok(self.shards())))
     }
 }

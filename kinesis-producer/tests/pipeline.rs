@@ -203,3 +203,51 @@ async fn shutdown_delivers_everything_buffered() {
     // Calls hold at most 500 entries.
     assert!(transport.calls() >= 4);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_split_in_the_middle_of_production_loses_nothing() {
+    let transport = MemoryTransport::new(2);
+    let p = producer(&transport, ProducerConfig::default());
+    let mut receipts = Vec::new();
+    for i in 0..6_000 {
+        if i == 3_000 {
+            // Let some aggregates go, then split under the producer's feet.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            transport.split_shard("shardId-000000000000");
+        }
+        receipts.push((i, p.put(record(i)).await.unwrap()));
+    }
+    p.flush().await;
+    let shards = transport.shards();
+    let range = |id: &str| shards.iter().find(|s| s.shard_id == id).unwrap().range;
+    // Read as a KCL reader would: an aggregate with any sub-record outside its shard is dropped whole.
+    let mut readable = std::collections::HashMap::new();
+    let mut dropped_aggregates = 0;
+    for kinesis in transport.stored() {
+        let user = deaggregate(&kinesis.entry.partition_key, kinesis.entry.data.clone());
+        let r = range(&kinesis.shard_id);
+        if user.records.iter().any(|u| !r.contains(kinesis_aggregation::hash_key(u.partition_key()))) {
+            dropped_aggregates += 1;
+            continue;
+        }
+        for (i, u) in user.records.iter().enumerate() {
+            let at = (kinesis.shard_id.clone(), kinesis.sequence_number.clone(), user.records.len() > 1);
+            readable.entry(u.data().clone()).or_insert_with(Vec::new).push((at, i));
+        }
+    }
+    assert!(dropped_aggregates > 0, "the split misplaced some aggregates (else the test proves nothing)");
+    for (i, receipt) in receipts {
+        let receipt = receipt.await.unwrap_or_else(|e| panic!("record {i}: {e}"));
+        let places = readable.get(&record(i).data).unwrap_or_else(|| panic!("record {i} is not readable"));
+        assert!(
+            places.iter().any(|((shard, seq, _), _)| *shard == receipt.shard_id && *seq == receipt.sequence_number),
+            "record {i}: the receipt points at a readable copy"
+        );
+        if i >= 3_000 {
+            // The parent is closed: nothing put after the split is on it.
+            assert_ne!(receipt.shard_id, "shardId-000000000000", "record {i}");
+        }
+    }
+    let m = p.metrics();
+    assert!(m.errors_by_code.get("StaleShardMap").copied().unwrap_or(0) > 0);
+}
