@@ -43,6 +43,13 @@ pub struct ProducerConfig {
     pub backoff_initial: Duration,
     /// The longest backoff. Default 5 s.
     pub backoff_max: Duration,
+    /// Keep the put order of records with the same partition key, across retries. Default off.
+    ///
+    /// Each shard then has at most one PutRecords call in flight, carrying one Kinesis record of
+    /// that shard, and a failed record blocks its shard until it succeeds (or expires). The cost:
+    /// a shard carries one aggregate (up to `aggregation_max_bytes`) per round trip instead of
+    /// filling its rate limit, so throughput per shard is about `aggregation_max_bytes / RTT`.
+    pub ordering: bool,
 }
 
 impl Default for ProducerConfig {
@@ -63,6 +70,7 @@ impl Default for ProducerConfig {
             max_buffered_bytes: 64 * 1024 * 1024,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            ordering: false,
         }
     }
 }

@@ -70,6 +70,10 @@ struct ShardState {
     aggregator: Aggregator,
     members: Vec<Pending>,
     limiter: ShardLimiter,
+    /// Ordering mode: a call carrying this shard's record is in flight.
+    busy: bool,
+    /// Ordering mode: the shard's first record failed and waits for its backoff until then.
+    blocked_until: Option<Instant>,
 }
 
 /// A ListShards answer.
@@ -210,11 +214,12 @@ impl Engine {
             _ => None,
         };
         let Some(shard) = shard else {
-            // No map yet, or a gap in it (mid-reshard): wait for a listing.
-            if !self.refresh_in_flight && self.refresh_due.is_none() {
-                self.refresh_due = Some(now);
+            // No map yet, an out-of-date one, or a gap in it (mid-reshard): wait, in put order, for
+            // the next listing; `step` routes waiting records only once there is a good map.
+            if self.map.is_some() {
+                self.map_out_of_date(now);
             }
-            return self.wait(pending, now + Duration::from_millis(50));
+            return self.wait(pending, now);
         };
         // Every routed shard has a state, whose limiter the dispatcher consults.
         self.shard_state(&shard, now);
@@ -256,6 +261,8 @@ impl Engine {
                 config.shard_bytes_per_second,
                 now,
             ),
+            busy: false,
+            blocked_until: None,
         })
     }
 
@@ -358,25 +365,51 @@ impl Engine {
             }
             let mut batch = Batch::new(self.config.collection_max_count, self.config.collection_max_bytes);
             let mut kept = VecDeque::with_capacity(self.ready.len());
+            let ordering = self.config.ordering;
+            // Ordering mode: shards met in this pass; their later entries must wait their turn.
+            let mut met: hashbrown::HashSet<Arc<str>> = hashbrown::HashSet::new();
             while let Some(entry) = self.ready.pop_front() {
+                if ordering && !met.insert(entry.shard.clone()) {
+                    kept.push_back(entry);
+                    continue;
+                }
                 if batch.is_full() || !batch.fits(entry.size) {
                     kept.push_back(entry);
                     continue;
                 }
                 if entry.members.iter().any(|m| m.deadline <= now) {
                     self.ready_bytes -= entry.size;
-                    self.dissolve(entry, now);
+                    if ordering {
+                        // Keep the survivors' place ahead of the shard's later records.
+                        for rebuilt in self.rebuild(entry, now) {
+                            self.ready_bytes += rebuilt.size;
+                            kept.push_back(rebuilt);
+                        }
+                    } else {
+                        self.dissolve(entry, now);
+                    }
                     continue;
                 }
                 let Some(state) = self.shards.get_mut(&entry.shard) else {
                     kept.push_back(entry);
                     continue;
                 };
+                if ordering && (state.busy || state.blocked_until.is_some_and(|t| t > now)) {
+                    if let Some(at) = state.blocked_until.filter(|t| *t > now) {
+                        self.limiter_wake = Some(self.limiter_wake.map_or(at, |w| w.min(at)));
+                    }
+                    kept.push_back(entry);
+                    continue;
+                }
                 if let Err(wait) = state.limiter.try_take(now, entry.size) {
                     let at = now + wait;
                     self.limiter_wake = Some(self.limiter_wake.map_or(at, |w| w.min(at)));
                     kept.push_back(entry);
                     continue;
+                }
+                if ordering {
+                    state.busy = true;
+                    state.blocked_until = None;
                 }
                 self.ready_bytes -= entry.size;
                 let size = entry.size;
@@ -391,6 +424,56 @@ impl Engine {
             }
             self.send(batch.into_entries());
         }
+    }
+
+    /// Ordering mode: fails an entry's expired members and packs the others, in order, into new
+    /// entries for the same shard (which the caller puts back where the old one was).
+    fn rebuild(&mut self, entry: Entry, now: Instant) -> Vec<Entry> {
+        let mut survivors = Vec::new();
+        for member in entry.members {
+            if member.deadline <= now {
+                let code = member_code(&member);
+                self.fail(member, ErrorKind::Expired, code);
+            } else {
+                survivors.push(member);
+            }
+        }
+        let mut entries = Vec::new();
+        let mut aggregator =
+            Aggregator::with_config(AggregatorConfig::with_max_bytes(self.config.aggregation_max_bytes));
+        let mut members: Vec<Pending> = Vec::new();
+        for member in survivors {
+            if !self.config.aggregation || !matches!(aggregator.try_push_ref(&member.record), Ok(true)) {
+                entries.extend(self.pack(&entry.shard, &mut aggregator, std::mem::take(&mut members)));
+                if self.config.aggregation && matches!(aggregator.try_push_ref(&member.record), Ok(true)) {
+                    members.push(member);
+                } else {
+                    entries.push(self.plain_entry(entry.shard.clone(), member));
+                }
+                continue;
+            }
+            members.push(member);
+        }
+        entries.extend(self.pack(&entry.shard, &mut aggregator, members));
+        entries
+    }
+
+    /// The entry for what an aggregator holds (plain when it holds one record).
+    fn pack(&self, shard: &Arc<str>, aggregator: &mut Aggregator, members: Vec<Pending>) -> Option<Entry> {
+        let kinesis = aggregator.finish()?;
+        if members.len() == 1 {
+            return members.into_iter().next().map(|m| self.plain_entry(shard.clone(), m));
+        }
+        let oldest = members.iter().map(|m| m.enqueued).min()?;
+        let size = kinesis.data.len() + kinesis.partition_key.len();
+        Some(Entry {
+            shard: shard.clone(),
+            kinesis,
+            members,
+            aggregated: true,
+            size,
+            due: oldest + self.config.record_max_buffered_time,
+        })
     }
 
     /// Takes an entry apart: expired members fail, the others are routed again.
@@ -431,6 +514,11 @@ impl Engine {
         let now = Instant::now();
         let Response { entries, result, at, duration } = response;
         self.metrics.put_records_requests.fetch_add(1, Relaxed);
+        for entry in &entries {
+            if let Some(state) = self.shards.get_mut(&entry.shard) {
+                state.busy = false;
+            }
+        }
         self.metrics.request_time_micros.fetch_add(duration.as_micros() as u64, Relaxed);
         match result {
             Err(error) => {
@@ -438,10 +526,7 @@ impl Engine {
                 self.metrics.error(&code, entries.len() as u64);
                 tracing::debug!(kind = ?error.kind, %code, "PutRecords call failed");
                 for entry in entries {
-                    for mut member in entry.members {
-                        member.attempts.push(Attempt { at, duration, error_code: Some(code.clone()) });
-                        self.retry_or_fail(member, error.kind, now);
-                    }
+                    self.entry_failed(entry, error.kind, &code, at, duration, now);
                 }
             }
             Ok(results) => {
@@ -479,10 +564,7 @@ impl Engine {
                             {
                                 state.limiter.throttled(now);
                             }
-                            for mut member in entry.members {
-                                member.attempts.push(Attempt { at, duration, error_code: Some(code.clone()) });
-                                self.retry_or_fail(member, kind, now);
-                            }
+                            self.entry_failed(entry, kind, &code, at, duration, now);
                         }
                     }
                 }
@@ -515,6 +597,40 @@ impl Engine {
                 attempts: std::mem::take(&mut member.attempts),
             };
             self.resolve(member, Ok(receipt));
+        }
+    }
+
+    /// An entry was refused: its records are retried (or fail). In ordering mode the entry keeps
+    /// its place at the head of its shard, which waits for the backoff.
+    fn entry_failed(
+        &mut self,
+        mut entry: Entry,
+        kind: ErrorKind,
+        code: &str,
+        at: SystemTime,
+        duration: Duration,
+        now: Instant,
+    ) {
+        for member in &mut entry.members {
+            member.attempts.push(Attempt { at, duration, error_code: Some(code.to_owned()) });
+        }
+        if self.config.ordering && kind.is_retryable() {
+            let delay = entry
+                .members
+                .first_mut()
+                .and_then(|m| m.backoff.get_or_insert_with(|| self.backoff.build()).next())
+                .unwrap_or(self.config.backoff_max);
+            if let Some(state) = self.shards.get_mut(&entry.shard) {
+                state.blocked_until = Some(now + delay);
+            }
+            self.metrics.retries.fetch_add(entry.members.len() as u64, Relaxed);
+            // Expired members are failed when the entry next comes up for sending.
+            self.ready_bytes += entry.size;
+            self.ready.push_front(entry);
+            return;
+        }
+        for member in entry.members {
+            self.retry_or_fail(member, kind, now);
         }
     }
 

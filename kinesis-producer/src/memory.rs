@@ -31,6 +31,9 @@ pub enum Faults {
     RejectRecords(String),
     /// Fail every call with this error code.
     FailCalls(String),
+    /// Refuse every `n`-th entry (counted across calls) with this per-record error code; store
+    /// the others.
+    RejectEveryNth(u64, String),
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +42,7 @@ struct State {
     stored: Vec<StoredRecord>,
     calls: usize,
     next_sequence: u128,
+    entries_seen: u64,
     faults: Faults,
     keep: bool,
 }
@@ -141,9 +145,16 @@ impl Transport for MemoryTransport {
             Faults::RejectRecords(code) => {
                 Ok(entries.iter().map(|_| EntryResult::Failed { code: code.clone() }).collect())
             }
-            Faults::None => {
+            faults @ (Faults::None | Faults::RejectEveryNth(..)) => {
                 let mut results = Vec::with_capacity(entries.len());
                 for entry in entries {
+                    state.entries_seen += 1;
+                    if let Faults::RejectEveryNth(n, code) = &faults
+                        && state.entries_seen.is_multiple_of((*n).max(1))
+                    {
+                        results.push(EntryResult::Failed { code: code.clone() });
+                        continue;
+                    }
                     let key =
                         entry.explicit_hash_key.unwrap_or_else(|| HashKey::of_partition_key(&entry.partition_key));
                     let shard = state

@@ -157,3 +157,44 @@ async fn a_shard_split_in_the_middle_of_production_loses_nothing() {
     assert!(stale > 0, "no aggregate landed on an unexpected shard; the test proves nothing");
     producer.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_mode_under_throttling_keeps_put_order_per_key() {
+    let kinesis = Kinesis::start_with(KinesisOptions { enforce_limits: true, ..Default::default() })
+        .await
+        .expect("start Kinesis with limits");
+    let client = kinesis.client();
+    let stream = kinesis.create_stream(2).await.expect("create a 2-shard stream");
+    let config = kinesis_producer::ProducerConfig { ordering: true, ..Default::default() };
+    let producer = Producer::builder(client.clone(), &stream).config(config).build().expect("producer");
+
+    // About 2 MiB per shard at once: twice what a shard takes in a second, so records are throttled.
+    let mut put_order: HashMap<String, Vec<Bytes>> = HashMap::new();
+    let mut receipts = Vec::new();
+    for i in 0..4_000 {
+        let key = format!("k{}", i % 40);
+        let mut data = format!("{i:06}-").into_bytes();
+        data.resize(1_000, b'.');
+        put_order.entry(key.clone()).or_default().push(Bytes::from(data.clone()));
+        receipts.push(producer.put(UserRecord::new(key, data)).await.expect("buffered"));
+    }
+    for receipt in receipts {
+        receipt.await.expect("delivered");
+    }
+    assert!(producer.metrics().retries > 0, "the load was throttled, so order had something to survive");
+
+    // Stream order: shard by shard, sequence number then sub-sequence number.
+    let mut read_order: HashMap<String, Vec<Bytes>> = HashMap::new();
+    for record in read_stream(&client, &stream).await.expect("read the stream") {
+        for user in kinesis_aggregation::deaggregate(&record.partition_key, Bytes::from(record.data)).records {
+            read_order.entry(user.partition_key().to_owned()).or_default().push(user.into_data());
+        }
+    }
+    for (key, put) in &put_order {
+        let read = &read_order[key];
+        let diverges = put.iter().zip(read).position(|(a, b)| a != b);
+        assert_eq!(diverges, None, "key {key}: first position where read order differs from put order");
+        assert_eq!(put.len(), read.len(), "key {key}: every record once");
+    }
+    producer.shutdown().await;
+}

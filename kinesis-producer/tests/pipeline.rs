@@ -251,3 +251,57 @@ async fn a_split_in_the_middle_of_production_loses_nothing() {
     let m = p.metrics();
     assert!(m.errors_by_code.get("StaleShardMap").copied().unwrap_or(0) > 0);
 }
+
+/// Puts records of 20 keys while every 3rd entry is throttled; returns, per key, the sequence
+/// of payloads in stream order (sequence number, then position in the aggregate).
+async fn stream_order_per_key(ordering: bool) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    let transport = MemoryTransport::new(2);
+    transport.set_faults(Faults::RejectEveryNth(3, "ProvisionedThroughputExceededException".into()));
+    let config = ProducerConfig { ordering, aggregation_max_bytes: 400, ..Default::default() };
+    let p = producer(&transport, config);
+    let mut put_order = vec![Vec::new(); 20];
+    let mut receipts = Vec::new();
+    for i in 0..3_000 {
+        let key = i % 20;
+        let payload = format!("{i:05}");
+        put_order[key].push(payload.clone());
+        receipts.push(p.put(UserRecord::new(format!("key-{key}"), payload)).await.unwrap());
+        if i % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    for receipt in receipts {
+        receipt.await.unwrap();
+    }
+    let mut stored = transport.stored();
+    stored.sort_by(|a, b| a.sequence_number.cmp(&b.sequence_number));
+    let mut stream_order = vec![Vec::new(); 20];
+    for kinesis in stored {
+        for user in deaggregate(&kinesis.entry.partition_key, kinesis.entry.data.clone()).records {
+            let key: usize = user.partition_key().trim_start_matches("key-").parse().unwrap();
+            stream_order[key].push(String::from_utf8(user.data().to_vec()).unwrap());
+        }
+    }
+    p.shutdown().await;
+    (put_order, stream_order)
+}
+
+#[tokio::test(start_paused = true)]
+async fn ordering_mode_keeps_put_order_per_key_across_retries() {
+    let (put_order, stream_order) = stream_order_per_key(true).await;
+    for (key, (put, stream)) in put_order.iter().zip(&stream_order).enumerate() {
+        let diverges = put.iter().zip(stream).position(|(a, b)| a != b);
+        assert_eq!(diverges, None, "key {key}: first out-of-order position");
+        assert_eq!(put.len(), stream.len(), "key {key}");
+    }
+    // Without it, retried records overtake: the same faults do reorder.
+    let (put_order, stream_order) = stream_order_per_key(false).await;
+    assert_ne!(stream_order, put_order, "the fault pattern reorders records when ordering is off");
+    for (put, stream) in put_order.iter().zip(&stream_order) {
+        let mut a = put.clone();
+        let mut b = stream.clone();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "every record arrives either way");
+    }
+}
