@@ -207,7 +207,8 @@ impl Engine {
     /// Puts a record in its shard's aggregator, or in `waiting` while there is no shard map.
     fn route(&mut self, pending: Pending, now: Instant) {
         if now >= pending.deadline {
-            return self.fail(pending, ErrorKind::Expired, None);
+            let code = member_code(&pending);
+            return self.fail(pending, ErrorKind::Expired, code);
         }
         let shard = match &self.map {
             Some(map) if !self.map_stale => map.lookup(pending.record.hash_key().0).map(|(_, id)| id.clone()),
