@@ -114,7 +114,14 @@ impl Deaggregator {
     }
 
     /// Reads the user records of one Kinesis record. Never panics, whatever the bytes.
+    ///
+    /// Data in this library's compressed form ([`crate::compression`]) is inflated first; a
+    /// record that is not an aggregate then comes out as the inflated data.
     pub fn deaggregate(&mut self, partition_key: &str, data: Bytes) -> Deaggregated {
+        let data = match crate::compression::is_compressed(&data) {
+            true => crate::compression::decompress(&data).unwrap_or(data),
+            false => data,
+        };
         match self.unpack(&data) {
             Ok(done) => done,
             Err(outcome) => Deaggregated { records: vec![DeaggregatedRecord::plain(partition_key, data)], outcome },

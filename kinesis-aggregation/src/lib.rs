@@ -16,8 +16,11 @@
 //! - [`deaggregate`] / [`Deaggregator`] follow the KCL: anything that is not a valid aggregate is
 //!   handed over whole as one record; sub-records get sub-sequence numbers from 0.
 //! - [`hash_key`], [`HashKey`], [`HashKeyRange`] and [`ShardRanges`] route records to shards.
+//! - [`compression`]: the opt-in compressed form (`F3 89 9A C3` ++ zlib) that only this library
+//!   reads; [`deaggregate`] inflates it first.
 
 mod aggregator;
+pub mod compression;
 mod deaggregate;
 mod error;
 mod hash;

@@ -50,6 +50,11 @@ pub struct ProducerConfig {
     /// a shard carries one aggregate (up to `aggregation_max_bytes`) per round trip instead of
     /// filling its rate limit, so throughput per shard is about `aggregation_max_bytes / RTT`.
     pub ordering: bool,
+    /// Compress every Kinesis record's data (aggregate or plain) with zlib, in the format of
+    /// `kinesis_aggregation::compression`. Default off: **the stock KCL, Lambda and Firehose cannot
+    /// read compressed records**; only readers built on this library can. A record whose compressed
+    /// form is not smaller is sent as it is.
+    pub compression: bool,
 }
 
 impl Default for ProducerConfig {
@@ -71,6 +76,7 @@ impl Default for ProducerConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             ordering: false,
+            compression: false,
         }
     }
 }

@@ -69,6 +69,10 @@ struct Entry {
 struct ShardState {
     aggregator: Aggregator,
     members: Vec<Pending>,
+    /// When the aggregate started filling: it is sealed `record_max_buffered_time` later. (Not the
+    /// members' put time: retried records would then seal every aggregate at once, one or two
+    /// records each.)
+    aggregate_started: Option<Instant>,
     limiter: ShardLimiter,
     /// Ordering mode: a call carrying this shard's record is in flight.
     busy: bool,
@@ -192,16 +196,30 @@ impl Engine {
                 self.metrics.user_records_pending.store(self.outstanding, Relaxed);
                 self.route(*pending, Instant::now());
             }
-            Command::Flush(waiter) => self.flush_waiters.push(waiter),
+            Command::Flush(waiter) => {
+                self.flush_waiters.push(waiter);
+                self.send_buffered_now(Instant::now());
+            }
             Command::Shutdown(waiter) => {
                 self.closing = true;
                 self.shutdown_waiters.push(waiter);
+                self.send_buffered_now(Instant::now());
             }
         }
     }
 
-    fn flushing(&self) -> bool {
-        self.closing || !self.flush_waiters.is_empty()
+    /// Flush or shutdown: what is buffered now goes without waiting for the linger time. Records
+    /// that come back later for a retry aggregate as usual, so a flush under throttling does not
+    /// turn every retry into a one-record aggregate.
+    fn send_buffered_now(&mut self, now: Instant) {
+        let shards: Vec<Arc<str>> =
+            self.shards.iter().filter(|(_, s)| !s.members.is_empty()).map(|(id, _)| id.clone()).collect();
+        for shard in shards {
+            self.seal(&shard);
+        }
+        for entry in &mut self.ready {
+            entry.due = entry.due.min(now);
+        }
     }
 
     /// Puts a record in its shard's aggregator, or in `waiting` while there is no shard map.
@@ -230,12 +248,18 @@ impl Engine {
         }
         let state = self.shard_state(&shard, now);
         match state.aggregator.try_push_ref(&pending.record) {
-            Ok(true) => state.members.push(pending),
+            Ok(true) => {
+                state.aggregate_started.get_or_insert(now);
+                state.members.push(pending);
+            }
             Ok(false) => {
                 self.seal(&shard);
                 let state = self.shard_state(&shard, now);
                 match state.aggregator.try_push_ref(&pending.record) {
-                    Ok(true) => state.members.push(pending),
+                    Ok(true) => {
+                        state.aggregate_started = Some(now);
+                        state.members.push(pending);
+                    }
                     // Checked at put: a record that fits the record limit fits an empty aggregate,
                     // or is sent plain.
                     _ => {
@@ -256,6 +280,7 @@ impl Engine {
         self.shards.entry(shard.clone()).or_insert_with(|| ShardState {
             aggregator: Aggregator::with_config(AggregatorConfig::with_max_bytes(config.aggregation_max_bytes)),
             members: Vec::new(),
+            aggregate_started: None,
             limiter: ShardLimiter::new(
                 config.rate_limit_percent,
                 config.shard_records_per_second,
@@ -268,13 +293,25 @@ impl Engine {
     }
 
     fn plain_entry(&self, shard: Arc<str>, pending: Pending) -> Entry {
-        let kinesis = KinesisRecord {
+        let kinesis = self.compressed(KinesisRecord {
             partition_key: pending.record.partition_key.clone(),
             explicit_hash_key: pending.record.explicit_hash_key,
             data: pending.record.data.clone(),
-        };
+        });
         let due = pending.enqueued + self.config.record_max_buffered_time;
-        Entry { shard, size: pending.size, kinesis, members: vec![pending], aggregated: false, due }
+        let size = kinesis.data.len() + kinesis.partition_key.len();
+        Entry { shard, size, kinesis, members: vec![pending], aggregated: false, due }
+    }
+
+    /// The record with its data compressed, when compression is on and it makes the data smaller.
+    fn compressed(&self, mut kinesis: KinesisRecord) -> KinesisRecord {
+        if self.config.compression {
+            let packed = kinesis_aggregation::compression::compress(&kinesis.data);
+            if packed.len() < kinesis.data.len() {
+                kinesis.data = packed;
+            }
+        }
+        kinesis
     }
 
     /// Turns a shard's aggregator into a ready entry. A lone record goes plain, as with the KPL.
@@ -284,13 +321,14 @@ impl Engine {
             return;
         }
         let members = std::mem::take(&mut state.members);
+        let started = state.aggregate_started.take().unwrap_or_else(Instant::now);
         let aggregate = state.aggregator.finish();
         if members.len() == 1 {
             let entry = self.plain_entry(shard.clone(), members.into_iter().next().expect("one member"));
             return self.push_ready(entry);
         }
         let Some(kinesis) = aggregate else { return };
-        let oldest = members.iter().map(|m| m.enqueued).min().unwrap_or_else(Instant::now);
+        let kinesis = self.compressed(kinesis);
         let size = kinesis.data.len() + kinesis.partition_key.len();
         let entry = Entry {
             shard: shard.clone(),
@@ -298,7 +336,7 @@ impl Engine {
             members,
             aggregated: true,
             size,
-            due: oldest + self.config.record_max_buffered_time,
+            due: started + self.config.record_max_buffered_time,
         };
         self.push_ready(entry);
     }
@@ -332,12 +370,11 @@ impl Engine {
                 self.route(pending, now);
             }
         }
-        let flushing = self.flushing();
         let linger = self.config.record_max_buffered_time;
         let lingering: Vec<Arc<str>> = self
             .shards
             .iter()
-            .filter(|(_, s)| s.members.first().is_some_and(|m| flushing || m.enqueued + linger <= now))
+            .filter(|(_, s)| s.aggregate_started.is_some_and(|t| t + linger <= now))
             .map(|(id, _)| id.clone())
             .collect();
         for shard in lingering {
@@ -357,8 +394,7 @@ impl Engine {
     fn dispatch(&mut self, now: Instant) {
         self.limiter_wake = None;
         while self.in_flight < self.config.max_in_flight_requests && !self.ready.is_empty() {
-            let worth_it = self.flushing()
-                || self.ready.len() >= self.config.collection_max_count
+            let worth_it = self.ready.len() >= self.config.collection_max_count
                 || self.ready_bytes >= self.config.collection_max_bytes
                 || self.ready.iter().any(|e| e.due <= now);
             if !worth_it {
@@ -461,7 +497,7 @@ impl Engine {
 
     /// The entry for what an aggregator holds (plain when it holds one record).
     fn pack(&self, shard: &Arc<str>, aggregator: &mut Aggregator, members: Vec<Pending>) -> Option<Entry> {
-        let kinesis = aggregator.finish()?;
+        let kinesis = self.compressed(aggregator.finish()?);
         if members.len() == 1 {
             return members.into_iter().next().map(|m| self.plain_entry(shard.clone(), m));
         }
@@ -736,8 +772,8 @@ impl Engine {
         }
         let linger = self.config.record_max_buffered_time;
         for state in self.shards.values() {
-            if let Some(first) = state.members.first() {
-                wake = wake.min(first.enqueued + linger);
+            if let Some(started) = state.aggregate_started {
+                wake = wake.min(started + linger);
             }
         }
         // With every request slot taken, a response wakes the task.

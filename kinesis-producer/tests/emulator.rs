@@ -198,3 +198,28 @@ async fn ordering_mode_under_throttling_keeps_put_order_per_key() {
     }
     producer.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_records_round_trip_through_kinesis() {
+    let kinesis = Kinesis::start().await.expect("start Kinesis");
+    let stream = kinesis.create_stream(2).await.expect("create a 2-shard stream");
+    let config = kinesis_producer::ProducerConfig { compression: true, ..Default::default() };
+    let producer = Producer::builder(kinesis.client(), &stream).config(config).build().expect("producer");
+    let mut receipts = Vec::new();
+    for i in 0..10_000 {
+        let record = UserRecord::new(format!("device-{}", i % 100), format!("{{\"n\":{i:05},\"status\":\"ok\"}}"));
+        receipts.push(producer.put(record).await.expect("buffered"));
+    }
+    producer.flush().await;
+    // read_back deaggregates with the consumer side's Deaggregator, which inflates first.
+    let found = read_back(&kinesis.client(), &stream).await;
+    for (i, receipt) in receipts.into_iter().enumerate() {
+        let receipt = receipt.await.expect("delivered");
+        let data = format!("{{\"n\":{i:05},\"status\":\"ok\"}}");
+        let places = found.get(data.as_bytes()).unwrap_or_else(|| panic!("record {i} lost"));
+        assert_eq!(places, &vec![(receipt.shard_id, receipt.sequence_number, receipt.aggregated_index)]);
+    }
+    let raw = read_stream(&kinesis.client(), &stream).await.unwrap();
+    assert!(raw.iter().all(|r| kinesis_aggregation::compression::is_compressed(&r.data)));
+    producer.shutdown().await;
+}
