@@ -96,6 +96,8 @@ async fn a_load_of_three_times_a_throttled_shard_is_all_delivered_with_retries()
     assert!(m.errors_by_code.get("ProvisionedThroughputExceededException").copied().unwrap_or(0) > 0, "{m:?}");
     assert!(m.retries > 0);
     assert_eq!(m.user_records_put, 3_146);
+    // Retried records are aggregated again, not sent one by one.
+    assert!(m.user_records_per_kinesis_record() > 20.0, "{}", m.user_records_per_kinesis_record());
     let found = read_back(&kinesis.client(), &stream).await;
     assert_eq!(found.len(), 3_146);
     assert!(found.values().all(|places| places.len() == 1), "no duplicates");

@@ -341,3 +341,24 @@ async fn compressed_records_are_smaller_and_deaggregate_back() {
         assert!(p.metrics().kinesis_records_data_put as usize >= stored_bytes);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_flush_under_throttling_keeps_retries_aggregated() {
+    let transport = MemoryTransport::new(1);
+    transport.set_faults(Faults::RejectEveryNth(2, "ProvisionedThroughputExceededException".into()));
+    // Half of all entries are refused, so some records need many attempts: a TTL long enough
+    // for all of them (this test is about aggregation; the TTL has tests of its own).
+    let p = producer(&transport, ProducerConfig { record_ttl: Duration::from_secs(600), ..Default::default() });
+    let mut receipts = Vec::new();
+    for i in 0..20_000 {
+        receipts.push(p.put(record(i)).await.unwrap());
+    }
+    // The flush sends what is buffered now; records that come back for a retry aggregate again.
+    p.flush().await;
+    for receipt in receipts {
+        receipt.await.unwrap();
+    }
+    let m = p.metrics();
+    assert!(m.retries > 0);
+    assert!(m.user_records_per_kinesis_record() > 100.0, "{}", m.user_records_per_kinesis_record());
+}
