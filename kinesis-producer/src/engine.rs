@@ -657,6 +657,7 @@ impl Engine {
                 .first_mut()
                 .and_then(|m| m.backoff.get_or_insert_with(|| self.backoff.build()).next())
                 .unwrap_or(self.config.backoff_max);
+            let delay = retry_delay(kind, delay);
             if let Some(state) = self.shards.get_mut(&entry.shard) {
                 state.blocked_until = Some(now + delay);
             }
@@ -678,8 +679,10 @@ impl Engine {
         }
         let delay =
             member.backoff.get_or_insert_with(|| self.backoff.build()).next().unwrap_or(self.config.backoff_max);
-        let not_before = now + delay;
-        if not_before >= member.deadline {
+        // A backoff that runs past the deadline still leaves one last try just before it.
+        let last_chance = member.deadline.checked_sub(LAST_TRY_MARGIN).unwrap_or(now);
+        let not_before = (now + retry_delay(kind, delay)).min(last_chance);
+        if not_before <= now {
             let code = member_code(&member);
             return self.fail(member, ErrorKind::Expired, code);
         }
@@ -786,6 +789,22 @@ impl Engine {
             }
         }
         wake.max(now)
+    }
+}
+
+/// The longest wait before a throttled record is tried again. The shard's token buckets, which a
+/// throttle empties, already pace what is sent to it; a per-record backoff growing to
+/// `backoff_max` only left a slow tail of records waiting long after the shard had room.
+const THROTTLED_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How long before its deadline a record gets its last try.
+const LAST_TRY_MARGIN: Duration = Duration::from_millis(10);
+
+/// The wait before a retry: the exponential backoff, capped for throttling.
+fn retry_delay(kind: ErrorKind, backoff: Duration) -> Duration {
+    match kind {
+        ErrorKind::Throttled => backoff.min(THROTTLED_BACKOFF_MAX),
+        _ => backoff,
     }
 }
 

@@ -362,3 +362,24 @@ async fn a_flush_under_throttling_keeps_retries_aggregated() {
     assert!(m.retries > 0);
     assert!(m.user_records_per_kinesis_record() > 100.0, "{}", m.user_records_per_kinesis_record());
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_long_throttling_records_go_within_a_second_of_the_shard_having_room() {
+    let transport = MemoryTransport::new(1);
+    transport.set_faults(Faults::RejectRecords("ProvisionedThroughputExceededException".into()));
+    let p = producer(&transport, ProducerConfig::default());
+    let mut receipts = Vec::new();
+    for i in 0..1_000 {
+        receipts.push(p.put(record(i)).await.unwrap());
+    }
+    // Throttled for 20 s: the exponential backoff would have grown to its 5 s maximum.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    transport.set_faults(Faults::None);
+    let cleared = Instant::now();
+    for receipt in receipts {
+        receipt.await.unwrap();
+    }
+    let tail = cleared.elapsed();
+    assert!(tail <= Duration::from_millis(1_300), "throttled records wait at most about 1 s: {tail:?}");
+    // Transient errors keep the full exponential backoff (checked by the TTL test's attempt count).
+}
