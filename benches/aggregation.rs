@@ -12,35 +12,9 @@ use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use kinesis_aggregation::{Aggregator, Deaggregator, HashKeyRange, TryPush, UserRecord, deaggregate};
 
-const KEYS: usize = 1_000;
-const PAYLOAD: usize = 100;
+mod common;
+
 const RECORDS: usize = 100_000;
-
-/// A small deterministic generator, so that every run uses the same keys and payloads.
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn workload() -> Vec<UserRecord> {
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let keys: Vec<String> = (0..KEYS)
-        .map(|_| (0..16).map(|_| ALPHABET[(rng.next() % ALPHABET.len() as u64) as usize] as char).collect())
-        .collect();
-    (0..RECORDS)
-        .map(|_| {
-            let key = keys[(rng.next() % KEYS as u64) as usize].clone();
-            let data: Vec<u8> = (0..PAYLOAD).map(|_| rng.next() as u8).collect();
-            UserRecord::new(key, data)
-        })
-        .collect()
-}
 
 fn aggregate(records: Vec<UserRecord>) -> Vec<Bytes> {
     let mut agg = Aggregator::new();
@@ -56,7 +30,7 @@ fn aggregate(records: Vec<UserRecord>) -> Vec<Bytes> {
 }
 
 fn bench(c: &mut Criterion) {
-    let records = workload();
+    let records = common::workload(RECORDS);
     let aggregates = aggregate(records.clone());
     eprintln!(
         "workload: {RECORDS} records, {} aggregates of about {} bytes ({} records each)",

@@ -16,35 +16,9 @@ use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_
 use kinesis_producer::{MemoryTransport, Producer, ProducerConfig, UserRecord};
 use tokio::runtime::Runtime;
 
-const KEYS: usize = 1_000;
-const PAYLOAD: usize = 100;
+mod common;
+
 const RECORDS: usize = 200_000;
-
-/// A small deterministic generator, so that every run uses the same keys and payloads.
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn workload() -> Vec<UserRecord> {
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let keys: Vec<String> = (0..KEYS)
-        .map(|_| (0..16).map(|_| ALPHABET[(rng.next() % ALPHABET.len() as u64) as usize] as char).collect())
-        .collect();
-    (0..RECORDS)
-        .map(|_| {
-            let key = keys[(rng.next() % KEYS as u64) as usize].clone();
-            let data: Vec<u8> = (0..PAYLOAD).map(|_| rng.next() as u8).collect();
-            UserRecord::new(key, data)
-        })
-        .collect()
-}
 
 fn config(aggregation: bool) -> ProducerConfig {
     ProducerConfig {
@@ -77,7 +51,7 @@ async fn put_all(producer: Producer, records: Vec<UserRecord>) {
 }
 
 fn bench(c: &mut Criterion) {
-    let records = workload();
+    let records = common::workload(RECORDS);
     let rt: Runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
 
     let mut group = c.benchmark_group("producer");
