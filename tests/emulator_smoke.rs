@@ -41,6 +41,23 @@ fn sequence_key(sequence_number: &str) -> (usize, &str) {
     (sequence_number.len(), sequence_number)
 }
 
+/// One PutRecords call with every `(partition key, data)` pair; none may fail.
+async fn put_all(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    sent: &[(String, String)],
+) -> aws_sdk_kinesis::operation::put_records::PutRecordsOutput {
+    let out = client
+        .put_records()
+        .stream_name(stream)
+        .set_records(Some(sent.iter().map(|(key, data)| entry(key, data)).collect()))
+        .send()
+        .await
+        .expect("PutRecords");
+    assert_eq!(out.failed_record_count(), Some(0), "no record may fail: {:?}", out.records());
+    out
+}
+
 #[tokio::test]
 async fn every_record_comes_back_once_from_the_shard_of_its_hash_key() {
     let kinesis = Kinesis::start().await.expect("start Kinesis");
@@ -48,14 +65,7 @@ async fn every_record_comes_back_once_from_the_shard_of_its_hash_key() {
     let stream = kinesis.create_stream(4).await.expect("create a 4-shard stream");
 
     let sent = spread_records(500);
-    let out = client
-        .put_records()
-        .stream_name(&stream)
-        .set_records(Some(sent.iter().map(|(key, data)| entry(key, data)).collect()))
-        .send()
-        .await
-        .expect("PutRecords");
-    assert_eq!(out.failed_record_count(), Some(0), "no record may fail: {:?}", out.records());
+    let out = put_all(&client, &stream, &sent).await;
     let put_shard: HashMap<&str, &str> = sent
         .iter()
         .zip(out.records())
@@ -98,14 +108,7 @@ async fn read_stream_returns_every_record_once_on_the_shard_of_its_hash_key() {
     let stream = kinesis.create_stream(3).await.expect("create a 3-shard stream");
 
     let sent = spread_records(300);
-    let out = client
-        .put_records()
-        .stream_name(&stream)
-        .set_records(Some(sent.iter().map(|(key, data)| entry(key, data)).collect()))
-        .send()
-        .await
-        .expect("PutRecords");
-    assert_eq!(out.failed_record_count(), Some(0), "no record may fail: {:?}", out.records());
+    let out = put_all(&client, &stream, &sent).await;
     // data -> (partition key, shard id, sequence number) as PutRecords reported them
     let put: HashMap<&str, (&str, &str, &str)> = sent
         .iter()
