@@ -8,6 +8,8 @@
 //! cargo run --release --example produce                                  # 100,000 records, 4 shards
 //! cargo run --release --example produce -- --records 20000 --throttle --shards 2  # per-shard limits on
 //! cargo run --release --example produce -- --stream my-stream --records 1000      # a real stream
+//! cargo run --release --example produce -- --throttle --no-aggregation           # one entry per record
+//! cargo run --release --example produce -- --throttle --duration 60              # put for 60 s; peak RSS
 //! ```
 //!
 //! Records are 100 bytes, with 16-character partition keys drawn from 1,000 keys. It exits with
@@ -21,17 +23,22 @@ use kinesis_testkit::{Kinesis, KinesisOptions};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-const USAGE: &str = "usage: produce [--records N] [--shards N] [--throttle] [--stream NAME]";
+const USAGE: &str =
+    "usage: produce [--records N | --duration SECS] [--shards N] [--throttle] [--no-aggregation] [--stream NAME]";
 
 struct Args {
     records: u64,
+    /// Put for this long instead of a count.
+    duration: Option<Duration>,
     shards: u32,
     throttle: bool,
+    aggregation: bool,
     stream: Option<String>,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
-    let mut args = Args { records: 100_000, shards: 4, throttle: false, stream: None };
+    let mut args =
+        Args { records: 100_000, duration: None, shards: 4, throttle: false, aggregation: true, stream: None };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value; {USAGE}"));
@@ -40,6 +47,8 @@ fn parse_args() -> Result<Args, BoxError> {
             "--shards" => args.shards = value()?.parse()?,
             "--stream" => args.stream = Some(value()?),
             "--throttle" => args.throttle = true,
+            "--no-aggregation" => args.aggregation = false,
+            "--duration" => args.duration = Some(Duration::from_secs_f64(value()?.parse()?)),
             _ => return Err(format!("unknown argument {arg}; {USAGE}").into()),
         }
     }
@@ -72,7 +81,10 @@ async fn main() -> Result<(), BoxError> {
     };
 
     // The KPL's defaults: aggregation, 100 ms linger, 150 % of each shard's limit, 30 s TTL.
-    let producer = Producer::builder(client, stream).config(ProducerConfig::default()).build()?;
+    let config = ProducerConfig { aggregation: args.aggregation, ..Default::default() };
+    let buffer_cap = config.max_buffered_bytes;
+    let receipt_backlog = config.max_buffered_records;
+    let producer = Producer::builder(client, stream).config(config).build()?;
 
     // Progress, once a second, from the metrics.
     let started = Instant::now();
@@ -98,7 +110,8 @@ async fn main() -> Result<(), BoxError> {
     });
 
     // Receipts are awaited by a task of their own, as they come, while this one keeps putting.
-    let (receipts_tx, mut receipts_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Bounded like the producer's buffer: a receipt is queued here only after its record was accepted.
+    let (receipts_tx, mut receipts_rx) = tokio::sync::mpsc::channel(receipt_backlog);
     let receipts = tokio::spawn(async move {
         let (mut delivered, mut failed) = (0u64, 0u64);
         while let Some(receipt) = receipts_rx.recv().await {
@@ -116,12 +129,21 @@ async fn main() -> Result<(), BoxError> {
     });
 
     let keys: Vec<String> = (0..1_000).map(|i| format!("key-{i:012}")).collect();
-    for i in 0..args.records {
+    let mut sent = 0u64;
+    for i in 0.. {
+        let done = match args.duration {
+            Some(duration) => started.elapsed() >= duration,
+            None => i >= args.records,
+        };
+        if done {
+            break;
+        }
         let key = keys[(i % 1_000) as usize].clone();
         let record = UserRecord::new(key, format!("{i:0>100}")); // 100 bytes
         // Waits while the producer's buffer is full (back-pressure).
         let receipt = producer.put(record).await?;
-        receipts_tx.send(receipt)?;
+        receipts_tx.send(receipt).await?;
+        sent += 1;
     }
     producer.flush().await; // send what is lingering now, and wait for every record
     drop(receipts_tx);
@@ -133,7 +155,7 @@ async fn main() -> Result<(), BoxError> {
     let m = producer.metrics();
     let secs = elapsed.as_secs_f64();
     println!();
-    println!("sent                          {}", args.records);
+    println!("sent                          {sent}");
     println!("delivered                     {delivered}");
     println!("failed                        {failed}");
     println!("Kinesis records               {}", m.kinesis_records_put);
@@ -148,8 +170,24 @@ async fn main() -> Result<(), BoxError> {
         m.kinesis_records_data_put as f64 / secs,
         m.kinesis_records_data_put as f64 / secs / 1e6
     );
+    if let Some(peak) = peak_rss_bytes() {
+        println!(
+            "peak RSS                      {:.1} MiB = {:.2} x the buffer cap ({} MiB)",
+            peak as f64 / 1048576.0,
+            peak as f64 / buffer_cap as f64,
+            buffer_cap >> 20
+        );
+    }
     if failed > 0 {
-        return Err(format!("{failed} of {} records were not delivered", args.records).into());
+        return Err(format!("{failed} of {sent} records were not delivered").into());
     }
     Ok(())
+}
+
+/// The process's peak resident set size (VmHWM), where the OS reports it (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
