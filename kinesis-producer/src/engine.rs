@@ -243,7 +243,7 @@ impl Engine {
         // Every routed shard has a state, whose limiter the dispatcher consults.
         self.shard_state(&shard, now);
         if !self.config.aggregation {
-            let entry = self.plain_entry(shard, pending);
+            let entry = plain_entry(&self.config, shard, pending);
             return self.push_ready(entry);
         }
         let state = self.shard_state(&shard, now);
@@ -263,13 +263,13 @@ impl Engine {
                     // Checked at put: a record that fits the record limit fits an empty aggregate,
                     // or is sent plain.
                     _ => {
-                        let entry = self.plain_entry(shard, pending);
+                        let entry = plain_entry(&self.config, shard, pending);
                         self.push_ready(entry);
                     }
                 }
             }
             Err(_) => {
-                let entry = self.plain_entry(shard, pending);
+                let entry = plain_entry(&self.config, shard, pending);
                 self.push_ready(entry);
             }
         }
@@ -292,28 +292,6 @@ impl Engine {
         })
     }
 
-    fn plain_entry(&self, shard: Arc<str>, pending: Pending) -> Entry {
-        let kinesis = self.compressed(KinesisRecord {
-            partition_key: pending.record.partition_key.clone(),
-            explicit_hash_key: pending.record.explicit_hash_key,
-            data: pending.record.data.clone(),
-        });
-        let due = pending.enqueued + self.config.record_max_buffered_time;
-        let size = kinesis.data.len() + kinesis.partition_key.len();
-        Entry { shard, size, kinesis, members: vec![pending], aggregated: false, due }
-    }
-
-    /// The record with its data compressed, when compression is on and it makes the data smaller.
-    fn compressed(&self, mut kinesis: KinesisRecord) -> KinesisRecord {
-        if self.config.compression {
-            let packed = kinesis_aggregation::compression::compress(&kinesis.data);
-            if packed.len() < kinesis.data.len() {
-                kinesis.data = packed;
-            }
-        }
-        kinesis
-    }
-
     /// Turns a shard's aggregator into a ready entry. A lone record goes plain, as with the KPL.
     fn seal(&mut self, shard: &Arc<str>) {
         let Some(state) = self.shards.get_mut(shard) else { return };
@@ -322,23 +300,9 @@ impl Engine {
         }
         let members = std::mem::take(&mut state.members);
         let started = state.aggregate_started.take().unwrap_or_else(Instant::now);
-        let aggregate = state.aggregator.finish();
-        if members.len() == 1 {
-            let entry = self.plain_entry(shard.clone(), members.into_iter().next().expect("one member"));
-            return self.push_ready(entry);
+        if let Some(entry) = pack(&self.config, shard, &mut state.aggregator, members, started) {
+            self.push_ready(entry);
         }
-        let Some(kinesis) = aggregate else { return };
-        let kinesis = self.compressed(kinesis);
-        let size = kinesis.data.len() + kinesis.partition_key.len();
-        let entry = Entry {
-            shard: shard.clone(),
-            kinesis,
-            members,
-            aggregated: true,
-            size,
-            due: started + self.config.record_max_buffered_time,
-        };
-        self.push_ready(entry);
     }
 
     fn push_ready(&mut self, entry: Entry) {
@@ -466,8 +430,40 @@ impl Engine {
     /// Ordering mode: fails an entry's expired members and packs the others, in order, into new
     /// entries for the same shard (which the caller puts back where the old one was).
     fn rebuild(&mut self, entry: Entry, now: Instant) -> Vec<Entry> {
-        let mut survivors = Vec::new();
-        for member in entry.members {
+        let survivors = self.fail_expired(entry.members, now);
+        // Each new entry is due a linger time after its oldest member was put.
+        let oldest = |members: &[Pending]| members.iter().map(|m| m.enqueued).min().unwrap_or(now);
+        let shard = entry.shard;
+        let mut entries = Vec::new();
+        let mut aggregator =
+            Aggregator::with_config(AggregatorConfig::with_max_bytes(self.config.aggregation_max_bytes));
+        let mut members: Vec<Pending> = Vec::new();
+        for member in survivors {
+            if self.config.aggregation {
+                if matches!(aggregator.try_push_ref(&member.record), Ok(true)) {
+                    members.push(member);
+                    continue;
+                }
+                // Full: close this aggregate and start the next with the member.
+                let batch = std::mem::take(&mut members);
+                let started = oldest(&batch);
+                entries.extend(pack(&self.config, &shard, &mut aggregator, batch, started));
+                if matches!(aggregator.try_push_ref(&member.record), Ok(true)) {
+                    members.push(member);
+                    continue;
+                }
+            }
+            entries.push(plain_entry(&self.config, shard.clone(), member));
+        }
+        let started = oldest(&members);
+        entries.extend(pack(&self.config, &shard, &mut aggregator, members, started));
+        entries
+    }
+
+    /// Fails the members whose deadline has passed, and returns the others in order.
+    fn fail_expired(&mut self, members: Vec<Pending>, now: Instant) -> Vec<Pending> {
+        let mut survivors = Vec::with_capacity(members.len());
+        for member in members {
             if member.deadline <= now {
                 let code = member_code(&member);
                 self.fail(member, ErrorKind::Expired, code);
@@ -475,53 +471,13 @@ impl Engine {
                 survivors.push(member);
             }
         }
-        let mut entries = Vec::new();
-        let mut aggregator =
-            Aggregator::with_config(AggregatorConfig::with_max_bytes(self.config.aggregation_max_bytes));
-        let mut members: Vec<Pending> = Vec::new();
-        for member in survivors {
-            if !self.config.aggregation || !matches!(aggregator.try_push_ref(&member.record), Ok(true)) {
-                entries.extend(self.pack(&entry.shard, &mut aggregator, std::mem::take(&mut members)));
-                if self.config.aggregation && matches!(aggregator.try_push_ref(&member.record), Ok(true)) {
-                    members.push(member);
-                } else {
-                    entries.push(self.plain_entry(entry.shard.clone(), member));
-                }
-                continue;
-            }
-            members.push(member);
-        }
-        entries.extend(self.pack(&entry.shard, &mut aggregator, members));
-        entries
-    }
-
-    /// The entry for what an aggregator holds (plain when it holds one record).
-    fn pack(&self, shard: &Arc<str>, aggregator: &mut Aggregator, members: Vec<Pending>) -> Option<Entry> {
-        let kinesis = self.compressed(aggregator.finish()?);
-        if members.len() == 1 {
-            return members.into_iter().next().map(|m| self.plain_entry(shard.clone(), m));
-        }
-        let oldest = members.iter().map(|m| m.enqueued).min()?;
-        let size = kinesis.data.len() + kinesis.partition_key.len();
-        Some(Entry {
-            shard: shard.clone(),
-            kinesis,
-            members,
-            aggregated: true,
-            size,
-            due: oldest + self.config.record_max_buffered_time,
-        })
+        survivors
     }
 
     /// Takes an entry apart: expired members fail, the others are routed again.
     fn dissolve(&mut self, entry: Entry, now: Instant) {
-        for member in entry.members {
-            if member.deadline <= now {
-                let code = member_code(&member);
-                self.fail(member, ErrorKind::Expired, code);
-            } else {
-                self.route(member, now);
-            }
+        for member in self.fail_expired(entry.members, now) {
+            self.route(member, now);
         }
     }
 
@@ -790,6 +746,57 @@ impl Engine {
         }
         wake.max(now)
     }
+}
+
+/// The entry for one user record sent as it is (compressed when that is on and makes it smaller).
+fn plain_entry(config: &ProducerConfig, shard: Arc<str>, pending: Pending) -> Entry {
+    let kinesis = compressed(
+        config,
+        KinesisRecord {
+            partition_key: pending.record.partition_key.clone(),
+            explicit_hash_key: pending.record.explicit_hash_key,
+            data: pending.record.data.clone(),
+        },
+    );
+    let due = pending.enqueued + config.record_max_buffered_time;
+    let size = kinesis.data.len() + kinesis.partition_key.len();
+    Entry { shard, size, kinesis, members: vec![pending], aggregated: false, due }
+}
+
+/// The entry for what an aggregator holds, which it empties; a lone record goes plain, as with the
+/// KPL. `started` is when the batch began waiting: it is due a linger time later.
+fn pack(
+    config: &ProducerConfig,
+    shard: &Arc<str>,
+    aggregator: &mut Aggregator,
+    members: Vec<Pending>,
+    started: Instant,
+) -> Option<Entry> {
+    let aggregate = aggregator.finish()?;
+    if members.len() == 1 {
+        return members.into_iter().next().map(|m| plain_entry(config, shard.clone(), m));
+    }
+    let kinesis = compressed(config, aggregate);
+    let size = kinesis.data.len() + kinesis.partition_key.len();
+    Some(Entry {
+        shard: shard.clone(),
+        kinesis,
+        members,
+        aggregated: true,
+        size,
+        due: started + config.record_max_buffered_time,
+    })
+}
+
+/// The record with its data compressed, when compression is on and it makes the data smaller.
+fn compressed(config: &ProducerConfig, mut kinesis: KinesisRecord) -> KinesisRecord {
+    if config.compression {
+        let packed = kinesis_aggregation::compression::compress(&kinesis.data);
+        if packed.len() < kinesis.data.len() {
+            kinesis.data = packed;
+        }
+    }
+    kinesis
 }
 
 /// The longest wait before a throttled record is tried again. The shard's token buckets, which a
