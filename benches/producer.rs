@@ -5,8 +5,9 @@
 //!
 //! The workload of the issue: 100-byte payloads, 16-character partition keys drawn from 1,000 keys,
 //! 200,000 user records an iteration: put them all (keeping the receipts), flush, await every
-//! receipt. Target: at least 1 M user records/s with aggregation on. `plain` is the same with
-//! aggregation off (one Kinesis record per user record), for comparison.
+//! receipt. Target: at least 1 M user records/s with aggregation on. `aggregated` puts from one
+//! task; `aggregated_4_tasks` from four at once (a quarter each, as a server's request handlers
+//! would); `plain` is one task with aggregation off (one Kinesis record per user record).
 //!
 //! Run: `cargo bench --bench producer`. Criterion reports user records/s ("elements").
 
@@ -38,14 +39,28 @@ fn config(aggregation: bool) -> ProducerConfig {
     }
 }
 
-/// One iteration: put every record (keeping the receipts), flush, await every receipt.
-async fn put_all(producer: Producer, records: Vec<UserRecord>) {
-    let mut receipts = Vec::with_capacity(records.len());
-    for record in records {
-        receipts.push(producer.put(record).await.expect("put"));
+/// One iteration: put every record (keeping the receipts) from `tasks` tasks at once, each with
+/// its share in order, then flush and await every receipt.
+async fn put_all(producer: Producer, records: Vec<UserRecord>, tasks: usize) {
+    let share = records.len().div_ceil(tasks);
+    let mut records = records.into_iter();
+    let mut putters = Vec::with_capacity(tasks);
+    for _ in 0..tasks {
+        let (producer, mine): (Producer, Vec<UserRecord>) = (producer.clone(), records.by_ref().take(share).collect());
+        putters.push(tokio::spawn(async move {
+            let mut receipts = Vec::with_capacity(mine.len());
+            for record in mine {
+                receipts.push(producer.put(record).await.expect("put"));
+            }
+            receipts
+        }));
+    }
+    let mut all = Vec::with_capacity(tasks);
+    for putter in putters {
+        all.push(putter.await.expect("a putting task"));
     }
     producer.flush().await;
-    for receipt in receipts {
+    for receipt in all.into_iter().flatten() {
         receipt.await.expect("delivered");
     }
 }
@@ -60,7 +75,7 @@ fn bench(c: &mut Criterion) {
     group.sampling_mode(SamplingMode::Flat);
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(15));
-    for (name, aggregation) in [("aggregated", true), ("plain", false)] {
+    for (name, aggregation, tasks) in [("aggregated", true, 1), ("aggregated_4_tasks", true, 4), ("plain", false, 1)] {
         // One producer per function, reused by every iteration (a producer in steady state; its
         // start-up, one ListShards, is not measured).
         let producer = {
@@ -78,10 +93,8 @@ fn bench(c: &mut Criterion) {
                     // allocation (the key) and a reference count (the data), not producer work.
                     let batch = records.clone();
                     let started = Instant::now();
-                    // Put from a task on the runtime, as an application would. (Putting from
-                    // `block_on` on this thread is about 25 % slower: the full inbox hands each
-                    // free slot to a parked thread, a futex wake-up per record.)
-                    rt.block_on(rt.spawn(put_all(producer.clone(), batch))).expect("the put task");
+                    // `put_all` puts from tasks on the runtime, as an application would.
+                    rt.block_on(put_all(producer.clone(), batch, tasks));
                     total += started.elapsed();
                 }
                 total

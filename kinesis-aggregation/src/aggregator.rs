@@ -287,6 +287,27 @@ impl Aggregator {
         self.body_len += plan.added;
     }
 
+    /// Hands over what was pushed, as an aggregator to [`finish`](Aggregator::finish) elsewhere (on
+    /// another task or thread: encoding and the MD5 are most of the cost), and starts a new
+    /// aggregate here, with room for as many records as the one handed over.
+    pub fn take(&mut self) -> Aggregator {
+        let mut fresh = Aggregator::with_config(self.config);
+        fresh.records.reserve(self.records.len());
+        fresh.partition_key_table.reserve(self.partition_key_table.len());
+        fresh.partition_keys.reserve(self.partition_key_table.len(), |_| 0);
+        std::mem::replace(self, fresh)
+    }
+
+    /// Discards what was pushed, keeping the allocations.
+    pub fn clear(&mut self) {
+        self.partition_key_table.clear();
+        self.explicit_hash_key_table.clear();
+        self.records.clear();
+        self.partition_keys.clear();
+        self.explicit_hash_keys.clear();
+        self.body_len = 0;
+    }
+
     /// Encodes the aggregate and starts a new one. `None` when it is empty.
     ///
     /// The Kinesis record has partition key `"a"` and, as explicit hash key, the hash key of the
@@ -304,12 +325,7 @@ impl Aggregator {
         data.extend_from_slice(&digest);
 
         // Keep the allocations for the next aggregate.
-        self.partition_key_table.clear();
-        self.explicit_hash_key_table.clear();
-        self.records.clear();
-        self.partition_keys.clear();
-        self.explicit_hash_keys.clear();
-        self.body_len = 0;
+        self.clear();
 
         Some(KinesisRecord {
             partition_key: AGGREGATE_PARTITION_KEY.to_owned(),
@@ -510,6 +526,31 @@ mod tests {
         let _ = agg.try_push(record("x", 1).with_explicit_hash_key(ehk)).unwrap();
         assert_eq!(agg.finish().unwrap().explicit_hash_key, Some(ehk));
         assert!(agg.finish().is_none());
+    }
+
+    #[test]
+    fn take_hands_over_the_aggregate_and_clear_discards_it() {
+        let mut agg = Aggregator::with_config(AggregatorConfig::with_max_bytes(1_000));
+        let _ = agg.try_push(record("first", 10)).unwrap();
+        let _ = agg.try_push(record("second", 10)).unwrap();
+        let size = agg.size_bytes();
+        let mut taken = agg.take();
+        assert!(agg.is_empty());
+        assert_eq!(agg.config(), taken.config());
+        assert_eq!(agg.size_bytes(), FRAMING_LEN);
+        let _ = agg.try_push(record("third", 10)).unwrap();
+
+        let out = taken.finish().unwrap();
+        assert_eq!(out.data.len(), size);
+        let back = deaggregate(&out.partition_key, out.data);
+        let keys: Vec<&str> = back.records.iter().map(|r| r.partition_key()).collect();
+        assert_eq!(keys, ["first", "second"]);
+        assert_eq!(agg.finish().map(|r| deaggregate(&r.partition_key, r.data).records.len()), Some(1));
+
+        let _ = agg.try_push(record("gone", 10)).unwrap();
+        agg.clear();
+        assert!(agg.is_empty() && agg.finish().is_none());
+        assert_eq!(agg.size_bytes(), FRAMING_LEN);
     }
 
     #[test]

@@ -1,69 +1,93 @@
-//! The pipeline's one background task. It owns every buffered record from `put` to its receipt.
+//! The pipeline task. It owns every buffered record from `put` until a sender task takes it.
 //!
 //! ```text
-//!  inbox ──▶ route: shard map (hash key ─▶ open shard) ──▶ shard's aggregator ──seal──▶ ready queue
-//!                 ▲                                       (full, or RecordMaxBufferedTime)      │
-//!                 │                                                                            ▼
-//!  waiting (backoff, no shard map yet) ◀── retryable failure ◀── sender task ◀── batch ◀── rate limiter
-//!                                                                    │   (500 / 5 MiB)   (per shard)
-//!                                                                    └──▶ receipts, metrics
+//!  inbox ──▶ route: shard map (hash key ─▶ open shard) ──▶ shard's aggregator ──seal──▶ shard's ready queue
+//!                 ▲                                       (full, or RecordMaxBufferedTime)        │
+//!                 │                                                                              ▼
+//!  waiting (backoff, no shard map yet) ◀── retryable failure ◀── sender task ◀── batch ◀── shard's rate limiter
+//!                                                                 │  (encode,    (500 / 5 MiB,  (round robin
+//!                                                                 │   PutRecords) shards in turn) over shards)
+//!                                                                 └──▶ receipts, metrics
 //! ```
 //!
 //! Records that fail with a retryable error go back through `waiting` with backoff and are routed
 //! and aggregated again, so a record of a shard that was split lands in the right child. A record
-//! whose deadline (RecordTtl) passes fails with `Expired`, and the record is handed back.
+//! whose deadline (RecordTtl) passes fails with `Expired`, and the record is handed back. Work that
+//! is per Kinesis record or per call (encoding and MD5 of aggregates, receipts) happens on the
+//! sender tasks, so that this task, which sees every user record, does as little as it can.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use hashbrown::HashMap;
-use kinesis_aggregation::{Aggregator, AggregatorConfig, KinesisRecord, ShardRanges, UserRecord};
+use kinesis_aggregation::{Aggregator, AggregatorConfig, ShardRanges, UserRecord};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::batch::Batch;
 use crate::config::ProducerConfig;
+use crate::entry::Entry;
 use crate::error::{DeliveryError, ErrorKind};
 use crate::metrics::Metrics;
 use crate::rate_limit::ShardLimiter;
-use crate::receipt::{Attempt, Receipt};
-use crate::transport::{CallError, EntryResult, PutEntry, ShardDescription, Transport};
-
-use std::sync::atomic::Ordering::Relaxed;
+use crate::receipt::{Attempt, Attempts, Receipt};
+use crate::sender::{self, Response, Unresolved};
+use crate::transport::{CallError, EntryResult, ShardDescription, Transport};
 
 /// A buffered user record and everything needed to resolve it.
 pub(crate) struct Pending {
     pub(crate) record: UserRecord,
+    /// The hash key Kinesis routes it by (worked out by `put`, on the caller's task).
+    pub(crate) hash_key: u128,
     /// Partition key + data, in bytes.
     pub(crate) size: usize,
     pub(crate) reply: oneshot::Sender<Result<Receipt, DeliveryError>>,
     pub(crate) enqueued: Instant,
     pub(crate) deadline: Instant,
-    pub(crate) attempts: Vec<Attempt>,
-    pub(crate) backoff: Option<ExponentialBackoff>,
+    /// Failed attempts and the backoff, from the first failure on (most records never need it;
+    /// boxed, it keeps the record small to move).
+    pub(crate) retry: Option<Box<Retry>>,
     /// Buffer space, given back when the record is resolved (dropped).
     pub(crate) _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
-/// What the handle sends the task.
-pub(crate) enum Command {
-    Put(Box<Pending>),
-    Flush(oneshot::Sender<()>),
-    Shutdown(oneshot::Sender<()>),
+/// A record's history of failures.
+#[derive(Default)]
+pub(crate) struct Retry {
+    attempts: Vec<Attempt>,
+    backoff: Option<ExponentialBackoff>,
 }
 
-/// A Kinesis record ready to send, with the user records it carries.
-struct Entry {
-    shard: Arc<str>,
-    kinesis: KinesisRecord,
-    members: Vec<Pending>,
-    aggregated: bool,
-    /// Partition key + data.
-    size: usize,
-    /// When the oldest member has waited RecordMaxBufferedTime.
-    due: Instant,
+impl Pending {
+    /// Notes a failed attempt.
+    fn failed_attempt(&mut self, attempt: Attempt) {
+        self.retry.get_or_insert_default().attempts.push(attempt);
+    }
+
+    /// The wait before the next try, from the record's own backoff.
+    fn next_backoff(&mut self, backoff: &ExponentialBuilder) -> Option<Duration> {
+        self.retry.get_or_insert_default().backoff.get_or_insert_with(|| backoff.build()).next()
+    }
+
+    /// The error code of the last failed attempt.
+    fn last_code(&self) -> Option<String> {
+        self.retry.as_ref()?.attempts.last()?.error_code.clone()
+    }
+
+    /// The attempts so far.
+    pub(crate) fn take_attempts(&mut self) -> Attempts {
+        Attempts::from_vec(self.retry.take().map(|r| r.attempts).unwrap_or_default())
+    }
+}
+
+/// What the handle sends the task.
+pub(crate) enum Command {
+    Put(Pending),
+    Flush(oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<()>),
 }
 
 struct ShardState {
@@ -73,6 +97,10 @@ struct ShardState {
     /// members' put time: retried records would then seal every aggregate at once, one or two
     /// records each.)
     aggregate_started: Option<Instant>,
+    /// Sealed entries, oldest first, waiting for the rate limiter and a batch.
+    ready: VecDeque<Entry>,
+    /// Whether the shard is in the engine's `active` list.
+    active: bool,
     limiter: ShardLimiter,
     /// Ordering mode: a call carrying this shard's record is in flight.
     busy: bool,
@@ -83,24 +111,22 @@ struct ShardState {
 /// A ListShards answer.
 type ShardList = Result<Vec<ShardDescription>, CallError>;
 
-struct Response {
-    entries: Vec<Entry>,
-    result: Result<Vec<EntryResult>, CallError>,
-    at: SystemTime,
-    duration: Duration,
-}
-
 pub(crate) struct Engine {
     config: ProducerConfig,
     transport: Arc<dyn Transport>,
     metrics: Arc<Metrics>,
     map: Option<ShardRanges<Arc<str>>>,
     shards: HashMap<Arc<str>, ShardState>,
-    ready: VecDeque<Entry>,
+    /// Shards with ready entries, in the order the collector visits them (round robin).
+    active: VecDeque<Arc<str>>,
+    /// Ready entries over all shards, and their bytes.
+    ready_count: usize,
     ready_bytes: usize,
     /// Records waiting for their backoff, or for a shard map; keyed by (not before, sequence).
     waiting: BTreeMap<(Instant, u64), Pending>,
     waiting_seq: u64,
+    /// No later than the earliest deadline in `waiting` (exact after a scan).
+    waiting_deadline: Option<Instant>,
     in_flight: usize,
     /// When the earliest entry held back by a shard's rate limiter may go.
     limiter_wake: Option<Instant>,
@@ -136,10 +162,12 @@ impl Engine {
             metrics,
             map: None,
             shards: HashMap::new(),
-            ready: VecDeque::new(),
+            active: VecDeque::new(),
+            ready_count: 0,
             ready_bytes: 0,
             waiting: BTreeMap::new(),
             waiting_seq: 0,
+            waiting_deadline: None,
             in_flight: 0,
             limiter_wake: None,
             outstanding: 0,
@@ -170,11 +198,12 @@ impl Engine {
                 Some(list) = self.shard_lists.1.recv() => self.on_shard_list(list),
                 command = inbox.recv(), if inbox_open => match command {
                     Some(command) => {
-                        self.on_command(command);
+                        let now = Instant::now();
+                        self.on_command(command, now);
                         // Take what else is queued, up to a bound, before the next step.
                         for _ in 0..1024 {
                             match inbox.try_recv() {
-                                Ok(command) => self.on_command(command),
+                                Ok(command) => self.on_command(command, now),
                                 Err(_) => break,
                             }
                         }
@@ -189,21 +218,20 @@ impl Engine {
         }
     }
 
-    fn on_command(&mut self, command: Command) {
+    fn on_command(&mut self, command: Command, now: Instant) {
         match command {
-            Command::Put(pending) => {
+            Command::Put(member) => {
                 self.outstanding += 1;
-                self.metrics.user_records_pending.store(self.outstanding, Relaxed);
-                self.route(*pending, Instant::now());
+                self.route(member, now);
             }
             Command::Flush(waiter) => {
                 self.flush_waiters.push(waiter);
-                self.send_buffered_now(Instant::now());
+                self.send_buffered_now(now);
             }
             Command::Shutdown(waiter) => {
                 self.closing = true;
                 self.shutdown_waiters.push(waiter);
-                self.send_buffered_now(Instant::now());
+                self.send_buffered_now(now);
             }
         }
     }
@@ -217,19 +245,21 @@ impl Engine {
         for shard in shards {
             self.seal(&shard);
         }
-        for entry in &mut self.ready {
-            entry.due = entry.due.min(now);
+        for state in self.shards.values_mut() {
+            for entry in &mut state.ready {
+                entry.due = entry.due.min(now);
+            }
         }
     }
 
     /// Puts a record in its shard's aggregator, or in `waiting` while there is no shard map.
-    fn route(&mut self, pending: Pending, now: Instant) {
-        if now >= pending.deadline {
-            let code = member_code(&pending);
-            return self.fail(pending, ErrorKind::Expired, code);
+    fn route(&mut self, member: Pending, now: Instant) {
+        if now >= member.deadline {
+            let code = member.last_code();
+            return self.fail(member, ErrorKind::Expired, code);
         }
         let shard = match &self.map {
-            Some(map) if !self.map_stale => map.lookup(pending.record.hash_key().0).map(|(_, id)| id.clone()),
+            Some(map) if !self.map_stale => map.lookup(member.hash_key).map(|(_, id)| id.clone()),
             _ => None,
         };
         let Some(shard) = shard else {
@@ -238,81 +268,121 @@ impl Engine {
             if self.map.is_some() {
                 self.map_out_of_date(now);
             }
-            return self.wait(pending, now);
+            return self.wait(member, now);
         };
-        // Every routed shard has a state, whose limiter the dispatcher consults.
-        self.shard_state(&shard, now);
-        if !self.config.aggregation {
-            let entry = plain_entry(&self.config, shard, pending);
+        let config = &self.config;
+        if !self.shards.contains_key(&shard) {
+            self.shards.insert(shard.clone(), ShardState::new(config, now));
+        }
+        let Some(state) = self.shards.get_mut(&shard) else { return self.wait(member, now) };
+        if !config.aggregation {
+            let entry = Entry::plain(config, shard, member);
             return self.push_ready(entry);
         }
-        let state = self.shard_state(&shard, now);
-        match state.aggregator.try_push_ref(&pending.record) {
+        match state.aggregator.try_push_ref(&member.record) {
             Ok(true) => {
                 state.aggregate_started.get_or_insert(now);
-                state.members.push(pending);
+                state.members.push(member);
             }
             Ok(false) => {
                 self.seal(&shard);
-                let state = self.shard_state(&shard, now);
-                match state.aggregator.try_push_ref(&pending.record) {
-                    Ok(true) => {
-                        state.aggregate_started = Some(now);
-                        state.members.push(pending);
-                    }
-                    // Checked at put: a record that fits the record limit fits an empty aggregate,
+                let Some(state) = self.shards.get_mut(&shard) else { return };
+                if matches!(state.aggregator.try_push_ref(&member.record), Ok(true)) {
+                    state.aggregate_started = Some(now);
+                    state.members.push(member);
+                } else {
+                    // Checked at put: a record within the record limit fits an empty aggregate,
                     // or is sent plain.
-                    _ => {
-                        let entry = plain_entry(&self.config, shard, pending);
-                        self.push_ready(entry);
-                    }
+                    let entry = Entry::plain(&self.config, shard, member);
+                    self.push_ready(entry);
                 }
             }
             Err(_) => {
-                let entry = plain_entry(&self.config, shard, pending);
+                let entry = Entry::plain(config, shard, member);
                 self.push_ready(entry);
             }
         }
     }
 
-    fn shard_state(&mut self, shard: &Arc<str>, now: Instant) -> &mut ShardState {
-        let config = &self.config;
-        self.shards.entry(shard.clone()).or_insert_with(|| ShardState {
-            aggregator: Aggregator::with_config(AggregatorConfig::with_max_bytes(config.aggregation_max_bytes)),
-            members: Vec::new(),
-            aggregate_started: None,
-            limiter: ShardLimiter::new(
-                config.rate_limit_percent,
-                config.shard_records_per_second,
-                config.shard_bytes_per_second,
-                now,
-            ),
-            busy: false,
-            blocked_until: None,
-        })
-    }
-
-    /// Turns a shard's aggregator into a ready entry. A lone record goes plain, as with the KPL.
+    /// Turns a shard's aggregator into a ready entry.
     fn seal(&mut self, shard: &Arc<str>) {
         let Some(state) = self.shards.get_mut(shard) else { return };
         if state.members.is_empty() {
             return;
         }
-        let members = std::mem::take(&mut state.members);
+        // The next aggregate will likely hold as many records as this one.
+        let capacity = state.members.len();
+        let members = std::mem::replace(&mut state.members, Vec::with_capacity(capacity));
         let started = state.aggregate_started.take().unwrap_or_else(Instant::now);
-        if let Some(entry) = pack(&self.config, shard, &mut state.aggregator, members, started) {
+        if let Some(entry) = Entry::pack(&self.config, shard, &mut state.aggregator, members, started) {
             self.push_ready(entry);
         }
     }
 
+    /// Queues an entry behind its shard's others.
     fn push_ready(&mut self, entry: Entry) {
+        let Some(state) = self.shards.get_mut(&entry.shard) else {
+            // Every routed shard has a state; an entry without one is routed again.
+            return self.dissolve(entry, Instant::now());
+        };
+        self.ready_count += 1;
         self.ready_bytes += entry.size;
-        self.ready.push_back(entry);
+        if !state.active {
+            state.active = true;
+            self.active.push_back(entry.shard.clone());
+        }
+        state.ready.push_back(entry);
     }
 
-    fn wait(&mut self, pending: Pending, not_before: Instant) {
+    /// Puts entries back at the head of their shard's queue (ordering mode), in the given order.
+    fn push_ready_front(&mut self, shard: &Arc<str>, entries: Vec<Entry>) {
+        let Some(state) = self.shards.get_mut(shard) else {
+            let now = Instant::now();
+            return entries.into_iter().for_each(|entry| self.dissolve(entry, now));
+        };
+        for entry in entries.into_iter().rev() {
+            self.ready_count += 1;
+            self.ready_bytes += entry.size;
+            state.ready.push_front(entry);
+        }
+        if !state.active && !state.ready.is_empty() {
+            state.active = true;
+            self.active.push_back(shard.clone());
+        }
+    }
+
+    fn wait(&mut self, member: Pending, not_before: Instant) {
         self.waiting_seq += 1;
-        self.waiting.insert((not_before, self.waiting_seq), pending);
+        self.waiting_deadline = Some(self.waiting_deadline.map_or(member.deadline, |d| d.min(member.deadline)));
+        self.waiting.insert((not_before, self.waiting_seq), member);
+    }
+
+    /// Fails the waiting records whose deadline has passed.
+    fn expire_waiting(&mut self, now: Instant) {
+        let expired: Vec<(Instant, u64)> =
+            self.waiting.iter().filter(|(_, m)| m.deadline <= now).map(|(key, _)| *key).collect();
+        for key in expired {
+            if let Some(member) = self.waiting.remove(&key) {
+                let code = member.last_code();
+                self.fail(member, ErrorKind::Expired, code);
+            }
+        }
+        self.waiting_deadline = self.waiting.values().map(|m| m.deadline).min();
+    }
+
+    /// ListShards failed for good (the stream does not exist, access is denied): the records
+    /// waiting for a shard map fail with its error.
+    fn fail_waiting(&mut self, error: &CallError) {
+        let code = error.code.clone().unwrap_or_else(|| format!("{:?}", error.kind));
+        for (_, mut member) in std::mem::take(&mut self.waiting) {
+            member.failed_attempt(Attempt {
+                at: SystemTime::now(),
+                duration: Duration::ZERO,
+                error_code: Some(code.clone()),
+            });
+            self.fail(member, error.kind, Some(code.clone()));
+        }
+        self.waiting_deadline = None;
     }
 
     /// Everything time-driven: due retries, the shard map, lingering aggregates, sending.
@@ -330,9 +400,13 @@ impl Engine {
                 if entry.key().0 > now {
                     break;
                 }
-                let pending = entry.remove();
-                self.route(pending, now);
+                let member = entry.remove();
+                self.route(member, now);
             }
+        } else if self.waiting_deadline.is_some_and(|deadline| deadline <= now) {
+            // No usable shard map (ListShards keeps failing, or the stream is mid-reshard): the
+            // records waiting for one still expire on time.
+            self.expire_waiting(now);
         }
         let linger = self.config.record_max_buffered_time;
         let lingering: Vec<Arc<str>> = self
@@ -354,76 +428,94 @@ impl Engine {
         }
     }
 
-    /// Sends batches while there is room in flight and something worth sending.
+    /// The earliest `due` of the shards' oldest ready entries.
+    fn earliest_due(&self) -> Option<Instant> {
+        self.active.iter().filter_map(|id| self.shards.get(id)?.ready.front().map(|e| e.due)).min()
+    }
+
+    /// Sends batches while there is room in flight and something worth sending: a full batch's
+    /// worth, or an entry that has waited its linger time.
     fn dispatch(&mut self, now: Instant) {
         self.limiter_wake = None;
-        while self.in_flight < self.config.max_in_flight_requests && !self.ready.is_empty() {
-            let worth_it = self.ready.len() >= self.config.collection_max_count
+        while self.in_flight < self.config.max_in_flight_requests && self.ready_count > 0 {
+            let worth_it = self.ready_count >= self.config.collection_max_count
                 || self.ready_bytes >= self.config.collection_max_bytes
-                || self.ready.iter().any(|e| e.due <= now);
+                || self.earliest_due().is_some_and(|due| due <= now);
             if !worth_it {
                 return;
             }
             let mut batch = Batch::new(self.config.collection_max_count, self.config.collection_max_bytes);
-            let mut kept = VecDeque::with_capacity(self.ready.len());
-            let ordering = self.config.ordering;
-            // Ordering mode: shards met in this pass; their later entries must wait their turn.
-            let mut met: hashbrown::HashSet<Arc<str>> = hashbrown::HashSet::new();
-            while let Some(entry) = self.ready.pop_front() {
-                if ordering && !met.insert(entry.shard.clone()) {
-                    kept.push_back(entry);
-                    continue;
+            // Visit every shard with ready entries once, starting where the last batch stopped.
+            for _ in 0..self.active.len() {
+                if batch.is_full() {
+                    break;
                 }
-                if batch.is_full() || !batch.fits(entry.size) {
-                    kept.push_back(entry);
-                    continue;
-                }
-                if entry.members.iter().any(|m| m.deadline <= now) {
-                    self.ready_bytes -= entry.size;
-                    if ordering {
-                        // Keep the survivors' place ahead of the shard's later records.
-                        for rebuilt in self.rebuild(entry, now) {
-                            self.ready_bytes += rebuilt.size;
-                            kept.push_back(rebuilt);
-                        }
+                let Some(shard) = self.active.pop_front() else { break };
+                self.collect(&shard, &mut batch, now);
+                if let Some(state) = self.shards.get_mut(&shard) {
+                    if state.ready.is_empty() {
+                        state.active = false;
                     } else {
-                        self.dissolve(entry, now);
+                        self.active.push_back(shard);
                     }
-                    continue;
-                }
-                let Some(state) = self.shards.get_mut(&entry.shard) else {
-                    kept.push_back(entry);
-                    continue;
-                };
-                if ordering && (state.busy || state.blocked_until.is_some_and(|t| t > now)) {
-                    if let Some(at) = state.blocked_until.filter(|t| *t > now) {
-                        self.limiter_wake = Some(self.limiter_wake.map_or(at, |w| w.min(at)));
-                    }
-                    kept.push_back(entry);
-                    continue;
-                }
-                if let Err(wait) = state.limiter.try_take(now, entry.size) {
-                    let at = now + wait;
-                    self.limiter_wake = Some(self.limiter_wake.map_or(at, |w| w.min(at)));
-                    kept.push_back(entry);
-                    continue;
-                }
-                if ordering {
-                    state.busy = true;
-                    state.blocked_until = None;
-                }
-                self.ready_bytes -= entry.size;
-                let size = entry.size;
-                if let Err(entry) = batch.try_push(entry, size) {
-                    self.ready_bytes += entry.size;
-                    kept.push_back(entry);
                 }
             }
-            self.ready = kept;
             if batch.is_empty() {
                 return;
             }
-            self.send(batch.into_entries());
+            self.in_flight += 1;
+            let (transport, metrics, tx) = (self.transport.clone(), self.metrics.clone(), self.responses.0.clone());
+            sender::spawn(transport, metrics, batch.into_entries(), self.config.ordering, tx);
+        }
+    }
+
+    /// Moves a shard's ready entries into the batch while its rate limiter, the batch and (in
+    /// ordering mode) its one call in flight allow.
+    fn collect(&mut self, shard: &Arc<str>, batch: &mut Batch<Entry>, now: Instant) {
+        let ordering = self.config.ordering;
+        loop {
+            let Some(state) = self.shards.get_mut(shard) else { return };
+            let Some(front) = state.ready.front() else { return };
+            if !batch.fits(front.size) {
+                return;
+            }
+            if front.deadline <= now {
+                let Some(entry) = state.ready.pop_front() else { return };
+                self.ready_count -= 1;
+                self.ready_bytes -= entry.size;
+                if ordering {
+                    // The survivors keep their place ahead of the shard's later records.
+                    let rebuilt = self.rebuild(entry, now);
+                    self.push_ready_front(shard, rebuilt);
+                } else {
+                    self.dissolve(entry, now);
+                }
+                continue;
+            }
+            if ordering && (state.busy || state.blocked_until.is_some_and(|t| t > now)) {
+                if let Some(at) = state.blocked_until.filter(|t| *t > now) {
+                    self.limiter_wake = Some(self.limiter_wake.map_or(at, |w| w.min(at)));
+                }
+                return;
+            }
+            if let Err(wait) = state.limiter.try_take(now, front.size) {
+                let at = now + wait;
+                self.limiter_wake = Some(self.limiter_wake.map_or(at, |w| w.min(at)));
+                return;
+            }
+            let Some(entry) = state.ready.pop_front() else { return };
+            self.ready_count -= 1;
+            self.ready_bytes -= entry.size;
+            let size = entry.size;
+            if batch.try_push(entry, size).is_err() {
+                unreachable!("checked with `fits` above");
+            }
+            if ordering {
+                // One Kinesis record per shard per call, one call per shard in flight.
+                state.busy = true;
+                state.blocked_until = None;
+                return;
+            }
         }
     }
 
@@ -447,16 +539,16 @@ impl Engine {
                 // Full: close this aggregate and start the next with the member.
                 let batch = std::mem::take(&mut members);
                 let started = oldest(&batch);
-                entries.extend(pack(&self.config, &shard, &mut aggregator, batch, started));
+                entries.extend(Entry::pack(&self.config, &shard, &mut aggregator, batch, started));
                 if matches!(aggregator.try_push_ref(&member.record), Ok(true)) {
                     members.push(member);
                     continue;
                 }
             }
-            entries.push(plain_entry(&self.config, shard.clone(), member));
+            entries.push(Entry::plain(&self.config, shard.clone(), member));
         }
         let started = oldest(&members);
-        entries.extend(pack(&self.config, &shard, &mut aggregator, members, started));
+        entries.extend(Entry::pack(&self.config, &shard, &mut aggregator, members, started));
         entries
     }
 
@@ -465,7 +557,7 @@ impl Engine {
         let mut survivors = Vec::with_capacity(members.len());
         for member in members {
             if member.deadline <= now {
-                let code = member_code(&member);
+                let code = member.last_code();
                 self.fail(member, ErrorKind::Expired, code);
             } else {
                 survivors.push(member);
@@ -481,40 +573,21 @@ impl Engine {
         }
     }
 
-    fn send(&mut self, entries: Vec<Entry>) {
-        self.in_flight += 1;
-        let puts: Vec<PutEntry> = entries
-            .iter()
-            .map(|e| PutEntry {
-                partition_key: e.kinesis.partition_key.clone(),
-                explicit_hash_key: e.kinesis.explicit_hash_key,
-                data: e.kinesis.data.clone(),
-            })
-            .collect();
-        tracing::trace!(entries = puts.len(), "PutRecords");
-        let (transport, tx) = (self.transport.clone(), self.responses.0.clone());
-        tokio::spawn(async move {
-            let at = SystemTime::now();
-            let started = Instant::now();
-            let result = transport.put_records(puts).await;
-            let duration = started.elapsed();
-            let _ = tx.send(Response { entries, result, at, duration }).await;
-        });
-    }
-
     fn on_response(&mut self, response: Response) {
         self.in_flight -= 1;
         let now = Instant::now();
-        let Response { entries, result, at, duration } = response;
-        self.metrics.put_records_requests.fetch_add(1, Relaxed);
-        for entry in &entries {
-            if let Some(state) = self.shards.get_mut(&entry.shard) {
+        let Response { shards, delivered, map_out_of_date, unresolved, at, duration } = response;
+        self.outstanding -= delivered;
+        for shard in &shards {
+            if let Some(state) = self.shards.get_mut(shard) {
                 state.busy = false;
             }
         }
-        self.metrics.request_time_micros.fetch_add(duration.as_micros() as u64, Relaxed);
-        match result {
-            Err(error) => {
+        if map_out_of_date {
+            self.map_out_of_date(now);
+        }
+        match unresolved {
+            Unresolved::Call(error, entries) => {
                 let code = error.code.clone().unwrap_or_else(|| format!("{:?}", error.kind));
                 self.metrics.error(&code, entries.len() as u64);
                 tracing::debug!(kind = ?error.kind, %code, "PutRecords call failed");
@@ -522,31 +595,23 @@ impl Engine {
                     self.entry_failed(entry, error.kind, &code, at, duration, now);
                 }
             }
-            Ok(results) => {
-                for (entry, result) in entries.into_iter().zip(results) {
+            Unresolved::Entries(entries) => {
+                for (entry, result) in entries {
                     match result {
-                        EntryResult::Stored { shard_id, sequence_number } => {
-                            if *shard_id == *entry.shard || !entry.aggregated {
-                                // A plain record is readable wherever it lands.
-                                if *shard_id != *entry.shard {
-                                    self.map_out_of_date(now);
-                                }
-                                self.deliver(entry, &shard_id, &sequence_number, at, duration, now);
-                            } else {
-                                // An aggregate on a shard it was not built for (the stream was
-                                // resharded): a KCL reader drops it whole when any sub-record is
-                                // outside the shard. Send every member again, routed by a fresh map.
-                                tracing::debug!(predicted = %entry.shard, actual = %shard_id, "aggregate landed on another shard");
-                                self.map_out_of_date(now);
-                                self.metrics.error(STALE_SHARD_MAP, entry.members.len() as u64);
-                                for mut member in entry.members {
-                                    member.attempts.push(Attempt {
-                                        at,
-                                        duration,
-                                        error_code: Some(STALE_SHARD_MAP.into()),
-                                    });
-                                    self.retry_or_fail(member, ErrorKind::Transient, now);
-                                }
+                        EntryResult::Stored { shard_id, .. } => {
+                            // An aggregate on a shard it was not built for (the stream was
+                            // resharded): a KCL reader drops it whole when any sub-record is
+                            // outside the shard. Send every member again, routed by a fresh map.
+                            tracing::debug!(predicted = %entry.shard, actual = %shard_id, "aggregate landed on another shard");
+                            self.map_out_of_date(now);
+                            self.metrics.error(STALE_SHARD_MAP, entry.members.len() as u64);
+                            for mut member in entry.members {
+                                member.failed_attempt(Attempt {
+                                    at,
+                                    duration,
+                                    error_code: Some(STALE_SHARD_MAP.into()),
+                                });
+                                self.retry_or_fail(member, ErrorKind::Transient, now);
                             }
                         }
                         EntryResult::Failed { code } => {
@@ -565,34 +630,6 @@ impl Engine {
         }
     }
 
-    fn deliver(
-        &mut self,
-        entry: Entry,
-        shard_id: &str,
-        sequence_number: &str,
-        at: SystemTime,
-        duration: Duration,
-        now: Instant,
-    ) {
-        let m = self.metrics.clone();
-        m.kinesis_records_put.fetch_add(1, Relaxed);
-        m.kinesis_records_data_put.fetch_add(entry.size as u64, Relaxed);
-        for (index, mut member) in entry.members.into_iter().enumerate() {
-            m.user_records_put.fetch_add(1, Relaxed);
-            m.user_records_data_put.fetch_add(member.size as u64, Relaxed);
-            m.buffering_time_micros
-                .fetch_add(now.saturating_duration_since(member.enqueued).as_micros() as u64, Relaxed);
-            member.attempts.push(Attempt { at, duration, error_code: None });
-            let receipt = Receipt {
-                shard_id: shard_id.to_owned(),
-                sequence_number: sequence_number.to_owned(),
-                aggregated_index: entry.aggregated.then_some(index as u64),
-                attempts: std::mem::take(&mut member.attempts),
-            };
-            self.resolve(member, Ok(receipt));
-        }
-    }
-
     /// An entry was refused: its records are retried (or fail). In ordering mode the entry keeps
     /// its place at the head of its shard, which waits for the backoff.
     fn entry_failed(
@@ -605,23 +642,22 @@ impl Engine {
         now: Instant,
     ) {
         for member in &mut entry.members {
-            member.attempts.push(Attempt { at, duration, error_code: Some(code.to_owned()) });
+            member.failed_attempt(Attempt { at, duration, error_code: Some(code.to_owned()) });
         }
         if self.config.ordering && kind.is_retryable() {
             let delay = entry
                 .members
                 .first_mut()
-                .and_then(|m| m.backoff.get_or_insert_with(|| self.backoff.build()).next())
+                .and_then(|m| m.next_backoff(&self.backoff))
                 .unwrap_or(self.config.backoff_max);
             let delay = retry_delay(kind, delay);
-            if let Some(state) = self.shards.get_mut(&entry.shard) {
+            let shard = entry.shard.clone();
+            if let Some(state) = self.shards.get_mut(&shard) {
                 state.blocked_until = Some(now + delay);
             }
             self.metrics.retries.fetch_add(entry.members.len() as u64, Relaxed);
             // Expired members are failed when the entry next comes up for sending.
-            self.ready_bytes += entry.size;
-            self.ready.push_front(entry);
-            return;
+            return self.push_ready_front(&shard, vec![entry]);
         }
         for member in entry.members {
             self.retry_or_fail(member, kind, now);
@@ -630,16 +666,15 @@ impl Engine {
 
     fn retry_or_fail(&mut self, mut member: Pending, kind: ErrorKind, now: Instant) {
         if !kind.is_retryable() {
-            let code = member_code(&member);
+            let code = member.last_code();
             return self.fail(member, kind, code);
         }
-        let delay =
-            member.backoff.get_or_insert_with(|| self.backoff.build()).next().unwrap_or(self.config.backoff_max);
+        let delay = member.next_backoff(&self.backoff).unwrap_or(self.config.backoff_max);
         // A backoff that runs past the deadline still leaves one last try just before it.
         let last_chance = member.deadline.checked_sub(LAST_TRY_MARGIN).unwrap_or(now);
         let not_before = (now + retry_delay(kind, delay)).min(last_chance);
         if not_before <= now {
-            let code = member_code(&member);
+            let code = member.last_code();
             return self.fail(member, ErrorKind::Expired, code);
         }
         self.metrics.retries.fetch_add(1, Relaxed);
@@ -652,16 +687,13 @@ impl Engine {
         } else {
             self.metrics.user_records_failed.fetch_add(1, Relaxed);
         }
-        let Pending { record, attempts, reply, _permits, .. } = member;
+        let mut member = member;
+        let attempts = member.take_attempts();
+        let Pending { record, reply, _permits, .. } = member;
         let error = DeliveryError::new(kind, code, record, attempts);
         self.outstanding -= 1;
         let _ = reply.send(Err(error));
         drop(_permits);
-    }
-
-    fn resolve(&mut self, member: Pending, receipt: Result<Receipt, DeliveryError>) {
-        self.outstanding -= 1;
-        let _ = member.reply.send(receipt);
     }
 
     /// A record landed on another shard than predicted: hold routing until a new listing.
@@ -679,6 +711,10 @@ impl Engine {
             Ok(shards) => shards,
             Err(error) => {
                 tracing::warn!(%error, "ListShards failed; retrying with backoff");
+                if !error.kind.is_retryable() {
+                    self.metrics.error(error.code.as_deref().unwrap_or("ListShards"), self.waiting.len() as u64);
+                    self.fail_waiting(&error);
+                }
                 let delay = self.refresh_backoff.next().unwrap_or(self.config.backoff_max);
                 self.refresh_due = Some(now + delay);
                 return;
@@ -690,22 +726,20 @@ impl Engine {
             Ok(map) if map.covers_all() => {
                 self.refresh_backoff = self.backoff.build();
                 self.map_stale = false;
-                // Records held for shards that are gone go back through routing.
+                // Records held for shards that are gone go back through routing, oldest first:
+                // the sealed entries, then the aggregate being filled.
                 let gone: Vec<Arc<str>> =
                     self.shards.keys().filter(|id| !map.iter().any(|(_, open)| open == *id)).cloned().collect();
                 self.map = Some(map);
                 for shard in gone {
-                    if let Some(state) = self.shards.remove(&shard) {
-                        for member in state.members {
-                            self.route(member, now);
-                        }
-                    }
-                    let (stale, keep): (VecDeque<Entry>, VecDeque<Entry>) =
-                        std::mem::take(&mut self.ready).into_iter().partition(|e| e.shard == shard);
-                    self.ready = keep;
-                    for entry in stale {
+                    let Some(state) = self.shards.remove(&shard) else { continue };
+                    self.ready_count -= state.ready.len();
+                    for entry in state.ready {
                         self.ready_bytes -= entry.size;
                         self.dissolve(entry, now);
+                    }
+                    for member in state.members {
+                        self.route(member, now);
                     }
                 }
             }
@@ -723,11 +757,12 @@ impl Engine {
         if let Some(due) = self.refresh_due {
             wake = wake.min(due);
         }
-        if let Some(((at, _), _)) = self.waiting.first_key_value()
-            && self.map.is_some()
-            && !self.map_stale
-        {
-            wake = wake.min(*at);
+        if self.map.is_some() && !self.map_stale {
+            if let Some(((at, _), _)) = self.waiting.first_key_value() {
+                wake = wake.min(*at);
+            }
+        } else if let Some(deadline) = self.waiting_deadline {
+            wake = wake.min(deadline);
         }
         let linger = self.config.record_max_buffered_time;
         for state in self.shards.values() {
@@ -736,11 +771,11 @@ impl Engine {
             }
         }
         // With every request slot taken, a response wakes the task.
-        if !self.ready.is_empty() && self.in_flight < self.config.max_in_flight_requests {
+        if self.ready_count > 0 && self.in_flight < self.config.max_in_flight_requests {
             if let Some(at) = self.limiter_wake {
                 wake = wake.min(at);
             }
-            if let Some(due) = self.ready.iter().map(|e| e.due).filter(|due| *due > now).min() {
+            if let Some(due) = self.earliest_due().filter(|due| *due > now) {
                 wake = wake.min(due);
             }
         }
@@ -748,55 +783,24 @@ impl Engine {
     }
 }
 
-/// The entry for one user record sent as it is (compressed when that is on and makes it smaller).
-fn plain_entry(config: &ProducerConfig, shard: Arc<str>, pending: Pending) -> Entry {
-    let kinesis = compressed(
-        config,
-        KinesisRecord {
-            partition_key: pending.record.partition_key.clone(),
-            explicit_hash_key: pending.record.explicit_hash_key,
-            data: pending.record.data.clone(),
-        },
-    );
-    let due = pending.enqueued + config.record_max_buffered_time;
-    let size = kinesis.data.len() + kinesis.partition_key.len();
-    Entry { shard, size, kinesis, members: vec![pending], aggregated: false, due }
-}
-
-/// The entry for what an aggregator holds, which it empties; a lone record goes plain, as with the
-/// KPL. `started` is when the batch began waiting: it is due a linger time later.
-fn pack(
-    config: &ProducerConfig,
-    shard: &Arc<str>,
-    aggregator: &mut Aggregator,
-    members: Vec<Pending>,
-    started: Instant,
-) -> Option<Entry> {
-    let aggregate = aggregator.finish()?;
-    if members.len() == 1 {
-        return members.into_iter().next().map(|m| plain_entry(config, shard.clone(), m));
-    }
-    let kinesis = compressed(config, aggregate);
-    let size = kinesis.data.len() + kinesis.partition_key.len();
-    Some(Entry {
-        shard: shard.clone(),
-        kinesis,
-        members,
-        aggregated: true,
-        size,
-        due: started + config.record_max_buffered_time,
-    })
-}
-
-/// The record with its data compressed, when compression is on and it makes the data smaller.
-fn compressed(config: &ProducerConfig, mut kinesis: KinesisRecord) -> KinesisRecord {
-    if config.compression {
-        let packed = kinesis_aggregation::compression::compress(&kinesis.data);
-        if packed.len() < kinesis.data.len() {
-            kinesis.data = packed;
+impl ShardState {
+    fn new(config: &ProducerConfig, now: Instant) -> Self {
+        ShardState {
+            aggregator: Aggregator::with_config(AggregatorConfig::with_max_bytes(config.aggregation_max_bytes)),
+            members: Vec::new(),
+            aggregate_started: None,
+            ready: VecDeque::new(),
+            active: false,
+            limiter: ShardLimiter::new(
+                config.rate_limit_percent,
+                config.shard_records_per_second,
+                config.shard_bytes_per_second,
+                now,
+            ),
+            busy: false,
+            blocked_until: None,
         }
     }
-    kinesis
 }
 
 /// The longest wait before a throttled record is tried again. The shard's token buckets, which a
@@ -817,11 +821,6 @@ fn retry_delay(kind: ErrorKind, backoff: Duration) -> Duration {
 
 /// The attempt code of an aggregate that landed on a shard it was not built for.
 pub(crate) const STALE_SHARD_MAP: &str = "StaleShardMap";
-
-/// The last error code of a record's attempts.
-fn member_code(member: &Pending) -> Option<String> {
-    member.attempts.last().and_then(|a| a.error_code.clone())
-}
 
 /// The largest user record (partition key + data) that can be sent: the stream's record limit.
 pub(crate) fn record_size(record: &UserRecord) -> usize {

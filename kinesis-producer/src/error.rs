@@ -108,7 +108,7 @@ pub struct DeliveryError {
     kind: ErrorKind,
     code: Option<String>,
     record: Box<UserRecord>,
-    attempts: Vec<crate::receipt::Attempt>,
+    attempts: crate::receipt::Attempts,
 }
 
 impl DeliveryError {
@@ -116,7 +116,7 @@ impl DeliveryError {
         kind: ErrorKind,
         code: Option<String>,
         record: UserRecord,
-        attempts: Vec<crate::receipt::Attempt>,
+        attempts: crate::receipt::Attempts,
     ) -> Self {
         DeliveryError { kind, code, record: Box::new(record), attempts }
     }

@@ -23,12 +23,14 @@
 mod batch;
 mod config;
 mod engine;
+mod entry;
 mod error;
 pub mod memory;
 mod metrics;
 mod producer;
 mod rate_limit;
 mod receipt;
+mod sender;
 pub mod transport;
 
 pub use config::ProducerConfig;
@@ -37,5 +39,5 @@ pub use kinesis_aggregation::{HashKey, UserRecord};
 pub use memory::{Faults, MemoryTransport, StoredRecord};
 pub use metrics::MetricsSnapshot;
 pub use producer::{Producer, ProducerBuilder};
-pub use receipt::{Attempt, Receipt, ReceiptFuture};
+pub use receipt::{Attempt, Attempts, Receipt, ReceiptFuture};
 pub use transport::{CallError, EntryResult, KinesisTransport, PutEntry, ShardDescription, Transport};

@@ -44,6 +44,7 @@ struct State {
     next_sequence: u128,
     entries_seen: u64,
     faults: Faults,
+    list_fault: Option<String>,
     keep: bool,
 }
 
@@ -110,6 +111,11 @@ impl MemoryTransport {
     /// Changes how writes are answered from now on.
     pub fn set_faults(&self, faults: Faults) {
         self.lock().faults = faults;
+    }
+
+    /// Makes ListShards fail with this error code from now on (`None`: answer again).
+    pub fn set_list_shards_fault(&self, code: Option<String>) {
+        self.lock().list_fault = code;
     }
 
     /// What was stored, in order.
@@ -180,6 +186,15 @@ impl Transport for MemoryTransport {
     }
 
     fn list_shards(&self) -> BoxFuture<Result<Vec<ShardDescription>, CallError>> {
-        Box::pin(std::future::ready(Ok(self.shards())))
+        let state = self.lock();
+        let result = match &state.list_fault {
+            Some(code) => Err(CallError {
+                kind: ErrorKind::of_code(code),
+                code: Some(code.clone()),
+                message: format!("memory stream: {code}"),
+            }),
+            None => Ok(state.shards.clone()),
+        };
+        Box::pin(std::future::ready(result))
     }
 }

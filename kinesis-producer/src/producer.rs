@@ -44,7 +44,7 @@ impl ProducerBuilder {
         let config = self.config;
         let metrics = Arc::new(Metrics::default());
         // The inbox is bounded; buffer space is bounded by the two semaphores below.
-        let (tx, rx) = mpsc::channel(4096);
+        let (tx, rx) = mpsc::channel(16384);
         let transport: Arc<dyn Transport> = Arc::new(Upcast(self.transport));
         let engine = Engine::new(config.clone(), transport, metrics.clone());
         tokio::spawn(engine.run(rx));
@@ -125,9 +125,18 @@ impl Producer {
     pub async fn put(&self, record: UserRecord) -> Result<ReceiptFuture, PutError> {
         let size = self.check(&record).map_err(|reason| PutError::new(reason, record.clone()))?;
         let inner = &self.inner;
-        let (Ok(r), Ok(b)) =
-            (inner.records.clone().acquire_owned().await, inner.bytes.clone().acquire_many_owned(size as u32).await)
-        else {
+        // The uncontended path takes the permits without awaiting: an await on a tokio resource
+        // spends the task's cooperative budget, and a putting task that yields every few dozen
+        // records hands its thread to the pipeline task each time.
+        let records = match inner.records.clone().try_acquire_owned() {
+            Ok(permit) => Ok(permit),
+            Err(_) => inner.records.clone().acquire_owned().await,
+        };
+        let bytes = match inner.bytes.clone().try_acquire_many_owned(size as u32) {
+            Ok(permit) => Ok(permit),
+            Err(_) => inner.bytes.clone().acquire_many_owned(size as u32).await,
+        };
+        let (Ok(r), Ok(b)) = (records, bytes) else {
             return Err(PutError::new(PutErrorReason::Shutdown, record));
         };
         self.enqueue(record, size, (r, b)).await
@@ -173,16 +182,21 @@ impl Producer {
         let (reply, rx) = oneshot::channel();
         let now = Instant::now();
         let pending = Pending {
+            hash_key: record.hash_key().0,
             record,
             size,
             reply,
             enqueued: now,
             deadline: now + self.inner.config.record_ttl,
-            attempts: Vec::new(),
-            backoff: None,
+            retry: None,
             _permits: permits,
         };
-        match self.inner.tx.send(Command::Put(Box::new(pending))).await {
+        let sent = match self.inner.tx.try_send(Command::Put(pending)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(command)) => self.inner.tx.send(command).await,
+            Err(mpsc::error::TrySendError::Closed(command)) => Err(mpsc::error::SendError(command)),
+        };
+        match sent {
             Ok(()) => {
                 self.inner.metrics.user_records_received.fetch_add(1, Relaxed);
                 Ok(ReceiptFuture::new(rx))

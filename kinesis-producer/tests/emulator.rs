@@ -56,7 +56,10 @@ async fn two_hundred_thousand_records_over_eight_shards_all_arrive_where_the_rec
         let data = Bytes::from(format!("reading {i:07}"));
         let places = found.get(&data).unwrap_or_else(|| panic!("record {i} never arrived"));
         assert_eq!(places.len(), 1, "record {i} arrived {} times", places.len());
-        assert_eq!(places[0], (receipt.shard_id.clone(), receipt.sequence_number.clone(), receipt.aggregated_index));
+        assert_eq!(
+            places[0],
+            (receipt.shard_id.to_string(), receipt.sequence_number.to_string(), receipt.aggregated_index)
+        );
         shards_used.insert(receipt.shard_id);
     }
     assert_eq!(shards_used.len(), 8);
@@ -151,7 +154,7 @@ async fn a_shard_split_in_the_middle_of_production_loses_nothing() {
     for (i, receipt) in receipts.into_iter().enumerate() {
         let receipt = receipt.await.unwrap_or_else(|e| panic!("record {i} failed: {e}"));
         let places = readable.get(format!("reading {i:06}").as_bytes()).unwrap_or_else(|| panic!("record {i} lost"));
-        let at = (receipt.shard_id.clone(), receipt.sequence_number.clone(), receipt.aggregated_index);
+        let at = (receipt.shard_id.to_string(), receipt.sequence_number.to_string(), receipt.aggregated_index);
         assert!(places.contains(&at), "record {i}: the receipt points at a readable copy ({at:?} not in {places:?})");
     }
     // The producer did predict the closed parent at first, and recovered: the path was exercised.
@@ -219,7 +222,10 @@ async fn compressed_records_round_trip_through_kinesis() {
         let receipt = receipt.await.expect("delivered");
         let data = format!("{{\"n\":{i:05},\"status\":\"ok\"}}");
         let places = found.get(data.as_bytes()).unwrap_or_else(|| panic!("record {i} lost"));
-        assert_eq!(places, &vec![(receipt.shard_id, receipt.sequence_number, receipt.aggregated_index)]);
+        assert_eq!(
+            places,
+            &vec![(receipt.shard_id.to_string(), receipt.sequence_number.to_string(), receipt.aggregated_index)]
+        );
     }
     let raw = read_stream(&kinesis.client(), &stream).await.unwrap();
     assert!(raw.iter().all(|r| kinesis_aggregation::compression::is_compressed(&r.data)));

@@ -58,8 +58,8 @@ async fn records_are_aggregated_per_predicted_shard_and_receipts_match() {
     }
     for (i, receipt) in receipts {
         let receipt = receipt.await.unwrap();
-        let (shard_id, user) = &by_sequence[&receipt.sequence_number];
-        assert_eq!(shard_id, &receipt.shard_id);
+        let (shard_id, user) = &by_sequence[&*receipt.sequence_number];
+        assert_eq!(shard_id.as_str(), &*receipt.shard_id);
         let index = receipt.aggregated_index.expect("aggregated") as usize;
         assert_eq!(user.records[index].data(), &record(i).data);
     }
@@ -135,6 +135,57 @@ async fn fatal_errors_fail_at_once_with_the_record() {
     assert_eq!(error.into_record(), record(3));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_stream_listshards_cannot_find_fails_the_waiting_records_with_their_data() {
+    let transport = MemoryTransport::new(2);
+    transport.set_list_shards_fault(Some("ResourceNotFoundException".into()));
+    let p = producer(&transport, ProducerConfig::default());
+    let started = Instant::now();
+    let receipts: Vec<_> = futures_collect(&p, 0..10).await;
+    for (i, receipt) in receipts.into_iter().enumerate() {
+        let error =
+            tokio::time::timeout(Duration::from_secs(60), receipt).await.expect("resolved, not stuck").unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::NotFound);
+        assert_eq!(error.code(), Some("ResourceNotFoundException"));
+        assert_eq!(error.into_record(), record(i));
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "failed at the first listing: {:?}", started.elapsed());
+    assert_eq!(transport.calls(), 0, "nothing was sent without a shard map");
+    assert_eq!(p.metrics().user_records_pending, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_waiting_for_a_shard_map_that_never_comes_expire_at_the_ttl() {
+    let transport = MemoryTransport::new(2);
+    transport.set_list_shards_fault(Some("InternalFailure".into()));
+    let config = ProducerConfig { record_ttl: Duration::from_secs(3), ..Default::default() };
+    let p = producer(&transport, config);
+    let started = Instant::now();
+    let receipts: Vec<_> = futures_collect(&p, 0..10).await;
+    for (i, receipt) in receipts.into_iter().enumerate() {
+        let error =
+            tokio::time::timeout(Duration::from_secs(60), receipt).await.expect("resolved, not stuck").unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Expired);
+        assert_eq!(error.into_record(), record(i));
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_millis(3_100),
+        "expired at the TTL: {waited:?}"
+    );
+    // ListShards answers again: new records go.
+    transport.set_list_shards_fault(None);
+    let receipt = p.put(record(99)).await.unwrap().await.expect("delivered once there is a map");
+    assert_eq!(receipt.attempts.len(), 1);
+}
+
+async fn futures_collect(p: &Producer, range: std::ops::Range<usize>) -> Vec<kinesis_producer::ReceiptFuture> {
+    let mut receipts = Vec::new();
+    for i in range {
+        receipts.push(p.put(record(i)).await.unwrap());
+    }
+    receipts
+}
 #[tokio::test(start_paused = true)]
 async fn a_full_buffer_makes_put_wait_and_try_put_refuse() {
     let transport = MemoryTransport::new(1);
@@ -240,12 +291,13 @@ async fn a_split_in_the_middle_of_production_loses_nothing() {
         let receipt = receipt.await.unwrap_or_else(|e| panic!("record {i}: {e}"));
         let places = readable.get(&record(i).data).unwrap_or_else(|| panic!("record {i} is not readable"));
         assert!(
-            places.iter().any(|((shard, seq, _), _)| *shard == receipt.shard_id && *seq == receipt.sequence_number),
+            places.iter().any(|((shard, seq, _), _)| shard.as_str() == &*receipt.shard_id
+                && seq.as_str() == &*receipt.sequence_number),
             "record {i}: the receipt points at a readable copy"
         );
         if i >= 3_000 {
             // The parent is closed: nothing put after the split is on it.
-            assert_ne!(receipt.shard_id, "shardId-000000000000", "record {i}");
+            assert_ne!(&*receipt.shard_id, "shardId-000000000000", "record {i}");
         }
     }
     let m = p.metrics();
