@@ -1,30 +1,81 @@
-//! The producer end to end: put records, watch them go, await every receipt, print the metrics.
+//! The producer end to end, and its load generator: put records, watch them go, await every
+//! receipt, and print throughput, shard utilisation and peak memory.
 //!
-//! By default it runs against an embedded Kinesis emulator (ferrokinesis, in-process; or the
-//! endpoint in `AWS_ENDPOINT_URL_KINESIS`) on a new stream. With `--stream NAME` it writes to that
-//! existing stream with the default AWS configuration (region, credentials) and creates nothing.
+//! By default it runs against the embedded Kinesis emulator (ferrokinesis), started in a child
+//! process of this example so that the peak RSS it reports is the producer's alone; or against the
+//! endpoint in `AWS_ENDPOINT_URL_KINESIS`. With `--stream NAME` it writes to that existing stream
+//! with the default AWS configuration (region, credentials) and creates nothing.
 //!
 //! ```text
-//! cargo run --release --example produce                                  # 100,000 records, 4 shards
-//! cargo run --release --example produce -- --records 20000 --throttle --shards 2  # per-shard limits on
-//! cargo run --release --example produce -- --stream my-stream --records 1000      # a real stream
-//! cargo run --release --example produce -- --throttle --no-aggregation           # one entry per record
-//! cargo run --release --example produce -- --throttle --duration 60              # put for 60 s; peak RSS
+//! cargo run --release --example produce                                   # 100,000 records, 4 shards
+//! cargo run --release --example produce -- --throttle --duration 20 --compare plain   # the benchmark
+//! cargo run --release --example produce -- --throttle --duration 60       # a 60 s throttled run: peak RSS
+//! cargo run --release --example produce -- --throttle --duration 20 --compare ordering
+//! cargo run --release --example produce -- --stream my-stream --records 1000       # a real stream
 //! ```
 //!
-//! Records are 100 bytes, with 16-character partition keys drawn from 1,000 keys. It exits with
-//! an error if any record was not delivered.
+//! Records are 100 bytes, with 16-character partition keys drawn from 1,000 keys. Each mode runs
+//! on a stream of its own: the main one (aggregated; `--no-aggregation` or `--ordering` change it),
+//! then each mode of `--compare` with the same load. It exits with an error if any record was not
+//! delivered.
 
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use kinesis_producer::{Producer, ProducerConfig, UserRecord};
-use kinesis_testkit::{Kinesis, KinesisOptions};
+use kinesis_testkit::{KINESIS_ENDPOINT_VAR, Kinesis, KinesisOptions};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-const USAGE: &str =
-    "usage: produce [--records N | --duration SECS] [--shards N] [--throttle] [--no-aggregation] [--stream NAME]";
+const USAGE: &str = "usage: produce [--records N | --duration SECS] [--shards N] [--throttle] \
+                     [--no-aggregation | --ordering] [--compare plain,ordering,aggregated] \
+                     [--buffer-records N] [--buffer-mib N] [--stream NAME]";
+
+/// How a run's producer is configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The KPL's defaults: aggregation per predicted shard.
+    Aggregated,
+    /// One PutRecords entry per user record: a plain client at the same rate limits.
+    Plain,
+    /// Aggregated, in ordering mode.
+    Ordering,
+}
+
+impl Mode {
+    fn parse(text: &str) -> Result<Mode, BoxError> {
+        match text {
+            "aggregated" => Ok(Mode::Aggregated),
+            "plain" => Ok(Mode::Plain),
+            "ordering" => Ok(Mode::Ordering),
+            other => Err(format!("unknown mode {other}: aggregated, plain or ordering").into()),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Aggregated => "aggregated",
+            Mode::Plain => "plain",
+            Mode::Ordering => "ordering",
+        }
+    }
+
+    fn config(self, args: &Args) -> ProducerConfig {
+        let defaults = ProducerConfig::default();
+        ProducerConfig {
+            aggregation: self != Mode::Plain,
+            ordering: self == Mode::Ordering,
+            max_buffered_records: args.buffer_records.unwrap_or(defaults.max_buffered_records),
+            max_buffered_bytes: args.buffer_mib.map_or(defaults.max_buffered_bytes, |mib| mib << 20),
+            ..defaults
+        }
+    }
+}
 
 struct Args {
     records: u64,
@@ -32,13 +83,27 @@ struct Args {
     duration: Option<Duration>,
     shards: u32,
     throttle: bool,
-    aggregation: bool,
+    modes: Vec<Mode>,
     stream: Option<String>,
+    /// Buffer caps, when not the defaults.
+    buffer_records: Option<usize>,
+    buffer_mib: Option<usize>,
+    /// Be the emulator process (internal: the parent starts it).
+    serve_emulator: bool,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
-    let mut args =
-        Args { records: 100_000, duration: None, shards: 4, throttle: false, aggregation: true, stream: None };
+    let mut args = Args {
+        records: 100_000,
+        duration: None,
+        shards: 4,
+        throttle: false,
+        modes: vec![Mode::Aggregated],
+        stream: None,
+        buffer_records: None,
+        buffer_mib: None,
+        serve_emulator: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value; {USAGE}"));
@@ -47,8 +112,17 @@ fn parse_args() -> Result<Args, BoxError> {
             "--shards" => args.shards = value()?.parse()?,
             "--stream" => args.stream = Some(value()?),
             "--throttle" => args.throttle = true,
-            "--no-aggregation" => args.aggregation = false,
+            "--no-aggregation" => args.modes[0] = Mode::Plain,
+            "--ordering" => args.modes[0] = Mode::Ordering,
+            "--compare" => {
+                for mode in value()?.split(',') {
+                    args.modes.push(Mode::parse(mode)?);
+                }
+            }
             "--duration" => args.duration = Some(Duration::from_secs_f64(value()?.parse()?)),
+            "--buffer-records" => args.buffer_records = Some(value()?.replace('_', "").parse()?),
+            "--buffer-mib" => args.buffer_mib = Some(value()?.parse()?),
+            "--serve-emulator" => args.serve_emulator = true,
             _ => return Err(format!("unknown argument {arg}; {USAGE}").into()),
         }
     }
@@ -61,73 +135,153 @@ fn parse_args() -> Result<Args, BoxError> {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = parse_args()?;
+    if args.serve_emulator {
+        return serve_emulator(args.throttle).await;
+    }
 
-    // Keep the emulator handle alive until the end: dropping it stops the server.
-    let (_server, client, stream) = match args.stream {
+    // Where to write. Keep `_emulator` alive until the end: dropping it stops the emulator.
+    let (_emulator, target) = match &args.stream {
         Some(stream) => {
             let config = aws_config::load_defaults(BehaviorVersion::latest()).await;
             println!("stream {stream} in {}", config.region().map_or("no region configured", |r| r.as_ref()));
-            (None, aws_sdk_kinesis::Client::new(&config), stream)
+            (None, Target::Stream(aws_sdk_kinesis::Client::new(&config), stream.clone()))
+        }
+        None if std::env::var_os(KINESIS_ENDPOINT_VAR).is_some() => {
+            let kinesis = Kinesis::start().await?;
+            println!("emulator at {} ({KINESIS_ENDPOINT_VAR})", kinesis.endpoint_url());
+            (None, Target::Emulator(kinesis))
         }
         None => {
-            let server =
-                Kinesis::start_with(KinesisOptions { enforce_limits: args.throttle, ..Default::default() }).await?;
-            let stream = server.create_stream(args.shards).await?;
-            let limits = if args.throttle { "per-shard write limits on" } else { "the emulator does not throttle" };
-            println!("stream {stream}: {} shards at {} ({limits})", args.shards, server.endpoint_url());
-            let client = server.client();
-            (Some(server), client, stream)
+            let (child, kinesis) = start_emulator_process(args.throttle).await?;
+            let limits = if args.throttle {
+                "per-shard write limits on: 1,000 records/s and 1 MiB/s"
+            } else {
+                "the emulator does not throttle"
+            };
+            println!("emulator process {} at {} ({limits})", child.id().unwrap_or(0), kinesis.endpoint_url());
+            (Some(child), Target::Emulator(kinesis))
         }
     };
 
-    // The KPL's defaults: aggregation, 100 ms linger, 150 % of each shard's limit, 30 s TTL.
-    let config = ProducerConfig { aggregation: args.aggregation, ..Default::default() };
-    let buffer_cap = config.max_buffered_bytes;
-    let receipt_backlog = config.max_buffered_records;
+    let mut results = Vec::new();
+    for &mode in &args.modes {
+        let (client, stream) = match &target {
+            Target::Stream(client, stream) => (client.clone(), stream.clone()),
+            Target::Emulator(kinesis) => (kinesis.client(), kinesis.create_stream(args.shards).await?),
+        };
+        println!("\n== {}: stream {stream}, {} shards", mode.name(), args.shards);
+        results.push(run(mode, client, stream, &args).await?);
+    }
+
+    print_summary(&results, &args);
+    let failed: u64 = results.iter().map(|r| r.failed).sum();
+    if failed > 0 {
+        return Err(format!("{failed} records were not delivered").into());
+    }
+    Ok(())
+}
+
+enum Target {
+    Stream(aws_sdk_kinesis::Client, String),
+    Emulator(Kinesis),
+}
+
+/// One second of a run: (seconds since the start, user records delivered, Kinesis bytes
+/// delivered, loaded: still putting or a backlog buffered).
+type Sample = (f64, u64, u64, bool);
+
+/// What one mode's run measured.
+struct RunResult {
+    mode: Mode,
+    sent: u64,
+    delivered: u64,
+    failed: u64,
+    secs: f64,
+    /// Median per-second rates under load (putting, or a backlog buffered), leaving out the
+    /// first two seconds (ramp-up): user records/s and Kinesis bytes/s (partition key + data).
+    steady: Option<(f64, f64)>,
+    kinesis_bytes: u64,
+    kinesis_records: u64,
+    retries: u64,
+    peak_rss: Option<u64>,
+    buffer_cap: usize,
+    record_cap: usize,
+}
+
+async fn run(mode: Mode, client: aws_sdk_kinesis::Client, stream: String, args: &Args) -> Result<RunResult, BoxError> {
+    let config = mode.config(args);
+    let (buffer_cap, record_cap) = (config.max_buffered_bytes, config.max_buffered_records);
+    reset_peak_rss();
     let producer = Producer::builder(client, stream).config(config).build()?;
 
-    // Progress, once a second, from the metrics.
+    // Progress once a second, from the metrics; the per-second samples give the steady state.
     let started = Instant::now();
+    let putting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let progress = tokio::spawn({
-        let producer = producer.clone();
+        let (producer, putting, samples) = (producer.clone(), putting.clone(), samples.clone());
         async move {
             let mut tick = tokio::time::interval_at((started + Duration::from_secs(1)).into(), Duration::from_secs(1));
-            let mut last = 0;
+            let (mut last_records, mut last_bytes) = (0, 0);
             loop {
                 tick.tick().await;
                 let m = producer.metrics();
+                let (records, bytes) = (m.user_records_put - last_records, m.kinesis_records_data_put - last_bytes);
+                (last_records, last_bytes) = (m.user_records_put, m.kinesis_records_data_put);
+                let t = started.elapsed().as_secs_f64();
                 println!(
-                    "{:6.1} s  put {:>9}  delivered {:>9}  in flight {:>7}  {:>9} records/s",
-                    started.elapsed().as_secs_f64(),
+                    "{t:6.1} s  put {:>9}  delivered {:>9}  buffered {:>7}  {records:>7} records/s  {:>5.2} MB/s",
                     m.user_records_received,
                     m.user_records_put,
                     m.user_records_pending,
-                    m.user_records_put - last
+                    bytes as f64 / 1e6,
                 );
-                last = m.user_records_put;
+                // Loaded: still putting, or at least a tenth of the buffer waiting to go.
+                let loaded = putting.load(std::sync::atomic::Ordering::Relaxed)
+                    || m.user_records_pending as usize >= record_cap / 10;
+                samples.lock().unwrap_or_else(|p| p.into_inner()).push((t, records, bytes, loaded));
             }
         }
     });
 
-    // Receipts are awaited by a task of their own, as they come, while this one keeps putting.
-    // Bounded like the producer's buffer: a receipt is queued here only after its record was accepted.
-    let (receipts_tx, mut receipts_rx) = tokio::sync::mpsc::channel(receipt_backlog);
+    // Receipts are awaited by a task of their own, in whatever order they resolve (a record being
+    // retried must not hold up the receipts behind it), while this one keeps putting.
+    let (receipts_tx, mut receipts_rx) = tokio::sync::mpsc::channel(1024);
     let receipts = tokio::spawn(async move {
         let (mut delivered, mut failed) = (0u64, 0u64);
-        while let Some(receipt) = receipts_rx.recv().await {
-            match receipt.await {
-                Ok(_) => delivered += 1,
-                Err(error) => {
-                    if failed == 0 {
-                        eprintln!("first failure: {error}");
+        let mut waiting = FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                receipt = receipts_rx.recv(), if open => match receipt {
+                    Some(receipt) => waiting.push(receipt),
+                    None => open = false,
+                },
+                Some(result) = waiting.next(), if !waiting.is_empty() => match result as Result<kinesis_producer::Receipt, kinesis_producer::DeliveryError> {
+                    Ok(_) => delivered += 1,
+                    Err(error) => {
+                        if failed < 5 {
+                            let attempts = error.attempts();
+                            let span = match (attempts.first(), attempts.last()) {
+                                (Some(first), Some(last)) => last.at.duration_since(first.at).unwrap_or_default(),
+                                _ => Duration::ZERO,
+                            };
+                            eprintln!(
+                                "failed: {error} after {} attempts over {:.1} s",
+                                attempts.len(),
+                                span.as_secs_f64(),
+                            );
+                        }
+                        failed += 1;
                     }
-                    failed += 1;
-                }
+                },
+                else => break,
             }
         }
         (delivered, failed)
     });
 
+    // 16-character keys: "key-" and 12 digits.
     let keys: Vec<String> = (0..1_000).map(|i| format!("key-{i:012}")).collect();
     let mut sent = 0u64;
     for i in 0.. {
@@ -145,43 +299,147 @@ async fn main() -> Result<(), BoxError> {
         receipts_tx.send(receipt).await?;
         sent += 1;
     }
+    putting.store(false, std::sync::atomic::Ordering::Relaxed);
     producer.flush().await; // send what is lingering now, and wait for every record
     drop(receipts_tx);
     let (delivered, failed) = receipts.await?;
-    let elapsed = started.elapsed();
+    let secs = started.elapsed().as_secs_f64();
     producer.shutdown().await;
     progress.abort();
 
     let m = producer.metrics();
-    let secs = elapsed.as_secs_f64();
-    println!();
-    println!("sent                          {sent}");
-    println!("delivered                     {delivered}");
-    println!("failed                        {failed}");
-    println!("Kinesis records               {}", m.kinesis_records_put);
-    println!("user records / Kinesis record {:.1}", m.user_records_per_kinesis_record());
-    println!("PutRecords calls              {}", m.put_records_requests);
-    println!("retries                       {}", m.retries);
-    println!("errors by code                {:?}", m.errors_by_code);
-    println!("elapsed                       {secs:.2} s");
-    println!("user records/s                {:.0}", delivered as f64 / secs);
+    let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // Steady state: the loaded seconds after the first two.
+    let steady: Vec<(u64, u64)> =
+        samples.iter().filter(|&&(t, _, _, loaded)| t > 2.5 && loaded).map(|&(_, r, b, _)| (r, b)).collect();
+    let steady = (steady.len() >= 3).then(|| {
+        let median = |mut v: Vec<u64>| {
+            v.sort_unstable();
+            v[v.len() / 2] as f64
+        };
+        (median(steady.iter().map(|s| s.0).collect()), median(steady.iter().map(|s| s.1).collect()))
+    });
     println!(
-        "Kinesis bytes/s               {:.0} ({:.2} MB/s)",
-        m.kinesis_records_data_put as f64 / secs,
-        m.kinesis_records_data_put as f64 / secs / 1e6
+        "{}: {delivered} of {sent} delivered in {secs:.2} s; {} Kinesis records ({:.1} user records each); \
+         {} PutRecords calls; {} retries; errors {:?}",
+        mode.name(),
+        m.kinesis_records_put,
+        m.user_records_per_kinesis_record(),
+        m.put_records_requests,
+        m.retries,
+        m.errors_by_code
     );
-    if let Some(peak) = peak_rss_bytes() {
+    Ok(RunResult {
+        mode,
+        sent,
+        delivered,
+        failed,
+        secs,
+        steady,
+        kinesis_bytes: m.kinesis_records_data_put,
+        kinesis_records: m.kinesis_records_put,
+        retries: m.retries,
+        peak_rss: peak_rss_bytes(),
+        buffer_cap,
+        record_cap,
+    })
+}
+
+fn print_summary(results: &[RunResult], args: &Args) {
+    // What the shards can take, in Kinesis bytes (partition key + data) per second.
+    let byte_limit = f64::from(args.shards) * 1_048_576.0;
+    println!("\n== summary: {} shards; 100-byte records, 16-character keys from 1,000", args.shards);
+    println!(
+        "{:<11} {:>9} {:>9} {:>14} {:>14} {:>12} {:>12} {:>9} {:>8} {:>10} {:>9}",
+        "mode",
+        "delivered",
+        "seconds",
+        "steady rec/s",
+        "steady MB/s",
+        "utilisation",
+        "whole rec/s",
+        "rec/shard",
+        "retries",
+        "peak RSS",
+        "RSS/cap"
+    );
+    for (i, r) in results.iter().enumerate() {
+        let (steady_records, steady_bytes) = r.steady.unwrap_or((f64::NAN, f64::NAN));
+        let rss = r.peak_rss.map_or(f64::NAN, |b| b as f64 / 1_048_576.0);
         println!(
-            "peak RSS                      {:.1} MiB = {:.2} x the buffer cap ({} MiB)",
-            peak as f64 / 1048576.0,
-            peak as f64 / buffer_cap as f64,
-            buffer_cap >> 20
+            "{:<11} {:>9} {:>9.2} {:>14.0} {:>14.3} {:>11.1}% {:>12.0} {:>9.0} {:>8} {:>6.1} MiB {:>8.2}x{}",
+            r.mode.name(),
+            r.delivered,
+            r.secs,
+            steady_records,
+            steady_bytes / 1e6,
+            100.0 * steady_bytes / byte_limit,
+            r.delivered as f64 / r.secs,
+            steady_records / f64::from(args.shards),
+            r.retries,
+            rss,
+            rss * 1_048_576.0 / r.buffer_cap as f64,
+            if i > 0 { " *" } else { "" },
+        );
+        let _ = (r.sent, r.kinesis_bytes, r.kinesis_records);
+    }
+    if let Some(first) = results.first() {
+        for other in &results[1..] {
+            let ratio = |a: Option<(f64, f64)>, b: Option<(f64, f64)>| match (a, b) {
+                (Some(a), Some(b)) => a.0 / b.0,
+                _ => f64::NAN,
+            };
+            println!(
+                "{} / {}: {:.2}x steady user records/s, {:.2}x over the whole run",
+                first.mode.name(),
+                other.mode.name(),
+                ratio(first.steady, other.steady),
+                (first.delivered as f64 / first.secs) / (other.delivered as f64 / other.secs)
+            );
+        }
+        if results.len() > 1 {
+            println!("* after the first run, peak RSS includes what the allocator kept from the runs before");
+        }
+        println!(
+            "buffer caps: {} MiB (each record counted with RECORD_OVERHEAD_BYTES), {} records; peak RSS is \
+             this process's (the emulator runs in another)",
+            first.buffer_cap >> 20,
+            first.record_cap
         );
     }
-    if failed > 0 {
-        return Err(format!("{failed} of {sent} records were not delivered").into());
+}
+
+/// Starts this example again as the emulator process; returns it and a handle on its endpoint.
+/// The child stops when its stdin closes, that is when this process exits.
+async fn start_emulator_process(throttle: bool) -> Result<(tokio::process::Child, Kinesis), BoxError> {
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.arg("--serve-emulator").stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true);
+    if throttle {
+        command.arg("--throttle");
     }
+    let mut child = command.spawn()?;
+    let stdout = child.stdout.take().ok_or("the emulator process has no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .map_err(|_| "the emulator process did not start within 30 s")??
+        .ok_or("the emulator process exited before it said where it listens")?;
+    let url = line.strip_prefix("listening ").ok_or_else(|| format!("unexpected line from the emulator: {line}"))?;
+    Ok((child, Kinesis::connect(url)))
+}
+
+/// The emulator process: ferrokinesis on 127.0.0.1 until stdin closes.
+async fn serve_emulator(throttle: bool) -> Result<(), BoxError> {
+    let kinesis = Kinesis::start_with(KinesisOptions { enforce_limits: throttle, ..Default::default() }).await?;
+    println!("listening {}", kinesis.endpoint_url());
+    let mut sink = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut sink).await;
     Ok(())
+}
+
+/// Resets the process's peak RSS (Linux: `5` to /proc/self/clear_refs), so each run reports its own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// The process's peak resident set size (VmHWM), where the OS reports it (Linux).

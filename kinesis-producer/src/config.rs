@@ -6,6 +6,13 @@ use kinesis_aggregation::limits;
 
 use crate::error::BuildError;
 
+/// What a buffered record costs beyond its partition key and data, counted against
+/// [`ProducerConfig::max_buffered_bytes`]: its place in the pipeline, its receipt channel, its
+/// slot in an aggregate, the allocator's rounding. Measured with the `produce` example: peak RSS
+/// grows by about 870 bytes per buffered 116-byte record (20,000 against 200,000 records
+/// buffered); 1 KiB keeps the whole process under the cap plus its fixed baseline.
+pub const RECORD_OVERHEAD_BYTES: usize = 1024;
+
 /// Producer settings. Start from [`ProducerConfig::default`] (the KPL's defaults) and change
 /// fields with `..Default::default()`; [`crate::ProducerBuilder::build`] validates them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +44,10 @@ pub struct ProducerConfig {
     pub max_in_flight_requests: usize,
     /// The most user records buffered (put, not yet resolved). `put` waits beyond it.
     pub max_buffered_records: usize,
-    /// The most bytes (partition key + data) buffered. `put` waits beyond it.
+    /// The most memory buffered records may take, as the producer counts it: each record's
+    /// partition key and data plus [`RECORD_OVERHEAD_BYTES`] for what the producer keeps with it
+    /// (the record's place in the pipeline, its receipt channel, its slot in an aggregate). `put`
+    /// waits beyond it. Default 64 MiB.
     pub max_buffered_bytes: usize,
     /// First backoff after a failure; doubled each time, with jitter. Default 100 ms.
     pub backoff_initial: Duration,
@@ -117,9 +127,10 @@ impl ProducerConfig {
         if self.max_in_flight_requests == 0 {
             return bad("max_in_flight_requests must be positive".into());
         }
-        if self.max_buffered_records == 0 || self.max_buffered_bytes < self.max_record_bytes {
+        if self.max_buffered_records == 0 || self.max_buffered_bytes < self.max_record_bytes + RECORD_OVERHEAD_BYTES {
             return bad(format!(
-                "the buffer must hold at least one record of max_record_bytes ({}); max_buffered_bytes is {}",
+                "the buffer must hold at least one record of max_record_bytes ({}) and its {RECORD_OVERHEAD_BYTES} bytes \
+                 of overhead; max_buffered_bytes is {}",
                 self.max_record_bytes, self.max_buffered_bytes
             ));
         }

@@ -33,6 +33,7 @@ use crate::entry::Entry;
 use crate::error::{DeliveryError, ErrorKind};
 use crate::metrics::Metrics;
 use crate::rate_limit::ShardLimiter;
+use crate::ready::ReadyQueue;
 use crate::receipt::{Attempt, Attempts, Receipt};
 use crate::sender::{self, Response, Unresolved};
 use crate::transport::{CallError, EntryResult, ShardDescription, Transport};
@@ -98,7 +99,7 @@ struct ShardState {
     /// records each.)
     aggregate_started: Option<Instant>,
     /// Sealed entries, oldest first, waiting for the rate limiter and a batch.
-    ready: VecDeque<Entry>,
+    ready: ReadyQueue<Entry>,
     /// Whether the shard is in the engine's `active` list.
     active: bool,
     limiter: ShardLimiter,
@@ -246,7 +247,7 @@ impl Engine {
             self.seal(&shard);
         }
         for state in self.shards.values_mut() {
-            for entry in &mut state.ready {
+            for entry in state.ready.iter_mut() {
                 entry.due = entry.due.min(now);
             }
         }
@@ -734,7 +735,7 @@ impl Engine {
                 for shard in gone {
                     let Some(state) = self.shards.remove(&shard) else { continue };
                     self.ready_count -= state.ready.len();
-                    for entry in state.ready {
+                    for entry in state.ready.into_entries() {
                         self.ready_bytes -= entry.size;
                         self.dissolve(entry, now);
                     }
@@ -789,7 +790,7 @@ impl ShardState {
             aggregator: Aggregator::with_config(AggregatorConfig::with_max_bytes(config.aggregation_max_bytes)),
             members: Vec::new(),
             aggregate_started: None,
-            ready: VecDeque::new(),
+            ready: ReadyQueue::new(!config.ordering),
             active: false,
             limiter: ShardLimiter::new(
                 config.rate_limit_percent,
@@ -811,10 +812,16 @@ const THROTTLED_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How long before its deadline a record gets its last try.
 const LAST_TRY_MARGIN: Duration = Duration::from_millis(10);
 
-/// The wait before a retry: the exponential backoff, capped for throttling.
+/// The wait before a retry: the exponential backoff; for throttling, capped and then jittered
+/// over its upper half.
+///
+/// The jitter after the cap matters. A shard's limit is counted per one-second window, and a
+/// record refused late in a window and tried again exactly one second later is late in the next
+/// window too: with a fixed one-second wait, some records were refused 20 times in a row and
+/// expired. Spread over [cap/2, cap], each try lands at a new point of the window.
 fn retry_delay(kind: ErrorKind, backoff: Duration) -> Duration {
     match kind {
-        ErrorKind::Throttled => backoff.min(THROTTLED_BACKOFF_MAX),
+        ErrorKind::Throttled => backoff.min(THROTTLED_BACKOFF_MAX).mul_f64(0.5 + fastrand::f64() / 2.0),
         _ => backoff,
     }
 }
@@ -825,4 +832,20 @@ pub(crate) const STALE_SHARD_MAP: &str = "StaleShardMap";
 /// The largest user record (partition key + data) that can be sent: the stream's record limit.
 pub(crate) fn record_size(record: &UserRecord) -> usize {
     record.partition_key.len() + record.data.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttled_retries_are_capped_and_spread_over_the_upper_half() {
+        let delays: Vec<Duration> =
+            (0..1_000).map(|_| retry_delay(ErrorKind::Throttled, Duration::from_secs(5))).collect();
+        let (min, max) = (delays.iter().min().unwrap(), delays.iter().max().unwrap());
+        assert!(*min >= Duration::from_millis(500) && *max <= THROTTLED_BACKOFF_MAX, "{min:?}..{max:?}");
+        assert!(*max - *min > Duration::from_millis(300), "spread: {min:?}..{max:?}");
+        // Other errors keep the backoff as it is.
+        assert_eq!(retry_delay(ErrorKind::Transient, Duration::from_secs(3)), Duration::from_secs(3));
+    }
 }

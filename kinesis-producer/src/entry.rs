@@ -34,6 +34,14 @@ pub(crate) struct Entry {
     pub(crate) due: Instant,
     /// The earliest deadline of the members.
     pub(crate) deadline: Instant,
+    /// When the oldest member was put.
+    pub(crate) oldest: Instant,
+}
+
+impl crate::ready::Aged for Entry {
+    fn oldest(&self) -> Instant {
+        self.oldest
+    }
 }
 
 impl Entry {
@@ -54,6 +62,7 @@ impl Entry {
             payload: Payload::Ready(kinesis),
             due: member.enqueued + config.record_max_buffered_time,
             deadline: member.deadline,
+            oldest: member.enqueued,
             members: vec![member],
             aggregated: false,
         }
@@ -81,6 +90,7 @@ impl Entry {
             (Payload::Aggregate(Box::new(aggregator.take())), size)
         };
         let deadline = members.iter().map(|m| m.deadline).min().unwrap_or(started);
+        let oldest = members.iter().map(|m| m.enqueued).min().unwrap_or(started);
         Some(Entry {
             shard: shard.clone(),
             payload,
@@ -89,6 +99,7 @@ impl Entry {
             size,
             due: started + config.record_max_buffered_time,
             deadline,
+            oldest,
         })
     }
 

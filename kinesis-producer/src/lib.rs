@@ -29,11 +29,12 @@ pub mod memory;
 mod metrics;
 mod producer;
 mod rate_limit;
+mod ready;
 mod receipt;
 mod sender;
 pub mod transport;
 
-pub use config::ProducerConfig;
+pub use config::{ProducerConfig, RECORD_OVERHEAD_BYTES};
 pub use error::{BuildError, DeliveryError, ErrorKind, PutError, PutErrorReason};
 pub use kinesis_aggregation::{HashKey, UserRecord};
 pub use memory::{Faults, MemoryTransport, StoredRecord};

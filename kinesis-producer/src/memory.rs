@@ -9,6 +9,9 @@ use kinesis_aggregation::{HashKey, HashKeyRange};
 use crate::error::ErrorKind;
 use crate::transport::{BoxFuture, CallError, EntryResult, PutEntry, ShardDescription, Transport};
 
+/// The per-record error code of a write over a shard's limit.
+const THROTTLED: &str = "ProvisionedThroughputExceededException";
+
 /// A record the memory stream stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredRecord {
@@ -34,6 +37,16 @@ pub enum Faults {
     /// Refuse every `n`-th entry (counted across calls) with this per-record error code; store
     /// the others.
     RejectEveryNth(u64, String),
+    /// Each shard takes at most `bytes` (partition keys + data) and `records` per one-second
+    /// window, as Kinesis's write limits; beyond them an entry fails with
+    /// ProvisionedThroughputExceededException. A window opens with the first write after the last
+    /// one ended (tokio's clock, so paused-time tests see the limits as they are).
+    ShardLimits {
+        /// Bytes per shard per second.
+        bytes: u64,
+        /// Records per shard per second.
+        records: u64,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +58,8 @@ struct State {
     entries_seen: u64,
     faults: Faults,
     list_fault: Option<String>,
+    /// Per shard: (window start, bytes, records), for `Faults::ShardLimits`.
+    windows: std::collections::HashMap<String, (tokio::time::Instant, u64, u64)>,
     keep: bool,
 }
 
@@ -151,7 +166,8 @@ impl Transport for MemoryTransport {
             Faults::RejectRecords(code) => {
                 Ok(entries.iter().map(|_| EntryResult::Failed { code: code.clone() }).collect())
             }
-            faults @ (Faults::None | Faults::RejectEveryNth(..)) => {
+            faults @ (Faults::None | Faults::RejectEveryNth(..) | Faults::ShardLimits { .. }) => {
+                let now = tokio::time::Instant::now();
                 let mut results = Vec::with_capacity(entries.len());
                 for entry in entries {
                     state.entries_seen += 1;
@@ -169,6 +185,19 @@ impl Transport for MemoryTransport {
                         .find(|s| s.open && s.range.contains(key.0))
                         .expect("open shards cover the space")
                         .clone();
+                    if let Faults::ShardLimits { bytes, records } = faults {
+                        let size = (entry.partition_key.len() + entry.data.len()) as u64;
+                        let window = state.windows.entry(shard.shard_id.clone()).or_insert((now, 0, 0));
+                        if now.duration_since(window.0) >= std::time::Duration::from_secs(1) {
+                            *window = (now, 0, 0);
+                        }
+                        if window.1 + size > bytes || window.2 + 1 > records {
+                            results.push(EntryResult::Failed { code: THROTTLED.into() });
+                            continue;
+                        }
+                        window.1 += size;
+                        window.2 += 1;
+                    }
                     state.next_sequence += 1;
                     let sequence_number = format!("{:056}", state.next_sequence);
                     results.push(EntryResult::Stored {

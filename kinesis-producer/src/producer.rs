@@ -132,9 +132,10 @@ impl Producer {
             Ok(permit) => Ok(permit),
             Err(_) => inner.records.clone().acquire_owned().await,
         };
-        let bytes = match inner.bytes.clone().try_acquire_many_owned(size as u32) {
+        let cost = charge(size);
+        let bytes = match inner.bytes.clone().try_acquire_many_owned(cost) {
             Ok(permit) => Ok(permit),
-            Err(_) => inner.bytes.clone().acquire_many_owned(size as u32).await,
+            Err(_) => inner.bytes.clone().acquire_many_owned(cost).await,
         };
         let (Ok(r), Ok(b)) = (records, bytes) else {
             return Err(PutError::new(PutErrorReason::Shutdown, record));
@@ -153,7 +154,7 @@ impl Producer {
         };
         let inner = &self.inner;
         let r = inner.records.clone().try_acquire_owned();
-        let b = inner.bytes.clone().try_acquire_many_owned(size as u32);
+        let b = inner.bytes.clone().try_acquire_many_owned(charge(size));
         let (Ok(r), Ok(b)) = (r, b) else {
             return Err(PutError::new(PutErrorReason::Full, record));
         };
@@ -232,4 +233,10 @@ impl Producer {
     pub fn metrics(&self) -> MetricsSnapshot {
         self.inner.metrics.snapshot()
     }
+}
+
+/// What a record of `size` bytes (partition key + data) takes from the byte budget. Validation
+/// keeps it under `max_buffered_bytes`, itself under 4 GiB.
+fn charge(size: usize) -> u32 {
+    u32::try_from(size + crate::config::RECORD_OVERHEAD_BYTES).unwrap_or(u32::MAX)
 }

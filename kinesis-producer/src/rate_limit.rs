@@ -1,9 +1,15 @@
-//! Per-shard rate limiting: two token buckets, Kinesis records and bytes, refilled continuously.
+//! Per-shard rate limiting: two token buckets, Kinesis records and bytes, refilled continuously,
+//! at a rate that adapts to throttling.
 //!
 //! The KPL limits each shard to `RateLimit`% (default 150) of its write limit, so that the service,
 //! not the client, has the last word, while a shard is never flooded. Unlike the KPL's, this limiter
-//! also applies when aggregation is off. A throttled shard empties its own buckets, slowing only
-//! itself. Time is passed in, so the arithmetic is tested without clocks.
+//! also applies when aggregation is off, and it slows down when the shard is throttled: a throttle
+//! empties the buckets and cuts the shard's rate by a fifth (at most once per
+//! [`CUT_INTERVAL`]); the rate then grows back by a tenth of the configured rate per second. At a
+//! fixed 150 % a third of what is sent is refused, and retried records are refused again and again
+//! (some until their time to live ran out, in a 60 s run); adapting, the shard settles just over
+//! its real limit, and only itself slows down. Time is passed in, so the arithmetic is tested
+//! without clocks.
 
 use std::time::Duration;
 
@@ -14,48 +20,59 @@ use tokio::time::Instant;
 #[derive(Clone, Debug)]
 pub(crate) struct Bucket {
     rate_per_sec: f64,
-    capacity: f64,
     tokens: f64,
     updated: Instant,
 }
 
 impl Bucket {
     pub(crate) fn new(rate_per_sec: f64, now: Instant) -> Self {
-        Bucket { rate_per_sec, capacity: rate_per_sec, tokens: rate_per_sec, updated: now }
+        Bucket { rate_per_sec, tokens: rate_per_sec, updated: now }
     }
 
-    fn refill(&mut self, now: Instant) {
+    /// Refills at `scale` times the rate, up to one second of it.
+    fn refill(&mut self, now: Instant, scale: f64) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate_per_sec).min(self.capacity);
+        let rate = self.rate_per_sec * scale;
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
         self.updated = now;
     }
 
     /// How long until `cost` can be taken (zero: now).
-    fn wait(&mut self, now: Instant, cost: f64) -> Duration {
-        self.refill(now);
-        let needed = cost.min(self.capacity);
-        if self.tokens >= needed {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64((needed - self.tokens) / self.rate_per_sec)
-        }
+    fn wait(&mut self, now: Instant, cost: f64, scale: f64) -> Duration {
+        self.refill(now, scale);
+        let rate = self.rate_per_sec * scale;
+        let needed = cost.min(rate);
+        if self.tokens >= needed { Duration::ZERO } else { Duration::from_secs_f64((needed - self.tokens) / rate) }
     }
 
     fn take(&mut self, cost: f64) {
         self.tokens -= cost;
     }
 
-    fn drain(&mut self, now: Instant) {
-        self.refill(now);
+    fn drain(&mut self, now: Instant, scale: f64) {
+        self.refill(now, scale);
         self.tokens = self.tokens.min(0.0);
     }
 }
+
+/// How much a throttle cuts the rate.
+const CUT: f64 = 0.8;
+/// At most one cut this often: one PutRecords response often carries many refusals of a shard.
+pub(crate) const CUT_INTERVAL: Duration = Duration::from_millis(250);
+/// How fast the rate grows back: a tenth of the configured rate per second.
+const RECOVERY_PER_SEC: f64 = 0.1;
+/// The rate never falls below this share of the configured one.
+const MIN_SCALE: f64 = 0.05;
 
 /// The two buckets of one shard.
 #[derive(Clone, Debug)]
 pub(crate) struct ShardLimiter {
     records: Bucket,
     bytes: Bucket,
+    /// The share of the configured rate in force, in [MIN_SCALE, 1].
+    scale: f64,
+    scaled_at: Instant,
+    cut_at: Option<Instant>,
 }
 
 impl ShardLimiter {
@@ -65,12 +82,26 @@ impl ShardLimiter {
         ShardLimiter {
             records: Bucket::new(f64::from(records_per_sec) * scale, now),
             bytes: Bucket::new(f64::from(bytes_per_sec) * scale, now),
+            scale: 1.0,
+            scaled_at: now,
+            cut_at: None,
         }
+    }
+
+    /// Grows the rate back towards the configured one.
+    fn recover(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.scaled_at).as_secs_f64();
+        // Refill at the old rate up to now, then change it.
+        self.records.refill(now, self.scale);
+        self.bytes.refill(now, self.scale);
+        self.scale = (self.scale + elapsed * RECOVERY_PER_SEC).min(1.0);
+        self.scaled_at = now;
     }
 
     /// Takes one record of `bytes` if both buckets allow it now; otherwise says how long to wait.
     pub(crate) fn try_take(&mut self, now: Instant, bytes: usize) -> Result<(), Duration> {
-        let wait = self.records.wait(now, 1.0).max(self.bytes.wait(now, bytes as f64));
+        self.recover(now);
+        let wait = self.records.wait(now, 1.0, self.scale).max(self.bytes.wait(now, bytes as f64, self.scale));
         if wait.is_zero() {
             self.records.take(1.0);
             self.bytes.take(bytes as f64);
@@ -80,10 +111,21 @@ impl ShardLimiter {
         }
     }
 
-    /// The service throttled this shard: empty both buckets so it waits before sending more.
+    /// The service throttled this shard: empty both buckets, and cut the rate.
     pub(crate) fn throttled(&mut self, now: Instant) {
-        self.records.drain(now);
-        self.bytes.drain(now);
+        self.recover(now);
+        self.records.drain(now, self.scale);
+        self.bytes.drain(now, self.scale);
+        if self.cut_at.is_none_or(|at| now.saturating_duration_since(at) >= CUT_INTERVAL) {
+            self.scale = (self.scale * CUT).max(MIN_SCALE);
+            self.cut_at = Some(now);
+        }
+    }
+
+    /// The share of the configured rate in force.
+    #[cfg(test)]
+    pub(crate) fn scale(&self) -> f64 {
+        self.scale
     }
 }
 
@@ -131,5 +173,28 @@ mod tests {
         limiter.throttled(t0);
         assert!(limiter.try_take(t0, 1).is_err());
         assert!(limiter.try_take(t0 + Duration::from_millis(10), 1).is_ok());
+    }
+
+    #[test]
+    fn throttling_cuts_the_rate_once_per_interval_and_it_grows_back() {
+        let t0 = Instant::now();
+        let mut limiter = ShardLimiter::new(100, 1_000, 1 << 20, t0);
+        // A response refusing many entries cuts once.
+        for _ in 0..10 {
+            limiter.throttled(t0);
+        }
+        assert!((limiter.scale() - 0.8).abs() < 1e-9, "{}", limiter.scale());
+        // 1,000 records/s cut to 800: after the drain, 100 ms gives 80 records, not 100.
+        let t1 = t0 + Duration::from_millis(100);
+        let taken = (0..200).take_while(|_| limiter.try_take(t1, 1).is_ok()).count();
+        assert!((79..=82).contains(&taken), "{taken}");
+        // Another throttle later cuts again (after 250 ms of recovery: 0.825 x 0.8); then the
+        // rate recovers at 10 % a second.
+        limiter.throttled(t0 + CUT_INTERVAL);
+        assert!((limiter.scale() - 0.66).abs() < 1e-6, "{}", limiter.scale());
+        let _ = limiter.try_take(t0 + CUT_INTERVAL + Duration::from_secs(2), 1);
+        assert!((limiter.scale() - 0.86).abs() < 1e-6, "{}", limiter.scale());
+        let _ = limiter.try_take(t0 + Duration::from_secs(30), 1);
+        assert_eq!(limiter.scale(), 1.0, "back to the configured rate, no higher");
     }
 }

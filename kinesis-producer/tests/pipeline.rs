@@ -215,6 +215,27 @@ async fn a_full_buffer_makes_put_wait_and_try_put_refuse() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_byte_cap_counts_each_record_with_its_overhead() {
+    let transport = MemoryTransport::new(1);
+    transport.set_faults(Faults::RejectRecords("ProvisionedThroughputExceededException".into()));
+    // Room for exactly 3 records of 1 MiB with their overhead, not 4.
+    let big = |i: u8| UserRecord::new(format!("k{i}"), vec![i; (1 << 20) - 2]);
+    let cap = 3 * ((1 << 20) + kinesis_producer::RECORD_OVERHEAD_BYTES) + 100;
+    let config = ProducerConfig { max_buffered_bytes: cap, ..Default::default() };
+    let p = producer(&transport, config);
+    let mut receipts = Vec::new();
+    for i in 0..3 {
+        receipts.push(p.try_put(big(i)).await.expect("room for three"));
+    }
+    let refused = p.try_put(big(3)).await.unwrap_err();
+    assert!(refused.is_full());
+    // Small records: the overhead, not their size, is what fills the rest.
+    let small = p.try_put(UserRecord::new("s", "x")).await;
+    assert!(small.is_err(), "100 bytes left is less than one record's overhead");
+    drop(receipts);
+}
+
+#[tokio::test(start_paused = true)]
 async fn bad_input_is_refused_at_put_with_the_record() {
     let transport = MemoryTransport::new(1);
     let p = producer(&transport, ProducerConfig::default());
@@ -434,4 +455,50 @@ async fn after_long_throttling_records_go_within_a_second_of_the_shard_having_ro
     let tail = cleared.elapsed();
     assert!(tail <= Duration::from_millis(1_300), "throttled records wait at most about 1 s: {tail:?}");
     // Transient errors keep the full exponential backoff (checked by the TTL test's attempt count).
+}
+
+#[tokio::test(start_paused = true)]
+async fn sustained_overload_of_a_shard_window_limit_expires_nothing() {
+    use futures_util::StreamExt;
+    // Kinesis's limits, counted per one-second window as the service (and ferrokinesis) does.
+    let transport = MemoryTransport::new(4).discarding();
+    transport.set_faults(Faults::ShardLimits { bytes: 1 << 20, records: 1_000 });
+    let config = ProducerConfig { max_buffered_records: 100_000, ..Default::default() };
+    let p = producer(&transport, config);
+    // Put as fast as back-pressure allows, for 45 s: more than the TTL (30 s) of sustained overload.
+    let started = Instant::now();
+    let mut receipts = futures_util::stream::FuturesUnordered::<kinesis_producer::ReceiptFuture>::new();
+    let (mut sent, mut delivered, mut max_attempts) = (0usize, 0usize, 0usize);
+    let mut failures = Vec::new();
+    while started.elapsed() < Duration::from_secs(45) {
+        let record = UserRecord::new(format!("key-{:012}", sent % 1_000), format!("{sent:0>100}"));
+        tokio::select! {
+            biased;
+            Some(result) = receipts.next(), if !receipts.is_empty() => match result {
+                Ok(receipt) => { delivered += 1; max_attempts = max_attempts.max(receipt.attempts.len()); }
+                Err(error) => failures.push(error),
+            },
+            put = p.put(record) => { receipts.push(put.unwrap()); sent += 1; }
+        }
+    }
+    p.flush().await;
+    while let Some(result) = receipts.next().await {
+        match result {
+            Ok(receipt) => {
+                delivered += 1;
+                max_attempts = max_attempts.max(receipt.attempts.len());
+            }
+            Err(error) => failures.push(error),
+        }
+    }
+    let m = p.metrics();
+    assert!(m.retries > 0, "the shard was overloaded: {m:?}");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} records failed, the first: {:?}",
+        failures.len(),
+        failures[0].attempts()
+    );
+    assert_eq!(delivered, sent);
+    eprintln!("{sent} records over 45 s: at most {max_attempts} attempts, {} retries", m.retries);
 }

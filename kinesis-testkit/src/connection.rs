@@ -19,6 +19,9 @@ pub enum Origin {
     Environment,
     /// A kinesis-local process started by [`KinesisLocal`](crate::KinesisLocal).
     KinesisLocal,
+    /// A local server whose URL the caller gave ([`Kinesis::connect`](crate::Kinesis::connect)),
+    /// e.g. one this test bed started in another process.
+    Given,
 }
 
 /// Endpoint, region and credentials: all an SDK client needs.

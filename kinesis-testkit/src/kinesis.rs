@@ -100,6 +100,12 @@ impl Kinesis {
         Ok(Self { connection, _server: Some(server) })
     }
 
+    /// A handle on a local server at `endpoint_url` that something else runs (another process
+    /// of this test bed, a standalone emulator): dummy credentials, `us-east-1`.
+    pub fn connect(endpoint_url: impl Into<String>) -> Self {
+        Self::external(Connection::local(endpoint_url.into(), Origin::Given))
+    }
+
     /// A handle on an endpoint that something else runs.
     pub(crate) fn external(connection: Connection) -> Self {
         Self { connection, _server: None }
