@@ -34,7 +34,8 @@ pub struct ProducerConfig {
     pub record_max_buffered_time: Duration,
     /// How long a record may take to be delivered, retries included (KPL `RecordTtl`). Default 30 s.
     pub record_ttl: Duration,
-    /// Per-shard rate limit as a percentage of the shard's write limit (KPL `RateLimit`). Default 150.
+    /// Per-shard rate limit as a percentage of the shard's write limit (KPL `RateLimit`). Default
+    /// 150. It is the ceiling: a throttled shard cuts its own rate below it and grows it back.
     pub rate_limit_percent: u32,
     /// A shard's write limit in records per second. Default 1,000.
     pub shard_records_per_second: u32,

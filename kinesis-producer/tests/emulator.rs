@@ -110,25 +110,39 @@ async fn a_load_of_three_times_a_throttled_shard_is_all_delivered_with_retries()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_split_in_the_middle_of_production_loses_nothing() {
     let kinesis = Kinesis::start().await.expect("start Kinesis");
-    let client = kinesis.client();
     let stream = kinesis.create_stream(2).await.expect("create a 2-shard stream");
-    let producer = Producer::builder(client.clone(), &stream).build().expect("producer");
+    split_in_the_middle_of_production(kinesis.client(), &stream, 20_000).await;
+}
+
+/// The same against kinesis-local, which closes the parent with ChildShards and pages ListShards
+/// as the service does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_split_in_the_middle_of_production_loses_nothing_on_kinesis_local() {
+    let local = kinesis_testkit::KinesisLocal::start().await.expect("kinesis-local must be available for this test");
+    let stream = local.create_stream(2).await.expect("create a 2-shard stream");
+    split_in_the_middle_of_production(local.client(), &stream, 6_000).await;
+}
+
+/// Produces `records` records to a 2-shard stream, splitting its first shard half way; then reads
+/// everything back as the KCL would and checks every receipt against it.
+async fn split_in_the_middle_of_production(client: aws_sdk_kinesis::Client, stream: &str, records: usize) {
+    let producer = Producer::builder(client.clone(), stream).build().expect("producer");
 
     let mut receipts = Vec::new();
-    for i in 0..20_000 {
-        if i == 10_000 {
+    for i in 0..records {
+        if i == records / 2 {
             producer.flush().await;
-            let parent = list_all_shards(&client, &stream).await.unwrap().remove(0);
+            let parent = list_all_shards(&client, stream).await.unwrap().remove(0);
             let middle = parent.starting_hash_key + (parent.ending_hash_key - parent.starting_hash_key) / 2;
             client
                 .split_shard()
-                .stream_name(&stream)
+                .stream_name(stream)
                 .shard_to_split(&parent.shard_id)
                 .new_starting_hash_key((middle + 1).to_string())
                 .send()
                 .await
                 .expect("SplitShard");
-            kinesis_testkit::wait_until_stream_active(&client, &stream).await.expect("ACTIVE after the split");
+            kinesis_testkit::wait_until_stream_active(&client, stream).await.expect("ACTIVE after the split");
         }
         let record = UserRecord::new(format!("device-{}", i % 500), format!("reading {i:06}"));
         receipts.push(producer.put(record).await.expect("buffered"));
@@ -136,10 +150,10 @@ async fn a_shard_split_in_the_middle_of_production_loses_nothing() {
     producer.flush().await;
 
     // Read as the KCL does: an aggregate holding any sub-record outside its shard is dropped whole.
-    let shards = list_all_shards(&client, &stream).await.unwrap();
+    let shards = list_all_shards(&client, stream).await.unwrap();
     assert_eq!(shards.len(), 4, "two shards, one split into two");
     let mut readable: HashMap<Bytes, Vec<(String, String, Option<u64>)>> = HashMap::new();
-    for record in read_stream(&client, &stream).await.expect("read the stream") {
+    for record in read_stream(&client, stream).await.expect("read the stream") {
         let shard = shards.iter().find(|s| s.shard_id == record.shard_id).unwrap();
         let out = kinesis_aggregation::deaggregate(&record.partition_key, Bytes::from(record.data));
         let misplaced = out.records.iter().any(|u| !shard.contains(kinesis_aggregation::hash_key(u.partition_key())));
