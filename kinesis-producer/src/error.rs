@@ -63,6 +63,9 @@ pub enum PutErrorReason {
         /// The limit.
         max: usize,
     },
+    /// The explicit hash key given as text is not a decimal from 0 to 2^128-1.
+    #[error("invalid explicit hash key")]
+    InvalidExplicitHashKey(#[source] kinesis_aggregation::InvalidHashKey),
     /// The producer is shut down.
     #[error("the producer is shut down")]
     Shutdown,

@@ -18,7 +18,8 @@
 //!   deadline (RecordTtl, 30 s): past it, the receipt fails with [`ErrorKind::Expired`] and hands
 //!   the record back. The SDK's own retries are off; see [`transport`] for who retries what.
 //! - Bad input (an empty or over-256-character partition key, a record over the stream's record
-//!   limit, a put after shutdown) fails at `put` with a [`PutError`] that hands the record back.
+//!   limit, an explicit hash key given as text that is not a decimal in 0..2^128, a put after
+//!   shutdown) fails at `put` with a [`PutError`] that hands the record back.
 
 mod batch;
 mod config;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-use kinesis_aggregation::{UserRecord, validate_partition_key};
+use kinesis_aggregation::{HashKey, UserRecord, validate_partition_key};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -141,6 +141,23 @@ impl Producer {
             return Err(PutError::new(PutErrorReason::Shutdown, record));
         };
         self.enqueue(record, size, (r, b)).await
+    }
+
+    /// [`Producer::put`] with the explicit hash key as text, as the KPL's `addUserRecord` takes it:
+    /// the record is routed by it instead of its partition key's MD5.
+    ///
+    /// # Errors
+    /// As [`Producer::put`], and [`PutErrorReason::InvalidExplicitHashKey`], handing the record
+    /// back unchanged, when the text is not a decimal from 0 to 2^128-1.
+    pub async fn put_with_explicit_hash_key(
+        &self,
+        record: UserRecord,
+        explicit_hash_key: &str,
+    ) -> Result<ReceiptFuture, PutError> {
+        match HashKey::parse(explicit_hash_key) {
+            Ok(key) => self.put(record.with_explicit_hash_key(key)).await,
+            Err(invalid) => Err(PutError::new(PutErrorReason::InvalidExplicitHashKey(invalid), record)),
+        }
     }
 
     /// Like [`Producer::put`], but returns [`PutErrorReason::Full`] instead of waiting for space.

@@ -249,6 +249,14 @@ async fn bad_input_is_refused_at_put_with_the_record() {
         assert!(error.reason().to_string().contains(words), "{}", error.reason());
         assert_eq!(error.into_record(), bad);
     }
+    // An explicit hash key as text: a decimal from 0 to 2^128-1, or the record comes back.
+    for text in ["", "-1", "01", "1e3", "340282366920938463463374607431768211456", "abc"] {
+        let error = p.put_with_explicit_hash_key(record(5), text).await.unwrap_err();
+        assert!(matches!(error.reason(), PutErrorReason::InvalidExplicitHashKey(_)), "{text:?}: {:?}", error.reason());
+        assert_eq!(error.into_record(), record(5));
+    }
+    let receipt = p.put_with_explicit_hash_key(record(6), "340282366920938463463374607431768211455").await.unwrap();
+    assert!(receipt.await.is_ok(), "2^128-1 is a valid explicit hash key");
     // 1 MiB including the key is allowed.
     let fits = UserRecord::new("k", vec![0u8; 1024 * 1024 - 1]);
     assert!(p.put(fits).await.unwrap().await.is_ok());
