@@ -39,23 +39,21 @@ fn config(aggregation: bool) -> ProducerConfig {
     }
 }
 
-/// One iteration: put every record (keeping the receipts) from `tasks` tasks at once, each with
-/// its share in order, then flush and await every receipt.
-async fn put_all(producer: Producer, records: Vec<UserRecord>, tasks: usize) {
-    let share = records.len().div_ceil(tasks);
-    let mut records = records.into_iter();
-    let mut putters = Vec::with_capacity(tasks);
-    for _ in 0..tasks {
-        let (producer, mine): (Producer, Vec<UserRecord>) = (producer.clone(), records.by_ref().take(share).collect());
+/// One iteration: each share of the records is put (keeping the receipts) by a task of its own,
+/// all at once; then flush and await every receipt.
+async fn put_all(producer: Producer, shares: Vec<Vec<UserRecord>>) {
+    let mut putters = Vec::with_capacity(shares.len());
+    for share in shares {
+        let producer = producer.clone();
         putters.push(tokio::spawn(async move {
-            let mut receipts = Vec::with_capacity(mine.len());
-            for record in mine {
+            let mut receipts = Vec::with_capacity(share.len());
+            for record in share {
                 receipts.push(producer.put(record).await.expect("put"));
             }
             receipts
         }));
     }
-    let mut all = Vec::with_capacity(tasks);
+    let mut all = Vec::with_capacity(putters.len());
     for putter in putters {
         all.push(putter.await.expect("a putting task"));
     }
@@ -89,12 +87,14 @@ fn bench(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    // The records are cloned here, outside the timed part: a clone is a String
-                    // allocation (the key) and a reference count (the data), not producer work.
-                    let batch = records.clone();
+                    // The records are cloned and shared out here, outside the timed part: a clone
+                    // is a String allocation (the key) and a reference count (the data), not
+                    // producer work.
+                    let share = RECORDS.div_ceil(tasks);
+                    let shares: Vec<Vec<UserRecord>> = records.chunks(share).map(<[UserRecord]>::to_vec).collect();
                     let started = Instant::now();
                     // `put_all` puts from tasks on the runtime, as an application would.
-                    rt.block_on(put_all(producer.clone(), batch, tasks));
+                    rt.block_on(put_all(producer.clone(), shares));
                     total += started.elapsed();
                 }
                 total
