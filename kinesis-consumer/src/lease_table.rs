@@ -1,0 +1,332 @@
+//! The lease table in DynamoDB, in the KCL 2.x schema: create it, list it, and change leases with
+//! writes that are all conditional.
+//!
+//! Every change is fenced on `leaseCounter` (the value this worker last saw) and, where the KCL
+//! does so (renew, release, checkpoint), on `leaseOwner`; every change bumps the counter. A failed
+//! condition means another worker changed the lease first: the call returns [`Outcome::Lost`],
+//! a value, not an error.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue, ScalarAttributeType,
+    TableStatus,
+};
+
+use crate::error::{ErrorKind, LeaseTableError, kind_of_code};
+use crate::lease::{self, Checkpoint, Lease};
+
+/// The result of a conditional change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use = "a lost lease must stop its processing"]
+pub enum Outcome {
+    /// The change was made; the lease as it is now (with its new counter).
+    Done(Box<Lease>),
+    /// Another worker changed the lease first (its counter or owner moved on): this worker no
+    /// longer holds it.
+    Lost,
+}
+
+/// A lease table.
+#[derive(Clone, Debug)]
+pub struct LeaseTable {
+    client: aws_sdk_dynamodb::Client,
+    name: String,
+}
+
+impl LeaseTable {
+    /// The table `name` through `client`.
+    pub fn new(client: aws_sdk_dynamodb::Client, name: impl Into<String>) -> Self {
+        LeaseTable { client, name: name.into() }
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Creates the table (hash key `leaseKey`, on-demand billing) unless it exists, and waits until
+    /// it is ACTIVE (up to `timeout`).
+    ///
+    /// # Errors
+    /// When CreateTable or DescribeTable fail, or the table is not ACTIVE in time.
+    pub async fn create_if_missing(&self, timeout: Duration) -> Result<(), LeaseTableError> {
+        let created = self
+            .client
+            .create_table()
+            .table_name(&self.name)
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(lease::LEASE_KEY)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .map_err(|e| LeaseTableError::invalid("CreateTable", e.to_string()))?,
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(lease::LEASE_KEY)
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .map_err(|e| LeaseTableError::invalid("CreateTable", e.to_string()))?,
+            )
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await;
+        match created {
+            Ok(_) => {}
+            // It exists already (or is being created by another worker).
+            Err(e) if e.code() == Some("ResourceInUseException") => {}
+            Err(e) => return Err(classify("CreateTable", e)),
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let described = self.client.describe_table().table_name(&self.name).send().await;
+            match described {
+                Ok(out) if out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) => return Ok(()),
+                Ok(_) => {}
+                // Not visible yet right after CreateTable on some endpoints.
+                Err(e) if e.code() == Some("ResourceNotFoundException") => {}
+                Err(e) => return Err(classify("DescribeTable", e)),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LeaseTableError::new(
+                    ErrorKind::Transient,
+                    "DescribeTable",
+                    None,
+                    Some(format!("table {} not ACTIVE within {timeout:?}", self.name).into()),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every lease, read consistently (all pages). Rows that are not leases are skipped.
+    ///
+    /// # Errors
+    /// When a Scan fails, or a row is not a valid lease.
+    pub async fn list(&self) -> Result<Vec<Lease>, LeaseTableError> {
+        let mut leases = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&self.name)
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify("Scan", e))?;
+            for item in out.items() {
+                if let Some(lease) = Lease::from_item(item).map_err(|what| LeaseTableError::invalid("Scan", what))? {
+                    leases.push(lease);
+                }
+            }
+            match out.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => return Ok(leases),
+            }
+        }
+    }
+
+    /// One lease, read consistently; `None` when there is no such row, or it is not a lease.
+    ///
+    /// # Errors
+    /// When GetItem fails, or the row is not a valid lease.
+    pub async fn get(&self, key: &str) -> Result<Option<Lease>, LeaseTableError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.name)
+            .key(lease::LEASE_KEY, AttributeValue::S(key.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("GetItem", e))?;
+        match out.item() {
+            Some(item) => Lease::from_item(item).map_err(|what| LeaseTableError::invalid("GetItem", what)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a new lease unless a row with its key exists. `Ok(false)`: it exists.
+    ///
+    /// # Errors
+    /// When PutItem fails for another reason.
+    pub async fn create(&self, lease: &Lease) -> Result<bool, LeaseTableError> {
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.name)
+            .set_item(Some(lease.to_item()))
+            .condition_expression("attribute_not_exists(#key)")
+            .expression_attribute_names("#key", lease::LEASE_KEY)
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(classify("PutItem", e)),
+        }
+    }
+
+    /// Renews a held lease: bumps its counter, if the counter and the owner are still the ones
+    /// seen.
+    ///
+    /// # Errors
+    /// When UpdateItem fails for another reason than the condition.
+    pub async fn renew(&self, lease: &Lease) -> Result<Outcome, LeaseTableError> {
+        let Some(owner) = &lease.owner else { return Ok(Outcome::Lost) };
+        Update::new(lease, "SET #counter = #counter + :one").owned_by(owner).run(self).await
+    }
+
+    /// Takes a lease (free, expired, or stolen) for `owner`, if its counter is still the one seen.
+    /// Bumps the counter and `ownerSwitchesSinceCheckpoint`.
+    ///
+    /// # Errors
+    /// When UpdateItem fails for another reason than the condition.
+    pub async fn take(&self, lease: &Lease, owner: &str) -> Result<Outcome, LeaseTableError> {
+        Update::new(
+            lease,
+            "SET #counter = #counter + :one, #owner = :new_owner, #switches = if_not_exists(#switches, :zero) + :one",
+        )
+        .value(":new_owner", AttributeValue::S(owner.to_owned()))
+        .value(":zero", AttributeValue::N("0".into()))
+        .name("#owner", lease::LEASE_OWNER)
+        .name("#switches", lease::OWNER_SWITCHES)
+        .run(self)
+        .await
+    }
+
+    /// Gives a held lease up: removes the owner (so another worker can take it at once) and bumps
+    /// the counter, if the counter and the owner are still the ones seen.
+    ///
+    /// # Errors
+    /// When UpdateItem fails for another reason than the condition.
+    pub async fn release(&self, lease: &Lease) -> Result<Outcome, LeaseTableError> {
+        let Some(owner) = &lease.owner else { return Ok(Outcome::Lost) };
+        Update::new(lease, "SET #counter = #counter + :one REMOVE #owner").owned_by(owner).run(self).await
+    }
+
+    /// Records a checkpoint on a held lease: sets it, clears the pending checkpoint and the owner
+    /// switches, bumps the counter, if the counter and the owner are still the ones seen. A lost
+    /// lease is never written: the new owner's progress stays.
+    ///
+    /// # Errors
+    /// When UpdateItem fails for another reason than the condition.
+    pub async fn checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint) -> Result<Outcome, LeaseTableError> {
+        let Some(owner) = &lease.owner else { return Ok(Outcome::Lost) };
+        let position =
+            Lease { checkpoint: checkpoint.clone(), ..Lease::new("", crate::Position::TrimHorizon) }.to_item();
+        Update::new(
+            lease,
+            "SET #counter = #counter + :one, #checkpoint = :checkpoint, #sub = :sub, #switches = :zero \
+             REMOVE #pending, #pending_sub",
+        )
+        .owned_by(owner)
+        .value(":checkpoint", position[lease::CHECKPOINT].clone())
+        .value(":sub", AttributeValue::N(checkpoint.sub_sequence.to_string()))
+        .value(":zero", AttributeValue::N("0".into()))
+        .name("#checkpoint", lease::CHECKPOINT)
+        .name("#sub", lease::CHECKPOINT_SUB_SEQUENCE)
+        .name("#switches", lease::OWNER_SWITCHES)
+        .name("#pending", lease::PENDING_CHECKPOINT)
+        .name("#pending_sub", lease::PENDING_CHECKPOINT_SUB_SEQUENCE)
+        .run(self)
+        .await
+    }
+}
+
+/// A conditional UpdateItem on one lease: `#counter = :seen` (and `#owner = :owner` when fenced
+/// on the owner), returning the new row.
+struct Update {
+    key: String,
+    expression: String,
+    condition: String,
+    names: HashMap<String, String>,
+    values: HashMap<String, AttributeValue>,
+}
+
+impl Update {
+    fn new(lease: &Lease, expression: &str) -> Self {
+        let mut update = Update {
+            key: lease.key.clone(),
+            expression: expression.to_owned(),
+            condition: "#counter = :seen".into(),
+            names: HashMap::new(),
+            values: HashMap::new(),
+        };
+        update.names.insert("#counter".into(), lease::LEASE_COUNTER.into());
+        update.values.insert(":seen".into(), AttributeValue::N(lease.counter.to_string()));
+        update.values.insert(":one".into(), AttributeValue::N("1".into()));
+        update
+    }
+
+    fn owned_by(mut self, owner: &str) -> Self {
+        self.condition.push_str(" AND #owner = :owner");
+        self.names.insert("#owner".into(), lease::LEASE_OWNER.into());
+        self.values.insert(":owner".into(), AttributeValue::S(owner.to_owned()));
+        self
+    }
+
+    fn name(mut self, placeholder: &str, attribute: &str) -> Self {
+        self.names.insert(placeholder.into(), attribute.into());
+        self
+    }
+
+    fn value(mut self, placeholder: &str, value: AttributeValue) -> Self {
+        self.values.insert(placeholder.into(), value);
+        self
+    }
+
+    async fn run(self, table: &LeaseTable) -> Result<Outcome, LeaseTableError> {
+        let updated = table
+            .client
+            .update_item()
+            .table_name(&table.name)
+            .key(lease::LEASE_KEY, AttributeValue::S(self.key))
+            .update_expression(self.expression)
+            .condition_expression(self.condition)
+            .set_expression_attribute_names(Some(self.names))
+            .set_expression_attribute_values(Some(self.values))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match updated {
+            Ok(out) => {
+                let item = out.attributes().ok_or_else(|| {
+                    LeaseTableError::invalid("UpdateItem", "UpdateItem returned no attributes".into())
+                })?;
+                match Lease::from_item(item).map_err(|what| LeaseTableError::invalid("UpdateItem", what))? {
+                    Some(lease) => Ok(Outcome::Done(Box::new(lease))),
+                    None => Err(LeaseTableError::invalid("UpdateItem", "the row is not a lease".into())),
+                }
+            }
+            Err(e) if is_condition_failed(&e) => Ok(Outcome::Lost),
+            Err(e) => Err(classify("UpdateItem", e)),
+        }
+    }
+}
+
+fn is_condition_failed<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
+    error.code() == Some("ConditionalCheckFailedException")
+}
+
+/// Classifies an SDK error before it is boxed.
+fn classify<E, R>(operation: &'static str, error: SdkError<E, R>) -> LeaseTableError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let code = error.code().map(str::to_owned);
+    let kind = match (&error, code.as_deref()) {
+        (SdkError::ServiceError(_), Some(code)) => kind_of_code(code),
+        (SdkError::ServiceError(_), None) => ErrorKind::Fatal,
+        (SdkError::ConstructionFailure(_), _) => ErrorKind::Invalid,
+        // Timeouts, dispatch (connection) failures, unreadable responses may pass.
+        _ => ErrorKind::Transient,
+    };
+    LeaseTableError::new(kind, operation, code, Some(Box::new(error)))
+}

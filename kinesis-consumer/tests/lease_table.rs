@@ -1,0 +1,198 @@
+//! The lease table against a real DynamoDB server (embedded dynoxide, or
+//! `AWS_ENDPOINT_URL_DYNAMODB`): the KCL 2.x schema, and conditional writes that two workers race.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use kinesis_consumer::{Checkpoint, Lease, LeaseTable, Outcome, Position};
+use kinesis_testkit::DynamoDb;
+
+/// The attribute names of a KCL 2.x lease row, and their types.
+const KCL_ATTRIBUTES: &[(&str, &str)] = &[
+    ("leaseKey", "S"),
+    ("leaseOwner", "S"),
+    ("leaseCounter", "N"),
+    ("checkpoint", "S"),
+    ("checkpointSubSequenceNumber", "N"),
+    ("pendingCheckpoint", "S"),
+    ("pendingCheckpointSubSequenceNumber", "N"),
+    ("ownerSwitchesSinceCheckpoint", "N"),
+    ("parentShardId", "SS"),
+    ("childShardIds", "SS"),
+    ("startingHashKey", "S"),
+    ("endingHashKey", "S"),
+];
+
+/// A new lease table (a unique name: the endpoint may be shared through the environment).
+async fn table() -> (DynamoDb, LeaseTable) {
+    static TABLES: AtomicUsize = AtomicUsize::new(0);
+    let dynamodb = DynamoDb::start().await.expect("start DynamoDB");
+    let name = format!("leases-{}-{}", std::process::id(), TABLES.fetch_add(1, Ordering::Relaxed));
+    let table = LeaseTable::new(dynamodb.client(), name);
+    table.create_if_missing(Duration::from_secs(30)).await.expect("create the lease table");
+    (dynamodb, table)
+}
+
+fn done(outcome: Outcome) -> Lease {
+    match outcome {
+        Outcome::Done(lease) => *lease,
+        Outcome::Lost => panic!("the lease was lost"),
+    }
+}
+
+fn type_of(value: &AttributeValue) -> &'static str {
+    match value {
+        AttributeValue::S(_) => "S",
+        AttributeValue::N(_) => "N",
+        AttributeValue::Ss(_) => "SS",
+        _ => "other",
+    }
+}
+
+#[tokio::test]
+async fn two_workers_race_and_every_write_is_fenced_on_the_counter() {
+    let (_dynamodb, table) = table().await;
+    // Creating the table again is a no-op.
+    table.create_if_missing(Duration::from_secs(30)).await.expect("idempotent");
+    assert!(table.list().await.unwrap().is_empty());
+
+    let lease = Lease::new("shardId-000000000001", Position::TrimHorizon);
+    assert!(table.create(&lease).await.unwrap());
+    assert!(!table.create(&lease).await.unwrap(), "a lease is created once");
+
+    // Both workers saw counter 0; only one take succeeds.
+    let a = done(table.take(&lease, "worker-a").await.unwrap());
+    assert_eq!((a.owner.as_deref(), a.counter, a.owner_switches_since_checkpoint), (Some("worker-a"), 1, 1));
+    assert_eq!(table.take(&lease, "worker-b").await.unwrap(), Outcome::Lost, "b's view is stale");
+
+    // a renews and checkpoints; each bumps the counter.
+    let a = done(table.renew(&a).await.unwrap());
+    assert_eq!(a.counter, 2);
+    let position = Checkpoint {
+        position: Position::Sequence("49590338271490256608559692538361571095921575989136588898".into()),
+        sub_sequence: 3,
+    };
+    let a = done(table.checkpoint(&a, &position).await.unwrap());
+    assert_eq!((a.counter, &a.checkpoint, a.owner_switches_since_checkpoint), (3, &position, 0));
+
+    // b watches the counter, then takes the lease (as after a's death, or a steal).
+    let seen_by_b = table.get(&lease.key).await.unwrap().expect("the lease");
+    let b = done(table.take(&seen_by_b, "worker-b").await.unwrap());
+    assert_eq!((b.owner.as_deref(), b.counter), (Some("worker-b"), 4));
+
+    // a no longer holds it: its renew and checkpoint are refused, and b's progress stays.
+    assert_eq!(table.renew(&a).await.unwrap(), Outcome::Lost);
+    let later = Checkpoint {
+        position: Position::Sequence("49590338271490256608559692538361571095921575989136599999".into()),
+        sub_sequence: 0,
+    };
+    assert_eq!(table.checkpoint(&a, &later).await.unwrap(), Outcome::Lost, "a lost lease is never written");
+    assert_eq!(table.get(&lease.key).await.unwrap().unwrap(), b);
+    // Fencing on the owner: even with the current counter, another worker cannot checkpoint or renew.
+    let forged = Lease { owner: Some("worker-a".into()), ..b.clone() };
+    assert_eq!(table.checkpoint(&forged, &later).await.unwrap(), Outcome::Lost);
+    assert_eq!(table.renew(&forged).await.unwrap(), Outcome::Lost);
+
+    // b releases: the lease is free at once, and can be taken by its new counter.
+    let free = done(table.release(&b).await.unwrap());
+    assert_eq!((free.owner.as_deref(), free.counter), (None, 5));
+    assert_eq!(table.release(&b).await.unwrap(), Outcome::Lost, "released once");
+    let a = done(table.take(&free, "worker-a").await.unwrap());
+    assert_eq!(
+        (a.checkpoint, a.owner_switches_since_checkpoint),
+        (position, 2),
+        "the checkpoint survives two owner switches"
+    );
+}
+
+#[tokio::test]
+async fn rows_have_the_kcl_names_and_types_and_kcl_rows_are_read() {
+    let (dynamodb, table) = table().await;
+    let mut lease = Lease::new("shardId-000000000004", Position::ShardEnd);
+    lease.parent_shard_ids = vec!["shardId-000000000001".into(), "shardId-000000000002".into()];
+    lease.child_shard_ids = vec!["shardId-000000000007".into()];
+    lease.hash_range = Some(kinesis_aggregation::HashKeyRange::new(10, 20).unwrap());
+    lease.pending_checkpoint = Some(Checkpoint::at(Position::Sequence("123".into())));
+    assert!(table.create(&lease).await.unwrap());
+    let lease = done(table.take(&lease, "worker-a").await.unwrap());
+    let _ = done(table.renew(&lease).await.unwrap());
+
+    // A row written by the Java KCL (2.x), and a newer KCL row that is not a lease.
+    let client = dynamodb.client();
+    let kcl_row: HashMap<String, AttributeValue> = [
+        ("leaseKey", AttributeValue::S("shardId-000000000009".into())),
+        ("leaseOwner", AttributeValue::S("java-worker-1".into())),
+        ("leaseCounter", AttributeValue::N("17".into())),
+        ("checkpoint", AttributeValue::S("49590338271490256608559692538361571095921575989136588898".into())),
+        ("checkpointSubSequenceNumber", AttributeValue::N("0".into())),
+        ("ownerSwitchesSinceCheckpoint", AttributeValue::N("0".into())),
+        ("parentShardId", AttributeValue::Ss(vec!["shardId-000000000003".into()])),
+        ("startingHashKey", AttributeValue::S("0".into())),
+        ("endingHashKey", AttributeValue::S("340282366920938463463374607431768211455".into())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let other_row: HashMap<String, AttributeValue> = [
+        ("leaseKey", AttributeValue::S("worker-metrics:java-worker-1".into())),
+        ("entityType", AttributeValue::S("WORKER_METRICS_STATS".into())),
+        ("lastUpdateTime", AttributeValue::N("1700000000".into())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for row in [kcl_row, other_row] {
+        client.put_item().table_name(table.name()).set_item(Some(row)).send().await.expect("PutItem");
+    }
+
+    let mut leases = table.list().await.unwrap();
+    leases.sort_by(|a, b| a.key.cmp(&b.key));
+    let keys: Vec<&str> = leases.iter().map(|l| l.key.as_str()).collect();
+    assert_eq!(keys, ["shardId-000000000004", "shardId-000000000009"], "the non-LEASE row is skipped");
+    let java = &leases[1];
+    assert_eq!((java.owner.as_deref(), java.counter), (Some("java-worker-1"), 17));
+    assert_eq!(java.parent_shard_ids, ["shardId-000000000003"]);
+    assert_eq!(java.hash_range, Some(kinesis_aggregation::HashKeyRange::ALL));
+
+    // Our row, as stored: only KCL attribute names, each with the KCL type.
+    let item = client
+        .get_item()
+        .table_name(table.name())
+        .key("leaseKey", AttributeValue::S("shardId-000000000004".into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("GetItem")
+        .item
+        .expect("the row");
+    for (name, value) in &item {
+        let expected =
+            KCL_ATTRIBUTES.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} is not a KCL attribute"));
+        assert_eq!(type_of(value), expected.1, "{name}");
+    }
+    for name in [
+        "leaseKey",
+        "leaseOwner",
+        "leaseCounter",
+        "checkpoint",
+        "checkpointSubSequenceNumber",
+        "ownerSwitchesSinceCheckpoint",
+        "parentShardId",
+        "childShardIds",
+        "startingHashKey",
+        "endingHashKey",
+        "pendingCheckpoint",
+    ] {
+        assert!(item.contains_key(name), "{name} is written");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_table_is_a_typed_not_found() {
+    let dynamodb = DynamoDb::start().await.expect("start DynamoDB");
+    let table = LeaseTable::new(dynamodb.client_without_retries(), "no-such-lease-table");
+    let error = table.list().await.unwrap_err();
+    assert_eq!(error.kind, kinesis_consumer::ErrorKind::NotFound, "{error}");
+}
