@@ -193,15 +193,12 @@ type Sample = (f64, u64, u64, bool);
 /// What one mode's run measured.
 struct RunResult {
     mode: Mode,
-    sent: u64,
     delivered: u64,
     failed: u64,
     secs: f64,
     /// Median per-second rates under load (putting, or a backlog buffered), leaving out the
     /// first two seconds (ramp-up): user records/s and Kinesis bytes/s (partition key + data).
     steady: Option<(f64, f64)>,
-    kinesis_bytes: u64,
-    kinesis_records: u64,
     retries: u64,
     peak_rss: Option<u64>,
     buffer_cap: usize,
@@ -331,13 +328,10 @@ async fn run(mode: Mode, client: aws_sdk_kinesis::Client, stream: String, args: 
     );
     Ok(RunResult {
         mode,
-        sent,
         delivered,
         failed,
         secs,
         steady,
-        kinesis_bytes: m.kinesis_records_data_put,
-        kinesis_records: m.kinesis_records_put,
         retries: m.retries,
         peak_rss: peak_rss_bytes(),
         buffer_cap,
@@ -381,7 +375,6 @@ fn print_summary(results: &[RunResult], args: &Args) {
             rss * 1_048_576.0 / r.buffer_cap as f64,
             if i > 0 { " *" } else { "" },
         );
-        let _ = (r.sent, r.kinesis_bytes, r.kinesis_records);
     }
     if let Some(first) = results.first() {
         for other in &results[1..] {

@@ -35,7 +35,7 @@ pub enum Position {
 }
 
 impl Position {
-    fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match self {
             Position::TrimHorizon => "TRIM_HORIZON",
             Position::Latest => "LATEST",

@@ -218,15 +218,13 @@ impl LeaseTable {
     /// When UpdateItem fails for another reason than the condition.
     pub async fn checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint) -> Result<Outcome, LeaseTableError> {
         let Some(owner) = &lease.owner else { return Ok(Outcome::Lost) };
-        let position =
-            Lease { checkpoint: checkpoint.clone(), ..Lease::new("", crate::Position::TrimHorizon) }.to_item();
         Update::new(
             lease,
             "SET #counter = #counter + :one, #checkpoint = :checkpoint, #sub = :sub, #switches = :zero \
              REMOVE #pending, #pending_sub",
         )
         .owned_by(owner)
-        .value(":checkpoint", position[lease::CHECKPOINT].clone())
+        .value(":checkpoint", AttributeValue::S(checkpoint.position.as_str().to_owned()))
         .value(":sub", AttributeValue::N(checkpoint.sub_sequence.to_string()))
         .value(":zero", AttributeValue::N("0".into()))
         .name("#checkpoint", lease::CHECKPOINT)
