@@ -59,7 +59,8 @@ impl Metrics {
 pub struct MetricsSnapshot {
     /// `UserRecordsReceived`: records accepted by `put`.
     pub user_records_received: u64,
-    /// `UserRecordsPending`: records buffered, not yet resolved.
+    /// `UserRecordsPending`: records buffered, not yet resolved, as the pipeline task last counted
+    /// them (it may lag a receipt by one pass of the task; after `flush` it is exact).
     pub user_records_pending: u64,
     /// `UserRecordsPut`: records delivered.
     pub user_records_put: u64,

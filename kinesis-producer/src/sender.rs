@@ -117,14 +117,20 @@ fn deliver(
     duration: Duration,
     now: Instant,
 ) -> u64 {
+    // Counted before any receipt resolves: whoever holds a receipt sees its record in the metrics.
     let count = entry.members.len() as u64;
-    let (mut data, mut buffering) = (0, 0);
+    let data: u64 = entry.members.iter().map(|m| m.size as u64).sum();
+    let buffering: u64 =
+        entry.members.iter().map(|m| now.saturating_duration_since(m.enqueued).as_micros() as u64).sum();
+    metrics.kinesis_records_put.fetch_add(1, Relaxed);
+    metrics.kinesis_records_data_put.fetch_add(entry.size as u64, Relaxed);
+    metrics.user_records_put.fetch_add(count, Relaxed);
+    metrics.user_records_data_put.fetch_add(data, Relaxed);
+    metrics.buffering_time_micros.fetch_add(buffering, Relaxed);
     // The buffer space of every member goes back at once, at the end: two semaphore releases for
     // the entry, not two a record.
     let mut space: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> = None;
     for (index, mut member) in entry.members.into_iter().enumerate() {
-        data += member.size as u64;
-        buffering += now.saturating_duration_since(member.enqueued).as_micros() as u64;
         let mut attempts = member.take_attempts();
         attempts.push(Attempt { at, duration, error_code: None });
         let receipt = Receipt {
@@ -145,10 +151,5 @@ fn deliver(
         let _ = reply.send(Ok(receipt));
     }
     drop(space);
-    metrics.kinesis_records_put.fetch_add(1, Relaxed);
-    metrics.kinesis_records_data_put.fetch_add(entry.size as u64, Relaxed);
-    metrics.user_records_put.fetch_add(count, Relaxed);
-    metrics.user_records_data_put.fetch_add(data, Relaxed);
-    metrics.buffering_time_micros.fetch_add(buffering, Relaxed);
     count
 }
