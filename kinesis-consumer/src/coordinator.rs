@@ -2,20 +2,26 @@
 //! rounds that take (and steal) more, up to its share.
 //!
 //! The rounds are explicit calls ([`LeaseCoordinator::renew_round`] every failover/3,
-//! [`LeaseCoordinator::take_round`] every 2 x failover, as the KCL does); the scheduler drives them.
+//! [`LeaseCoordinator::take_round`] every 2 x failover, as the KCL does); the scheduler drives them,
+//! the renewer on a task of its own so that a slow take round never delays a renewal. The handle
+//! is a cheap `Clone`.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::error::LeaseTableError;
+use crate::held::HeldLease;
 use crate::lease::Lease;
 use crate::lease_table::{LeaseTable, Outcome};
+use crate::metrics::Metrics;
 use crate::planner::{Observations, plan};
 
 /// Settings of a coordinator. Defaults are the KCL's.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CoordinatorConfig {
     /// This worker's id, written as `leaseOwner`.
     pub worker_id: String,
@@ -31,6 +37,12 @@ impl CoordinatorConfig {
         CoordinatorConfig { worker_id: worker_id.into(), failover: Duration::from_secs(10), max_steal_per_round: 1 }
     }
 
+    /// The same, with another failover time.
+    pub fn with_failover(mut self, failover: Duration) -> Self {
+        self.failover = failover;
+        self
+    }
+
     /// How often held leases are renewed: a third of the failover time.
     pub fn renew_interval(&self) -> Duration {
         self.failover / 3
@@ -40,120 +52,227 @@ impl CoordinatorConfig {
     pub fn take_interval(&self) -> Duration {
         self.failover * 2
     }
+
+    /// How long after its last successful write a held lease may still be processed: two thirds
+    /// of the failover time, so that processing stops before other workers may see the lease as
+    /// expired.
+    pub fn validity(&self) -> Duration {
+        self.failover * 2 / 3
+    }
 }
 
 /// One worker's leases.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LeaseCoordinator {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     table: LeaseTable,
     config: CoordinatorConfig,
-    held: BTreeMap<String, Lease>,
-    observations: Observations,
+    held: Mutex<BTreeMap<String, Arc<HeldLease>>>,
+    observations: Mutex<Observations>,
+    metrics: Arc<Metrics>,
 }
 
 impl LeaseCoordinator {
     /// A coordinator holding nothing yet.
     pub fn new(table: LeaseTable, config: CoordinatorConfig) -> Self {
-        LeaseCoordinator { table, config, held: BTreeMap::new(), observations: Observations::default() }
+        Self::with_metrics(table, config, Arc::default())
+    }
+
+    pub(crate) fn with_metrics(table: LeaseTable, config: CoordinatorConfig, metrics: Arc<Metrics>) -> Self {
+        LeaseCoordinator {
+            inner: Arc::new(Inner {
+                table,
+                config,
+                held: Mutex::new(BTreeMap::new()),
+                observations: Mutex::new(Observations::default()),
+                metrics,
+            }),
+        }
     }
 
     /// The settings.
     pub fn config(&self) -> &CoordinatorConfig {
-        &self.config
+        &self.inner.config
     }
 
-    /// The leases held, as last written by this worker.
-    pub fn held(&self) -> impl Iterator<Item = &Lease> {
-        self.held.values()
+    /// The lease table.
+    pub fn table(&self) -> &LeaseTable {
+        &self.inner.table
     }
 
-    /// Replaces a held lease by its newer state (after a checkpoint moved its counter). A lease
-    /// not held is ignored.
-    pub fn update(&mut self, lease: Lease) {
-        if let Some(held) = self.held.get_mut(&lease.key) {
-            *held = lease;
-        }
+    fn held_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<HeldLease>>> {
+        self.inner.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Forgets a lease (its shard ended, or its processing stopped) without writing anything.
-    pub fn forget(&mut self, key: &str) -> Option<Lease> {
-        self.held.remove(key)
+    /// The leases held.
+    pub fn held(&self) -> Vec<Arc<HeldLease>> {
+        self.held_map().values().cloned().collect()
     }
 
-    /// Renews every held lease. Returns the keys of the leases lost (another worker took them);
-    /// they are no longer held. A lease whose renew failed otherwise is kept: the next round tries
-    /// again, and if it keeps failing other workers see the lease expire.
+    /// The keys of the leases held.
+    pub fn held_keys(&self) -> Vec<String> {
+        self.held_map().keys().cloned().collect()
+    }
+
+    /// A held lease.
+    pub fn get(&self, key: &str) -> Option<Arc<HeldLease>> {
+        self.held_map().get(key).cloned()
+    }
+
+    /// Forgets a lease (its processing stopped) without writing anything.
+    pub fn forget(&self, key: &str) -> Option<Arc<HeldLease>> {
+        let forgotten = self.held_map().remove(key);
+        self.count_held();
+        forgotten
+    }
+
+    fn count_held(&self) {
+        let n = self.held_map().len() as u64;
+        self.inner.metrics.held.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Renews every held lease, concurrently. Returns the keys of the leases lost: another worker
+    /// took them, or they could not be renewed for longer than their validity. They are marked
+    /// lost (their consumers stop) and forgotten. A lease whose renew failed otherwise is kept:
+    /// the next round tries again.
     ///
     /// # Errors
     /// The first error other than a lost lease, after every lease was tried.
-    pub async fn renew_round(&mut self) -> Result<Vec<String>, LeaseTableError> {
+    pub async fn renew_round(&self) -> Result<Vec<String>, LeaseTableError> {
+        let held = self.held();
+        let results = futures_util::future::join_all(held.iter().map(|h| self.renew(h))).await;
         let mut lost = Vec::new();
         let mut first_error = None;
-        let keys: Vec<String> = self.held.keys().cloned().collect();
-        for key in keys {
-            let Some(lease) = self.held.get(&key) else { continue };
-            match self.table.renew(lease).await {
-                Ok(Outcome::Done(renewed)) => {
-                    self.held.insert(key, *renewed);
-                }
-                Ok(Outcome::Lost) => {
-                    self.held.remove(&key);
-                    lost.push(key);
-                }
+        for (h, result) in held.iter().zip(results) {
+            match result {
+                Ok(true) => {}
+                Ok(false) => lost.push(h.key().to_owned()),
                 Err(error) => {
-                    tracing::warn!(lease = %key, %error, "renewing a lease failed");
+                    tracing::warn!(lease = h.key(), %error, "renewing a lease failed");
+                    if Instant::now() >= h.written_at() + self.inner.config.validity() {
+                        tracing::warn!(lease = h.key(), "lease not renewed in time: processing it stops");
+                        h.mark_lost();
+                        lost.push(h.key().to_owned());
+                    }
                     first_error.get_or_insert(error);
                 }
             }
         }
+        for key in &lost {
+            self.forget(key);
+        }
+        Metrics::add(&self.inner.metrics.leases_lost, lost.len() as u64);
         match first_error {
             Some(error) if lost.is_empty() => Err(error),
             _ => Ok(lost),
         }
     }
 
+    /// Renews one lease; `Ok(false)` when it is lost.
+    async fn renew(&self, held: &HeldLease) -> Result<bool, LeaseTableError> {
+        let mut lease = held.lock().await;
+        if held.is_lost() {
+            return Ok(false);
+        }
+        let sent = Instant::now();
+        match self.inner.table.renew(&lease).await? {
+            Outcome::Done(renewed) => {
+                *lease = *renewed;
+                held.written(sent);
+                Ok(true)
+            }
+            Outcome::Lost => {
+                held.mark_lost();
+                Ok(false)
+            }
+        }
+    }
+
     /// Lists the table, watches the counters, and takes (or steals) leases up to this worker's
-    /// share. Returns the keys of the leases gained.
+    /// share. Returns the leases gained.
     ///
     /// # Errors
     /// When listing the table fails, or a take fails with an error other than a lost race.
-    pub async fn take_round(&mut self, now: Instant) -> Result<Vec<String>, LeaseTableError> {
-        let leases = self.table.list().await?;
-        self.observations.observe(&leases, now);
-        let me = self.config.worker_id.as_str();
-        let failover = self.config.failover;
-        let expired = |lease: &Lease| self.observations.is_expired(lease, now, failover);
-        let round = plan(&leases, me, expired, self.config.max_steal_per_round);
+    pub async fn take_round(&self, now: Instant) -> Result<Vec<Arc<HeldLease>>, LeaseTableError> {
+        let leases = self.inner.table.list().await?;
+        let me = self.inner.config.worker_id.as_str();
+        let failover = self.inner.config.failover;
+        let round = {
+            let mut observations = self.inner.observations.lock().unwrap_or_else(|e| e.into_inner());
+            observations.observe(&leases, now);
+            plan(
+                &leases,
+                me,
+                |l: &Lease| observations.is_expired(l, now, failover),
+                self.inner.config.max_steal_per_round,
+            )
+        };
         // A lease the table says is ours but this coordinator does not hold (the worker restarted
         // under the same id) is taken back first: nobody else would, as it looks held.
-        let orphans: Vec<String> = leases
+        let held_keys = self.held_keys();
+        let orphans: Vec<&String> = leases
             .iter()
-            .filter(|l| l.owner.as_deref() == Some(me) && !self.held.contains_key(&l.key))
-            .map(|l| l.key.clone())
+            .filter(|l| {
+                l.owner.as_deref() == Some(me)
+                    && !held_keys.contains(&l.key)
+                    && l.checkpoint.position != crate::Position::ShardEnd
+            })
+            .map(|l| &l.key)
             .collect();
+        let stolen: Vec<&String> = round.steal.iter().collect();
         let mut gained = Vec::new();
-        for key in orphans.iter().chain(&round.take).chain(&round.steal) {
+        for key in orphans.into_iter().chain(&round.take).chain(stolen.iter().copied()) {
             let Some(lease) = leases.iter().find(|l| &l.key == key) else { continue };
-            match self.table.take(lease, me).await? {
+            let sent = Instant::now();
+            match self.inner.table.take(lease, me).await? {
                 Outcome::Done(taken) => {
-                    self.held.insert(key.clone(), *taken);
-                    gained.push(key.clone());
+                    let steal = stolen.contains(&key);
+                    // After a steal, the old owner may go on processing until its own validity
+                    // ends; processing here starts one failover time later.
+                    let not_before = if steal { sent + failover } else { sent };
+                    let held = Arc::new(HeldLease::new(*taken, sent, self.inner.config.validity(), not_before));
+                    self.held_map().insert(key.clone(), held.clone());
+                    Metrics::add(&self.inner.metrics.leases_taken, 1);
+                    if steal {
+                        Metrics::add(&self.inner.metrics.leases_stolen, 1);
+                    }
+                    tracing::info!(lease = %key, worker = me, stolen = steal, "lease taken");
+                    gained.push(held);
                 }
                 // Another worker was faster; the next round sees it.
                 Outcome::Lost => {}
             }
         }
+        self.count_held();
         Ok(gained)
+    }
+
+    /// Gives one held lease up (its shard is done, or its processing stopped) and forgets it.
+    ///
+    /// # Errors
+    /// When the write fails for another reason than a lost lease.
+    pub async fn release(&self, key: &str) -> Result<(), LeaseTableError> {
+        let Some(held) = self.forget(key) else { return Ok(()) };
+        let lease = held.lock().await;
+        held.mark_lost();
+        if let Outcome::Done(_) = self.inner.table.release(&lease).await? {
+            Metrics::add(&self.inner.metrics.leases_released, 1);
+        }
+        Ok(())
     }
 
     /// Gives every held lease up (graceful shutdown), so that other workers take them at once.
     ///
     /// # Errors
     /// The first error other than a lost lease, after every lease was tried.
-    pub async fn release_all(&mut self) -> Result<(), LeaseTableError> {
+    pub async fn release_all(&self) -> Result<(), LeaseTableError> {
         let mut first_error = None;
-        for (key, lease) in std::mem::take(&mut self.held) {
-            if let Err(error) = self.table.release(&lease).await {
+        for key in self.held_keys() {
+            if let Err(error) = self.release(&key).await {
                 tracing::warn!(lease = %key, %error, "releasing a lease failed");
                 first_error.get_or_insert(error);
             }

@@ -1,13 +1,19 @@
-//! Errors of the lease table. A lost lease is not one of them: it is [`crate::Outcome::Lost`].
-//! `Display` describes this layer only; the cause is in `source()`.
+//! The consumer's errors, classified before any SDK error is boxed. A lost lease is not one of
+//! them: it is [`crate::Outcome::Lost`] in the lease table, and [`CheckpointError::LeaseLost`] at a
+//! checkpoint. `Display` describes this layer only; the cause is in `source()`.
 
 /// Whether trying again can help.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// Throttling, a 5xx, a timeout or a connection error: retry later.
+    /// The service refused for throughput (a shard's read limit, a table's capacity): retry
+    /// later, more slowly.
+    Throttled,
+    /// A 5xx, a timeout or a connection error: retry later.
     Transient,
-    /// The table does not exist.
+    /// A shard iterator expired (they live 5 minutes): get a new one.
+    Expired,
+    /// The table or the stream does not exist.
     NotFound,
     /// A row that is not a valid lease, or a request the service refused as invalid.
     Invalid,
@@ -16,15 +22,23 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    /// Whether trying again can succeed.
+    /// Whether trying the same call again can succeed.
     pub fn is_retryable(self) -> bool {
-        self == ErrorKind::Transient
+        matches!(self, ErrorKind::Throttled | ErrorKind::Transient)
     }
+}
+
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+
+type Source = Option<Box<dyn std::error::Error + Send + Sync>>;
+
+fn code_suffix(code: &Option<String>) -> String {
+    code.as_deref().map(|c| format!(": {c}")).unwrap_or_default()
 }
 
 /// A lease-table call failed.
 #[derive(Debug, thiserror::Error)]
-#[error("lease table {operation} failed ({kind:?}){}", code.as_deref().map(|c| format!(": {c}")).unwrap_or_default())]
+#[error("lease table {operation} failed ({kind:?}){}", code_suffix(code))]
 pub struct LeaseTableError {
     /// What kind of failure, and so whether to retry.
     pub kind: ErrorKind,
@@ -37,12 +51,7 @@ pub struct LeaseTableError {
 }
 
 impl LeaseTableError {
-    pub(crate) fn new(
-        kind: ErrorKind,
-        operation: &'static str,
-        code: Option<String>,
-        source: Option<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
+    pub(crate) fn new(kind: ErrorKind, operation: &'static str, code: Option<String>, source: Source) -> Self {
         LeaseTableError { kind, operation, code, source }
     }
 
@@ -51,17 +60,134 @@ impl LeaseTableError {
     }
 }
 
+/// A Kinesis call failed.
+#[derive(Debug, thiserror::Error)]
+#[error("Kinesis {operation} failed ({kind:?}){}", code_suffix(code))]
+pub struct KinesisError {
+    /// What kind of failure, and so whether to retry.
+    pub kind: ErrorKind,
+    /// The call: "ListShards", "GetShardIterator", "GetRecords".
+    pub operation: &'static str,
+    /// The service's error code, when it gave one.
+    pub code: Option<String>,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl KinesisError {
+    pub(crate) fn new(kind: ErrorKind, operation: &'static str, code: Option<String>, source: Source) -> Self {
+        KinesisError { kind, operation, code, source }
+    }
+}
+
+/// A checkpoint was not recorded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    /// The lease is no longer this worker's: another worker took it, or it could not be renewed
+    /// in time. Nothing was written; the new owner's progress stands. Stop processing the shard.
+    #[error("the lease of shard {shard_id} is lost; the checkpoint was not written")]
+    LeaseLost {
+        /// The shard.
+        shard_id: String,
+    },
+    /// The position is not one this processor may record: not a sequence number, beyond the
+    /// records delivered, or before the checkpoint already recorded.
+    #[error("cannot checkpoint shard {shard_id} at {position}: {reason}")]
+    InvalidPosition {
+        /// The shard.
+        shard_id: String,
+        /// The position asked for.
+        position: String,
+        /// Why not.
+        reason: &'static str,
+    },
+    /// Writing to the lease table failed; the lease is still held, so trying again can succeed
+    /// when the error is retryable.
+    #[error("checkpointing shard {shard_id} failed")]
+    Table {
+        /// The shard.
+        shard_id: String,
+        /// The lease-table error.
+        #[source]
+        source: LeaseTableError,
+    },
+}
+
+impl CheckpointError {
+    /// Whether the lease is lost (stop processing), as opposed to a bad position or a failed write.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, CheckpointError::LeaseLost { .. })
+    }
+}
+
+/// A scheduler's settings are not usable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid consumer configuration: {field} {problem}")]
+pub struct ConfigError {
+    /// The setting.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// A scheduler stopped on an error it cannot work around.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SchedulerError {
+    /// The lease table could not be created or read.
+    #[error("the lease table is not usable")]
+    LeaseTable(#[source] LeaseTableError),
+    /// The stream's shards could not be listed.
+    #[error("the stream's shards could not be listed")]
+    Kinesis(#[source] KinesisError),
+    /// The scheduler task panicked or was aborted.
+    #[error("the scheduler task ended abnormally: {0}")]
+    Task(String),
+}
+
 /// Classifies a DynamoDB error code.
-pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
+pub(crate) fn kind_of_dynamodb_code(code: &str) -> ErrorKind {
     match code {
-        "ProvisionedThroughputExceededException"
-        | "ThrottlingException"
-        | "RequestLimitExceeded"
-        | "InternalServerError"
-        | "ServiceUnavailable"
-        | "LimitExceededException" => ErrorKind::Transient,
+        "ProvisionedThroughputExceededException" | "ThrottlingException" | "RequestLimitExceeded" => {
+            ErrorKind::Throttled
+        }
+        "InternalServerError" | "ServiceUnavailable" | "LimitExceededException" => ErrorKind::Transient,
         "ResourceNotFoundException" => ErrorKind::NotFound,
         "ValidationException" | "SerializationException" => ErrorKind::Invalid,
         _ => ErrorKind::Fatal,
     }
+}
+
+/// Classifies a Kinesis error code.
+pub(crate) fn kind_of_kinesis_code(code: &str) -> ErrorKind {
+    match code {
+        "ProvisionedThroughputExceededException"
+        | "LimitExceededException"
+        | "KMSThrottlingException"
+        | "ThrottlingException" => ErrorKind::Throttled,
+        "InternalFailure" | "InternalFailureException" | "ServiceUnavailable" | "ResourceInUseException" => {
+            ErrorKind::Transient
+        }
+        "ExpiredIteratorException" => ErrorKind::Expired,
+        "ResourceNotFoundException" => ErrorKind::NotFound,
+        "InvalidArgumentException" | "ValidationException" => ErrorKind::Invalid,
+        _ => ErrorKind::Fatal,
+    }
+}
+
+/// Classifies an SDK error before it is boxed, with `of_code` for service errors.
+pub(crate) fn classify_sdk<E, R>(error: &SdkError<E, R>, of_code: fn(&str) -> ErrorKind) -> (ErrorKind, Option<String>)
+where
+    E: ProvideErrorMetadata,
+{
+    let code = error.code().map(str::to_owned);
+    let kind = match (error, code.as_deref()) {
+        (SdkError::ServiceError(_), Some(code)) => of_code(code),
+        (SdkError::ServiceError(_), None) => ErrorKind::Fatal,
+        (SdkError::ConstructionFailure(_), _) => ErrorKind::Invalid,
+        // Timeouts, dispatch (connection) failures, unreadable responses may pass.
+        _ => ErrorKind::Transient,
+    };
+    (kind, code)
 }

@@ -15,7 +15,7 @@ use aws_sdk_dynamodb::types::{
     TableStatus,
 };
 
-use crate::error::{ErrorKind, LeaseTableError, kind_of_code};
+use crate::error::{ErrorKind, LeaseTableError, classify_sdk, kind_of_dynamodb_code};
 use crate::lease::{self, Checkpoint, Lease};
 
 /// The result of a conditional change.
@@ -318,13 +318,6 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let code = error.code().map(str::to_owned);
-    let kind = match (&error, code.as_deref()) {
-        (SdkError::ServiceError(_), Some(code)) => kind_of_code(code),
-        (SdkError::ServiceError(_), None) => ErrorKind::Fatal,
-        (SdkError::ConstructionFailure(_), _) => ErrorKind::Invalid,
-        // Timeouts, dispatch (connection) failures, unreadable responses may pass.
-        _ => ErrorKind::Transient,
-    };
+    let (kind, code) = classify_sdk(&error, kind_of_dynamodb_code);
     LeaseTableError::new(kind, operation, code, Some(Box::new(error)))
 }

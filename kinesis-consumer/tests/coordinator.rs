@@ -24,7 +24,7 @@ async fn table_with_leases(dynamodb: &DynamoDb, count: usize) -> LeaseTable {
 }
 
 fn worker(table: &LeaseTable, id: &str) -> LeaseCoordinator {
-    LeaseCoordinator::new(table.clone(), CoordinatorConfig { failover: FAILOVER, ..CoordinatorConfig::new(id) })
+    LeaseCoordinator::new(table.clone(), CoordinatorConfig::new(id).with_failover(FAILOVER))
 }
 
 /// Runs renew rounds every failover/3 and take rounds every 2 x failover (the KCL's cadence) for
@@ -65,7 +65,7 @@ async fn owners(table: &LeaseTable) -> BTreeMap<String, usize> {
 }
 
 fn held(w: &LeaseCoordinator) -> Vec<String> {
-    w.held().map(|l| l.key.clone()).collect()
+    w.held_keys()
 }
 
 #[tokio::test]
@@ -130,11 +130,11 @@ async fn workers_share_out_take_from_the_dead_and_make_room_for_the_new() {
 async fn a_restarted_worker_takes_back_the_leases_the_table_says_it_holds() {
     let dynamodb = DynamoDb::start().await.expect("start DynamoDB");
     let table = table_with_leases(&dynamodb, 2).await;
-    let mut before = worker(&table, "w");
+    let before = worker(&table, "w");
     before.take_round(Instant::now()).await.unwrap();
     assert_eq!(held(&before).len(), 2);
     // The same worker id, restarted: nothing in memory.
-    let mut after = worker(&table, "w");
+    let after = worker(&table, "w");
     let gained = after.take_round(Instant::now()).await.unwrap();
     assert_eq!(gained.len(), 2, "taken back at once, not left to expire");
     assert_eq!(before.renew_round().await.unwrap().len(), 2, "the old instance lost them");

@@ -1,0 +1,180 @@
+//! The polling fetcher: reads one shard with GetRecords on a task of its own, a few pages ahead of
+//! the processor, and hands over user records (deaggregated, filtered, resumed).
+//!
+//! - At most `max_records` Kinesis records a call; a full page is followed by the next call after
+//!   200 ms (a shard serves 5 GetRecords calls a second), an empty one after the idle time.
+//! - Read throttling and transient errors: retried with exponential backoff and jitter.
+//! - An expired iterator: a new one after the last sequence number read (or at the start).
+//! - The end of a closed shard: [`Fetch::End`].
+//!
+//! The channel to the consumer is bounded: a slow processor stops the reads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::sync::mpsc;
+
+use crate::error::{ErrorKind, KinesisError};
+use crate::kinesis::{KinesisApi, StartAt};
+use crate::metrics::Metrics;
+use crate::record::{Record, Unpacker};
+
+/// Settings of the polling fetcher. Defaults are the KCL's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PollingConfig {
+    /// `Limit` of each GetRecords call (KCL `maxRecords`: 10,000, the service's maximum).
+    pub max_records: i32,
+    /// The pause after a call that returned nothing (KCL `idleTimeBetweenReadsInMillis`: 1.5 s).
+    pub idle_time_between_reads: Duration,
+    /// The pause after a call that returned records: 200 ms, so at most 5 calls a second.
+    pub min_time_between_reads: Duration,
+    /// Pages read ahead of the processor.
+    pub prefetch_pages: usize,
+    /// First and largest wait after a throttled or failed call.
+    pub backoff: (Duration, Duration),
+}
+
+impl Default for PollingConfig {
+    fn default() -> Self {
+        PollingConfig {
+            max_records: 10_000,
+            idle_time_between_reads: Duration::from_millis(1500),
+            min_time_between_reads: Duration::from_millis(200),
+            prefetch_pages: 3,
+            backoff: (Duration::from_millis(100), Duration::from_secs(5)),
+        }
+    }
+}
+
+/// What the fetcher hands over.
+#[derive(Debug)]
+pub(crate) enum Fetch {
+    /// User records of one GetRecords page (never empty).
+    Records { records: Vec<Record>, millis_behind_latest: Option<i64> },
+    /// The shard is closed and every record of it was handed over.
+    End,
+    /// A call failed in a way retrying does not help (the stream is gone, access denied).
+    Failed(KinesisError),
+}
+
+pub(crate) struct Fetcher {
+    pub api: KinesisApi,
+    pub shard_id: Arc<str>,
+    pub config: PollingConfig,
+    pub metrics: Arc<Metrics>,
+    pub unpacker: Unpacker,
+}
+
+impl Fetcher {
+    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        ExponentialBuilder::new()
+            .with_min_delay(self.config.backoff.0)
+            .with_max_delay(self.config.backoff.1)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// Reads the shard from `start` until its end, a fatal error, or the receiver is dropped.
+    pub(crate) async fn run(mut self, start: StartAt, tx: mpsc::Sender<Fetch>) {
+        let mut last_read: Option<String> = None;
+        let mut backoff = self.backoff();
+        let mut iterator = match self.iterator(&start, &mut backoff).await {
+            Ok(Some(it)) => it,
+            Ok(None) => {
+                let _ = tx.send(Fetch::End).await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Fetch::Failed(e)).await;
+                return;
+            }
+        };
+        loop {
+            Metrics::add(&self.metrics.get_records_calls, 1);
+            match self.api.get_records(&iterator, self.config.max_records).await {
+                Ok(page) => {
+                    backoff = self.backoff();
+                    let pause = if page.records.is_empty() {
+                        self.config.idle_time_between_reads
+                    } else {
+                        self.config.min_time_between_reads
+                    };
+                    if let Some(last) = page.records.last() {
+                        last_read = Some(last.sequence_number.clone());
+                    }
+                    self.metrics.behind(&self.shard_id, page.millis_behind_latest);
+                    let mut records = Vec::with_capacity(page.records.len());
+                    let counts = self.unpacker.unpack(page.records, &mut records);
+                    Metrics::add(&self.metrics.sub_records_out_of_range, counts.out_of_range as u64);
+                    Metrics::add(&self.metrics.records_before_checkpoint, counts.before_checkpoint as u64);
+                    Metrics::add(&self.metrics.corrupt_aggregates, counts.corrupt as u64);
+                    if !records.is_empty() {
+                        let fetch = Fetch::Records { records, millis_behind_latest: page.millis_behind_latest };
+                        if tx.send(fetch).await.is_err() {
+                            return;
+                        }
+                    }
+                    match page.next_iterator {
+                        Some(next) => iterator = next,
+                        None => {
+                            let _ = tx.send(Fetch::End).await;
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) if e.kind == ErrorKind::Expired => {
+                    Metrics::add(&self.metrics.expired_iterators, 1);
+                    let at = last_read.clone().map_or_else(|| start.clone(), StartAt::AfterSequence);
+                    match self.iterator(&at, &mut backoff).await {
+                        Ok(Some(it)) => iterator = it,
+                        Ok(None) => {
+                            let _ = tx.send(Fetch::End).await;
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Fetch::Failed(e)).await;
+                            return;
+                        }
+                    }
+                }
+                Err(e) if e.kind.is_retryable() => {
+                    if e.kind == ErrorKind::Throttled {
+                        Metrics::add(&self.metrics.read_throttles, 1);
+                    }
+                    let wait = backoff.next().unwrap_or(self.config.backoff.1);
+                    tracing::debug!(shard_id = %self.shard_id, error = %e, ?wait, "GetRecords failed; retrying");
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Fetch::Failed(e)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A shard iterator, retrying throttled and transient failures.
+    async fn iterator(
+        &self,
+        at: &StartAt,
+        backoff: &mut impl Iterator<Item = Duration>,
+    ) -> Result<Option<String>, KinesisError> {
+        loop {
+            match self.api.shard_iterator(&self.shard_id, at).await {
+                Err(e) if e.kind.is_retryable() => {
+                    let wait = backoff.next().unwrap_or(self.config.backoff.1);
+                    tracing::debug!(shard_id = %self.shard_id, error = %e, ?wait, "GetShardIterator failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! A lease this worker holds, shared by the renewer, the shard's consumer and its checkpointer.
+//!
+//! Writes to a held lease (renew, checkpoint, release) are serialized by one async lock, as each
+//! is conditional on the counter the previous one left. The lease is *usable* for processing
+//! while it is not lost and was written successfully within the last two thirds of the failover
+//! time: a worker that cannot renew stops processing before any other worker may see its lease as
+//! expired (after a full failover time without a change of counter).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::lease::Lease;
+
+/// A lease held by this worker.
+#[derive(Debug)]
+pub struct HeldLease {
+    key: String,
+    lease: tokio::sync::Mutex<Lease>,
+    written_at: Mutex<Instant>,
+    validity: Duration,
+    lost: CancellationToken,
+    not_before: Instant,
+}
+
+impl HeldLease {
+    /// A lease just taken. `written_at` is when the take was sent; processing waits until
+    /// `not_before` (after a steal, until the old owner has surely stopped).
+    pub(crate) fn new(lease: Lease, written_at: Instant, validity: Duration, not_before: Instant) -> Self {
+        HeldLease {
+            key: lease.key.clone(),
+            lease: tokio::sync::Mutex::new(lease),
+            written_at: Mutex::new(written_at),
+            validity,
+            lost: CancellationToken::new(),
+            not_before,
+        }
+    }
+
+    /// The lease key (the shard id).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The lease as this worker last wrote it.
+    pub async fn lease(&self) -> Lease {
+        self.lease.lock().await.clone()
+    }
+
+    /// Whether the lease is known to be lost.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// Resolves when the lease is lost.
+    pub(crate) async fn lost(&self) {
+        self.lost.cancelled().await;
+    }
+
+    pub(crate) fn mark_lost(&self) {
+        self.lost.cancel();
+    }
+
+    /// The lock that serializes writes to the lease.
+    pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, Lease> {
+        self.lease.lock().await
+    }
+
+    /// Notes a successful write sent at `at`.
+    pub(crate) fn written(&self, at: Instant) {
+        let mut written = self.written_at.lock().unwrap_or_else(|e| e.into_inner());
+        *written = (*written).max(at);
+    }
+
+    /// When the last successful write was sent.
+    pub(crate) fn written_at(&self) -> Instant {
+        *self.written_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether records may be processed under this lease at `now`.
+    pub(crate) fn usable(&self, now: Instant) -> bool {
+        !self.is_lost() && now >= self.not_before && now < self.written_at() + self.validity
+    }
+
+    /// When processing may start.
+    pub(crate) fn not_before(&self) -> Instant {
+        self.not_before
+    }
+}

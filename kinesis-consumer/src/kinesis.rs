@@ -1,0 +1,155 @@
+//! The Kinesis calls a consumer makes (ListShards, GetShardIterator, GetRecords), with their errors
+//! classified before they are boxed.
+//!
+//! Retries: the SDK client the user hands in retries single calls as configured; this crate's
+//! fetcher retries throttled and transient GetRecords calls with its own backoff for as long as the
+//! lease is held, and gets a new iterator when one expires.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use aws_sdk_kinesis::primitives::DateTime;
+use aws_sdk_kinesis::types::ShardIteratorType;
+use kinesis_aggregation::HashKeyRange;
+
+use crate::error::{ErrorKind, KinesisError, classify_sdk, kind_of_kinesis_code};
+
+/// A shard, as ListShards describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// `ShardId`.
+    pub shard_id: String,
+    /// `ParentShardId`.
+    pub parent_shard_id: Option<String>,
+    /// `AdjacentParentShardId` (after a merge).
+    pub adjacent_parent_shard_id: Option<String>,
+    /// `HashKeyRange`.
+    pub hash_range: HashKeyRange,
+    /// Whether the shard still takes records (no ending sequence number).
+    pub open: bool,
+}
+
+impl Shard {
+    /// The parent and the adjacent parent, when present.
+    pub fn parents(&self) -> impl Iterator<Item = &str> {
+        self.parent_shard_id.iter().chain(&self.adjacent_parent_shard_id).map(String::as_str)
+    }
+}
+
+/// Where a shard iterator starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum StartAt {
+    TrimHorizon,
+    Latest,
+    AtTimestamp(SystemTime),
+    AtSequence(String),
+    AfterSequence(String),
+}
+
+/// One GetRecords answer.
+pub(crate) struct Fetched {
+    pub records: Vec<aws_sdk_kinesis::types::Record>,
+    /// `None`: the shard is closed and every record of it was read.
+    pub next_iterator: Option<String>,
+    pub millis_behind_latest: Option<i64>,
+}
+
+/// A stream's Kinesis calls.
+#[derive(Clone, Debug)]
+pub(crate) struct KinesisApi {
+    client: aws_sdk_kinesis::Client,
+    stream: Arc<str>,
+}
+
+fn error<E, R>(operation: &'static str, e: aws_sdk_kinesis::error::SdkError<E, R>) -> KinesisError
+where
+    E: aws_sdk_kinesis::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let (kind, code) = classify_sdk(&e, kind_of_kinesis_code);
+    KinesisError::new(kind, operation, code, Some(Box::new(e)))
+}
+
+impl KinesisApi {
+    pub(crate) fn new(client: aws_sdk_kinesis::Client, stream: &str) -> Self {
+        KinesisApi { client, stream: stream.into() }
+    }
+
+    pub(crate) fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Every shard of the stream, open and closed, all pages.
+    pub(crate) async fn list_shards(&self) -> Result<Vec<Shard>, KinesisError> {
+        let mut shards: Vec<Shard> = Vec::new();
+        loop {
+            // Paged by the stream name and the last shard seen: a NextToken may not be sent with
+            // the stream name, and this form works on AWS and on both emulators.
+            let mut request = self.client.list_shards().stream_name(self.stream.as_ref()).max_results(1000);
+            if let Some(last) = shards.last() {
+                request = request.exclusive_start_shard_id(&last.shard_id);
+            }
+            let out = request.send().await.map_err(|e| error("ListShards", e))?;
+            for shard in out.shards() {
+                let hash_range = shard
+                    .hash_key_range()
+                    .and_then(|r| HashKeyRange::parse(r.starting_hash_key(), r.ending_hash_key()).ok())
+                    .ok_or_else(|| {
+                        KinesisError::new(
+                            ErrorKind::Invalid,
+                            "ListShards",
+                            None,
+                            Some(format!("shard {} has no valid hash-key range", shard.shard_id()).into()),
+                        )
+                    })?;
+                shards.push(Shard {
+                    shard_id: shard.shard_id().to_owned(),
+                    parent_shard_id: shard.parent_shard_id().map(str::to_owned),
+                    adjacent_parent_shard_id: shard.adjacent_parent_shard_id().map(str::to_owned),
+                    hash_range,
+                    open: shard.sequence_number_range().is_none_or(|r| r.ending_sequence_number().is_none()),
+                });
+            }
+            let more = out.next_token().is_some_and(|t| !t.is_empty()) && !out.shards().is_empty();
+            if !more {
+                return Ok(shards);
+            }
+        }
+    }
+
+    /// A shard iterator. `None` when the shard has nothing more at that position (a closed shard
+    /// read to its end).
+    pub(crate) async fn shard_iterator(&self, shard_id: &str, at: &StartAt) -> Result<Option<String>, KinesisError> {
+        let request = self.client.get_shard_iterator().stream_name(self.stream.as_ref()).shard_id(shard_id);
+        let request = match at {
+            StartAt::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+            StartAt::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
+            StartAt::AtTimestamp(at) => {
+                request.shard_iterator_type(ShardIteratorType::AtTimestamp).timestamp(DateTime::from(*at))
+            }
+            StartAt::AtSequence(sequence) => {
+                request.shard_iterator_type(ShardIteratorType::AtSequenceNumber).starting_sequence_number(sequence)
+            }
+            StartAt::AfterSequence(sequence) => {
+                request.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).starting_sequence_number(sequence)
+            }
+        };
+        let out = request.send().await.map_err(|e| error("GetShardIterator", e))?;
+        Ok(out.shard_iterator().map(str::to_owned))
+    }
+
+    /// One GetRecords call.
+    pub(crate) async fn get_records(&self, iterator: &str, limit: i32) -> Result<Fetched, KinesisError> {
+        let out = self
+            .client
+            .get_records()
+            .shard_iterator(iterator)
+            .limit(limit)
+            .send()
+            .await
+            .map_err(|e| error("GetRecords", e))?;
+        let next_iterator = out.next_shard_iterator().filter(|it| !it.is_empty()).map(str::to_owned);
+        let millis_behind_latest = out.millis_behind_latest();
+        Ok(Fetched { records: out.records, next_iterator, millis_behind_latest })
+    }
+}

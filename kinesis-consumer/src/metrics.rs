@@ -1,0 +1,121 @@
+//! The consumer's counters, read as a [`MetricsSnapshot`]. Names follow the KCL's where it has one.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Counters shared by a worker's tasks.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub records_processed: AtomicU64,
+    pub bytes_processed: AtomicU64,
+    pub process_calls: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub checkpoint_failures: AtomicU64,
+    pub leases_taken: AtomicU64,
+    pub leases_stolen: AtomicU64,
+    pub leases_lost: AtomicU64,
+    pub leases_released: AtomicU64,
+    pub shards_ended: AtomicU64,
+    pub shard_end_not_checkpointed: AtomicU64,
+    pub get_records_calls: AtomicU64,
+    pub read_throttles: AtomicU64,
+    pub expired_iterators: AtomicU64,
+    pub sub_records_out_of_range: AtomicU64,
+    pub records_before_checkpoint: AtomicU64,
+    pub corrupt_aggregates: AtomicU64,
+    pub shard_syncs: AtomicU64,
+    pub held: AtomicU64,
+    pub millis_behind: Mutex<BTreeMap<String, i64>>,
+}
+
+impl Metrics {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn behind(&self, shard_id: &str, millis: Option<i64>) {
+        let mut map = self.millis_behind.lock().unwrap_or_else(|e| e.into_inner());
+        match millis {
+            Some(m) => {
+                map.insert(shard_id.to_owned(), m);
+            }
+            None => {
+                map.remove(shard_id);
+            }
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> MetricsSnapshot {
+        let get = |c: &AtomicU64| c.load(Relaxed);
+        MetricsSnapshot {
+            leases_held: get(&self.held),
+            records_processed: get(&self.records_processed),
+            bytes_processed: get(&self.bytes_processed),
+            process_calls: get(&self.process_calls),
+            millis_behind_latest: self.millis_behind.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            checkpoints: get(&self.checkpoints),
+            checkpoint_failures: get(&self.checkpoint_failures),
+            leases_taken: get(&self.leases_taken),
+            leases_stolen: get(&self.leases_stolen),
+            leases_lost: get(&self.leases_lost),
+            leases_released: get(&self.leases_released),
+            shards_ended: get(&self.shards_ended),
+            shard_end_not_checkpointed: get(&self.shard_end_not_checkpointed),
+            get_records_calls: get(&self.get_records_calls),
+            read_throttles: get(&self.read_throttles),
+            expired_iterators: get(&self.expired_iterators),
+            sub_records_out_of_range: get(&self.sub_records_out_of_range),
+            records_before_checkpoint: get(&self.records_before_checkpoint),
+            corrupt_aggregates: get(&self.corrupt_aggregates),
+            shard_syncs: get(&self.shard_syncs),
+        }
+    }
+}
+
+/// A worker's counters at one moment. Counters only grow, except `leases_held` and the
+/// per-shard lag.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MetricsSnapshot {
+    /// Leases this worker holds now.
+    pub leases_held: u64,
+    /// User records handed to processors.
+    pub records_processed: u64,
+    /// Data bytes of those records.
+    pub bytes_processed: u64,
+    /// `process_records` calls.
+    pub process_calls: u64,
+    /// `MillisBehindLatest` of each shard being read, from its last GetRecords.
+    pub millis_behind_latest: BTreeMap<String, i64>,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+    /// Checkpoints refused (lease lost) or failed.
+    pub checkpoint_failures: u64,
+    /// Leases taken (free, expired or stolen).
+    pub leases_taken: u64,
+    /// Of those, leases stolen from a busier worker.
+    pub leases_stolen: u64,
+    /// Leases lost to another worker (or not renewed in time).
+    pub leases_lost: u64,
+    /// Leases given up: at shutdown, or once their shard was done.
+    pub leases_released: u64,
+    /// Shards processed to their end (SHARD_END checkpointed).
+    pub shards_ended: u64,
+    /// Times a processor returned from `shard_ended` without checkpointing SHARD_END.
+    pub shard_end_not_checkpointed: u64,
+    /// GetRecords calls.
+    pub get_records_calls: u64,
+    /// GetRecords calls refused for throughput.
+    pub read_throttles: u64,
+    /// Shard iterators that expired and were renewed.
+    pub expired_iterators: u64,
+    /// Sub-records left out because they were outside their shard's hash range.
+    pub sub_records_out_of_range: u64,
+    /// Records left out on resume because they were at or before the checkpoint.
+    pub records_before_checkpoint: u64,
+    /// Records with the aggregate magic that were not valid aggregates (handed over whole).
+    pub corrupt_aggregates: u64,
+    /// Shard syncs run.
+    pub shard_syncs: u64,
+}

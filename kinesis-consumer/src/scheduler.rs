@@ -1,0 +1,402 @@
+//! The scheduler: one worker of an application. It owns the lease coordinator, runs shard syncs,
+//! starts a shard consumer for each lease it gains, and shuts down gracefully.
+//!
+//! ```text
+//! Scheduler task ── renewer task (every failover/3)
+//!      │ take round every 2 x failover, shard sync at start / on shard end / every minute
+//!      └─▶ one ShardConsumer task per held lease ─▶ fetcher task
+//! ```
+//!
+//! [`Scheduler`] is the handle: metrics, held leases, [`Scheduler::shutdown`] (graceful: stop
+//! fetching, `shutdown_requested`, release the leases) and [`Scheduler::abort`] (stop at once,
+//! leases left to expire, as if the process died).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::coordinator::{CoordinatorConfig, LeaseCoordinator};
+use crate::error::{ConfigError, SchedulerError};
+use crate::fetcher::PollingConfig;
+use crate::held::HeldLease;
+use crate::kinesis::KinesisApi;
+use crate::lease_table::LeaseTable;
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::processor::ProcessorFactory;
+use crate::shard_consumer::{self, AbortOnDrop, Context, Exit};
+use crate::shard_sync::{InitialPosition, SyncError, sync_shards};
+
+/// Settings of a worker. Defaults are the KCL's; set fields on the value [`SchedulerConfig::new`]
+/// returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SchedulerConfig {
+    /// The stream to read.
+    pub stream_name: String,
+    /// The application: the lease table's name, shared by its workers.
+    pub application_name: String,
+    /// This worker's id (`leaseOwner`); unique per worker. Default: `worker-<pid>-<random>`.
+    pub worker_id: String,
+    /// Where shards never read before start (KCL default: LATEST).
+    pub initial_position: InitialPosition,
+    /// A lease not renewed for this long is taken by another worker (KCL `failoverTimeMillis`:
+    /// 10 s). Leases are renewed every third of it, take rounds run every twice it.
+    pub failover: Duration,
+    /// The most leases stolen from a busier worker in one take round (KCL: 1).
+    pub max_steal_per_round: usize,
+    /// How often the shards are listed to find new ones (KCL `shardSyncIntervalMillis`: 60 s).
+    pub shard_sync_interval: Duration,
+    /// How often a child shard checks whether its parents are done (KCL
+    /// `parentShardPollIntervalMillis`: 10 s).
+    pub parent_poll_interval: Duration,
+    /// GetRecords settings.
+    pub polling: PollingConfig,
+    /// The most records in one `process_records` call.
+    pub max_batch_records: usize,
+    /// How long records are gathered for a batch (Lambda's batching window). Zero: each
+    /// GetRecords page is handed over as it arrives.
+    pub max_batch_wait: Duration,
+    /// How long a graceful shutdown waits for processors before it stops them.
+    pub shutdown_timeout: Duration,
+    /// How long to wait for a new lease table to become ACTIVE.
+    pub table_create_timeout: Duration,
+}
+
+impl SchedulerConfig {
+    /// A worker of `application_name` reading `stream_name`, with the KCL's defaults.
+    pub fn new(stream_name: impl Into<String>, application_name: impl Into<String>) -> Self {
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        SchedulerConfig {
+            stream_name: stream_name.into(),
+            application_name: application_name.into(),
+            worker_id: format!("worker-{}-{nanos:08x}", std::process::id()),
+            initial_position: InitialPosition::Latest,
+            failover: Duration::from_secs(10),
+            max_steal_per_round: 1,
+            shard_sync_interval: Duration::from_secs(60),
+            parent_poll_interval: Duration::from_secs(10),
+            polling: PollingConfig::default(),
+            max_batch_records: 10_000,
+            max_batch_wait: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(30),
+            table_create_timeout: Duration::from_secs(120),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, problem: &str| Err(ConfigError { field, problem: problem.to_owned() });
+        if self.stream_name.is_empty() || self.stream_name.len() > 128 {
+            return bad("stream_name", "must be 1 to 128 characters");
+        }
+        let name = &self.application_name;
+        if name.len() < 3
+            || name.len() > 255
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return bad("application_name", "must be a DynamoDB table name: 3 to 255 of a-z A-Z 0-9 _ - .");
+        }
+        if self.worker_id.is_empty() {
+            return bad("worker_id", "must not be empty");
+        }
+        if self.failover < Duration::from_millis(300) {
+            return bad("failover", "must be at least 300 ms");
+        }
+        if self.max_steal_per_round == 0 {
+            return bad("max_steal_per_round", "must be at least 1");
+        }
+        if !(1..=10_000).contains(&self.polling.max_records) {
+            return bad("polling.max_records", "must be 1 to 10,000");
+        }
+        if self.max_batch_records == 0 {
+            return bad("max_batch_records", "must be at least 1");
+        }
+        if self.shard_sync_interval.is_zero() || self.parent_poll_interval.is_zero() {
+            return bad("shard_sync_interval / parent_poll_interval", "must not be zero");
+        }
+        Ok(())
+    }
+}
+
+/// A running worker. Dropping it stops the worker at once, like [`Scheduler::abort`].
+#[derive(Debug)]
+pub struct Scheduler {
+    worker_id: String,
+    coordinator: LeaseCoordinator,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), SchedulerError>>>,
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+impl Scheduler {
+    /// Validates `config` and starts the worker on the current tokio runtime. The lease table is
+    /// created if missing.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for a setting out of range; nothing is started then.
+    pub fn start<F: ProcessorFactory>(
+        kinesis: aws_sdk_kinesis::Client,
+        dynamodb: aws_sdk_dynamodb::Client,
+        config: SchedulerConfig,
+        factory: F,
+    ) -> Result<Scheduler, ConfigError> {
+        config.validate()?;
+        let metrics = Arc::new(Metrics::default());
+        let table = LeaseTable::new(dynamodb, config.application_name.clone());
+        let mut coordinator_config = CoordinatorConfig::new(config.worker_id.clone()).with_failover(config.failover);
+        coordinator_config.max_steal_per_round = config.max_steal_per_round;
+        let coordinator = LeaseCoordinator::with_metrics(table, coordinator_config, metrics.clone());
+        let shutdown = CancellationToken::new();
+        let worker = Worker {
+            api: KinesisApi::new(kinesis, &config.stream_name),
+            coordinator: coordinator.clone(),
+            metrics: metrics.clone(),
+            factory: Arc::new(factory),
+            shutdown: shutdown.clone(),
+            sync_now: Arc::new(Notify::new()),
+            config,
+        };
+        let worker_id = worker.config.worker_id.clone();
+        let task = tokio::spawn(worker.run());
+        Ok(Scheduler { worker_id, coordinator, metrics, shutdown, task: Some(task) })
+    }
+
+    /// This worker's id.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// The counters now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// The keys (shard ids) of the leases held now.
+    pub fn held_leases(&self) -> Vec<String> {
+        self.coordinator.held_keys()
+    }
+
+    /// Whether the worker stopped (after a fatal error, or a shutdown).
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Shuts down gracefully: stops fetching, calls `shutdown_requested` on every processor (so
+    /// they can checkpoint), waits for them (at most `shutdown_timeout`), then releases every
+    /// lease so that other workers take them at once.
+    ///
+    /// # Errors
+    /// The error the worker stopped on before, if it did.
+    pub async fn shutdown(mut self) -> Result<(), SchedulerError> {
+        self.shutdown.cancel();
+        self.join().await
+    }
+
+    /// Runs until the worker stops on a fatal error (it does not stop otherwise).
+    ///
+    /// # Errors
+    /// The error it stopped on.
+    pub async fn wait(mut self) -> Result<(), SchedulerError> {
+        self.join().await
+    }
+
+    async fn join(&mut self) -> Result<(), SchedulerError> {
+        match self.task.take() {
+            Some(task) => task.await.map_err(|e| SchedulerError::Task(e.to_string()))?,
+            None => Ok(()),
+        }
+    }
+
+    /// Stops at once: no processor is called, no lease is released (they expire after the
+    /// failover time and other workers take them). What a crash does; for tests and emergencies.
+    pub fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+struct Worker<F> {
+    api: KinesisApi,
+    coordinator: LeaseCoordinator,
+    metrics: Arc<Metrics>,
+    factory: Arc<F>,
+    shutdown: CancellationToken,
+    sync_now: Arc<Notify>,
+    config: SchedulerConfig,
+}
+
+impl<F: ProcessorFactory> Worker<F> {
+    async fn run(self) -> Result<(), SchedulerError> {
+        let table = self.coordinator.table().clone();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match table.create_if_missing(self.config.table_create_timeout).await {
+                Ok(()) => break,
+                Err(e) if e.kind.is_retryable() => {}
+                Err(e) => return Err(SchedulerError::LeaseTable(e)),
+            }
+            self.pause(&mut backoff).await;
+        }
+        loop {
+            match self.sync().await {
+                Ok(()) => break,
+                Err(SyncError::Kinesis(e)) if !e.kind.is_retryable() => return Err(SchedulerError::Kinesis(e)),
+                Err(SyncError::Table(e)) if !e.kind.is_retryable() => return Err(SchedulerError::LeaseTable(e)),
+                Err(_) => self.pause(&mut backoff).await,
+            }
+            if self.shutdown.is_cancelled() {
+                return Ok(());
+            }
+        }
+
+        let renewer = self.coordinator.clone();
+        let renew_interval = self.config.failover / 3;
+        let _renewer = AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(renew_interval);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(error) = renewer.renew_round().await {
+                    tracing::warn!(%error, "renew round failed");
+                }
+            }
+        }));
+
+        let stop_consumers = CancellationToken::new();
+        let mut consumers: JoinSet<Exit> = JoinSet::new();
+        let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
+        let mut take = tokio::time::interval(self.config.failover * 2);
+        take.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut sync =
+            tokio::time::interval_at(Instant::now() + self.config.shard_sync_interval, self.config.shard_sync_interval);
+        sync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                Some(joined) = consumers.join_next_with_id(), if !consumers.is_empty() => {
+                    let (id, exit) = match joined {
+                        Ok((id, exit)) => (id, Ok(exit)),
+                        Err(e) => (e.id(), Err(e)),
+                    };
+                    let Some(key) = running.remove(&id) else { continue };
+                    self.consumer_ended(&key, exit).await;
+                }
+                _ = take.tick() => {
+                    match self.coordinator.take_round(Instant::now()).await {
+                        Ok(gained) => {
+                            for held in gained {
+                                let key = held.key().to_owned();
+                                let handle = consumers.spawn(shard_consumer::run(self.context(held, &stop_consumers), self.factory.create(&key)));
+                                running.insert(handle.id(), key);
+                            }
+                        }
+                        Err(error) => tracing::warn!(%error, "take round failed"),
+                    }
+                }
+                _ = sync.tick() => self.sync_logged().await,
+                _ = self.sync_now.notified() => self.sync_logged().await,
+            }
+        }
+
+        // Graceful shutdown: processors get their last call, then the leases go.
+        tracing::info!(worker = %self.config.worker_id, shards = running.len(), "shutting down");
+        stop_consumers.cancel();
+        let drained = tokio::time::timeout(self.config.shutdown_timeout, async {
+            while let Some(joined) = consumers.join_next_with_id().await {
+                if let Ok((id, Exit::ShardEnded)) = joined
+                    && let Some(key) = running.remove(&id)
+                {
+                    self.consumer_ended(&key, Ok(Exit::ShardEnded)).await;
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("processors did not finish within the shutdown timeout; stopping them");
+            consumers.abort_all();
+        }
+        drop(_renewer);
+        if let Err(error) = self.coordinator.release_all().await {
+            tracing::warn!(%error, "releasing the leases failed; they expire after the failover time");
+        }
+        Ok(())
+    }
+
+    fn context(&self, held: Arc<HeldLease>, stop: &CancellationToken) -> Context {
+        Context {
+            held,
+            table: self.coordinator.table().clone(),
+            api: self.api.clone(),
+            polling: self.config.polling.clone(),
+            initial: self.config.initial_position,
+            parent_poll_interval: self.config.parent_poll_interval,
+            max_batch_records: self.config.max_batch_records,
+            max_batch_wait: self.config.max_batch_wait,
+            metrics: self.metrics.clone(),
+            shutdown: stop.clone(),
+        }
+    }
+
+    async fn consumer_ended(&self, key: &str, exit: Result<Exit, tokio::task::JoinError>) {
+        match exit {
+            Ok(Exit::LeaseLost) => {
+                self.coordinator.forget(key);
+            }
+            Ok(Exit::ShardEnded) => {
+                // The shard is done: give its lease up (no worker takes a lease at SHARD_END),
+                // and list the shards so that its children have leases.
+                self.release(key).await;
+                self.sync_now.notify_one();
+            }
+            Ok(Exit::Shutdown) => {}
+            Ok(Exit::Failed) => self.release(key).await,
+            Err(e) => {
+                tracing::error!(shard_id = key, error = %e, "a shard's processor panicked; its lease is released");
+                self.release(key).await;
+            }
+        }
+    }
+
+    async fn release(&self, key: &str) {
+        if let Err(error) = self.coordinator.release(key).await {
+            tracing::warn!(shard_id = key, %error, "releasing a lease failed; it expires after the failover time");
+        }
+    }
+
+    async fn sync(&self) -> Result<(), SyncError> {
+        let created = sync_shards(&self.api, self.coordinator.table(), self.config.initial_position).await?;
+        Metrics::add(&self.metrics.shard_syncs, 1);
+        if created > 0 {
+            tracing::info!(stream = self.api.stream(), created, "shard sync created leases");
+        }
+        Ok(())
+    }
+
+    async fn sync_logged(&self) {
+        if let Err(error) = self.sync().await {
+            tracing::warn!(%error, "shard sync failed");
+        }
+    }
+
+    async fn pause(&self, backoff: &mut Duration) {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(*backoff) => {}
+        }
+        *backoff = (*backoff * 2).min(Duration::from_secs(10));
+    }
+}

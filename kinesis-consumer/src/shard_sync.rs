@@ -1,0 +1,213 @@
+//! Shard sync: every shard of the stream gets a lease, closed shards and their parents included,
+//! so that a parent is always processed before its children.
+//!
+//! Where a new lease starts ([`new_leases`], a pure decision):
+//! - A shard whose parent (or adjacent parent) already has a lease was born of a reshard this
+//!   application saw: it starts at `TRIM_HORIZON`, so that nothing written to it is missed,
+//!   whatever the initial position.
+//! - Otherwise the initial position applies. With `LATEST`, a closed shard starts at `SHARD_END`
+//!   (nothing in it is newer than now), an open one at `LATEST`. With `TRIM_HORIZON` or
+//!   `AT_TIMESTAMP`, every shard starts there, and children wait for their parents.
+//!
+//! Leases are written with a conditional create, so workers syncing at the same time write each
+//! lease once. Parents are written before their children.
+
+use std::collections::{HashMap, HashSet};
+use std::time::SystemTime;
+
+use crate::error::{KinesisError, LeaseTableError};
+use crate::kinesis::{KinesisApi, Shard};
+use crate::lease::{Lease, Position};
+use crate::lease_table::LeaseTable;
+
+/// Where an application starts reading a shard it has never read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InitialPosition {
+    /// The newest records: only what is written after the consumer starts (the KCL's default).
+    Latest,
+    /// The oldest records still in the stream.
+    TrimHorizon,
+    /// The first record written at or after a time.
+    AtTimestamp(SystemTime),
+}
+
+/// The leases to create for the shards that have none, parents first.
+pub fn new_leases(shards: &[Shard], existing: &[Lease], initial: InitialPosition) -> Vec<Lease> {
+    let leased: HashSet<&str> = existing.iter().map(|l| l.key.as_str()).collect();
+    let children: HashMap<&str, Vec<&str>> = shards.iter().fold(HashMap::new(), |mut map, shard| {
+        for parent in shard.parents() {
+            map.entry(parent).or_default().push(shard.shard_id.as_str());
+        }
+        map
+    });
+    let mut leases = Vec::new();
+    for shard in parents_first(shards) {
+        if leased.contains(shard.shard_id.as_str()) {
+            continue;
+        }
+        let position = if shard.parents().any(|p| leased.contains(p)) {
+            Position::TrimHorizon
+        } else {
+            match initial {
+                InitialPosition::Latest if shard.open => Position::Latest,
+                InitialPosition::Latest => Position::ShardEnd,
+                InitialPosition::TrimHorizon => Position::TrimHorizon,
+                InitialPosition::AtTimestamp(_) => Position::AtTimestamp,
+            }
+        };
+        let mut lease = Lease::new(shard.shard_id.clone(), position);
+        lease.parent_shard_ids = shard.parents().map(str::to_owned).collect();
+        lease.hash_range = Some(shard.hash_range);
+        if !shard.open {
+            lease.child_shard_ids =
+                children.get(shard.shard_id.as_str()).into_iter().flatten().map(|c| (*c).to_owned()).collect();
+        }
+        leases.push(lease);
+    }
+    leases
+}
+
+/// The shards ordered so that each comes after its parents that are listed.
+fn parents_first(shards: &[Shard]) -> Vec<&Shard> {
+    let by_id: HashMap<&str, &Shard> = shards.iter().map(|s| (s.shard_id.as_str(), s)).collect();
+    let mut placed: HashSet<&str> = HashSet::new();
+    let mut ordered = Vec::with_capacity(shards.len());
+    fn place<'a>(
+        shard: &'a Shard,
+        by_id: &HashMap<&str, &'a Shard>,
+        placed: &mut HashSet<&'a str>,
+        ordered: &mut Vec<&'a Shard>,
+        depth: usize,
+    ) {
+        if placed.contains(shard.shard_id.as_str()) || depth > by_id.len() {
+            return;
+        }
+        for parent in shard.parents() {
+            if let Some(parent) = by_id.get(parent) {
+                place(parent, by_id, placed, ordered, depth + 1);
+            }
+        }
+        if placed.insert(shard.shard_id.as_str()) {
+            ordered.push(shard);
+        }
+    }
+    for shard in shards {
+        place(shard, &by_id, &mut placed, &mut ordered, 0);
+    }
+    ordered
+}
+
+/// Why a shard sync failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SyncError {
+    #[error(transparent)]
+    Kinesis(#[from] KinesisError),
+    #[error(transparent)]
+    Table(#[from] LeaseTableError),
+}
+
+/// Lists the shards and creates the missing leases. Returns how many this call created.
+pub(crate) async fn sync_shards(
+    api: &KinesisApi,
+    table: &LeaseTable,
+    initial: InitialPosition,
+) -> Result<usize, SyncError> {
+    let shards = api.list_shards().await?;
+    let existing = table.list().await?;
+    let mut created = 0;
+    for lease in new_leases(&shards, &existing, initial) {
+        if table.create(&lease).await? {
+            tracing::debug!(stream = api.stream(), shard_id = %lease.key, checkpoint = lease.checkpoint.position.as_str(), "lease created");
+            created += 1;
+        }
+    }
+    Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use kinesis_aggregation::HashKeyRange;
+
+    use super::*;
+
+    fn shard(id: &str, parents: &[&str], open: bool) -> Shard {
+        Shard {
+            shard_id: id.into(),
+            parent_shard_id: parents.first().map(|p| (*p).to_owned()),
+            adjacent_parent_shard_id: parents.get(1).map(|p| (*p).to_owned()),
+            hash_range: HashKeyRange::ALL,
+            open,
+        }
+    }
+
+    fn positions(leases: &[Lease]) -> Vec<(&str, &str)> {
+        leases.iter().map(|l| (l.key.as_str(), l.checkpoint.position.as_str())).collect()
+    }
+
+    /// p0 split into c1, c2; c2 merged with p3 into m4. Listed children first, to check the order.
+    fn resharded() -> Vec<Shard> {
+        vec![
+            shard("m4", &["c2", "p3"], true),
+            shard("c1", &["p0"], true),
+            shard("c2", &["p0"], false),
+            shard("p0", &[], false),
+            shard("p3", &[], false),
+        ]
+    }
+
+    #[test]
+    fn trim_horizon_leases_every_shard_parents_first() {
+        let leases = new_leases(&resharded(), &[], InitialPosition::TrimHorizon);
+        let order: Vec<&str> = leases.iter().map(|l| l.key.as_str()).collect();
+        for (parent, child) in [("c2", "m4"), ("p3", "m4"), ("p0", "c1"), ("p0", "c2")] {
+            let at = |k| order.iter().position(|o| *o == k).unwrap();
+            assert!(at(parent) < at(child), "{parent} before {child} in {order:?}");
+        }
+        assert!(leases.iter().all(|l| l.checkpoint.position == Position::TrimHorizon));
+        let m4 = leases.iter().find(|l| l.key == "m4").unwrap();
+        assert_eq!(m4.parent_shard_ids, ["c2", "p3"]);
+        let p0 = leases.iter().find(|l| l.key == "p0").unwrap();
+        assert_eq!(p0.child_shard_ids, ["c1", "c2"]);
+        assert!(m4.child_shard_ids.is_empty(), "an open shard has no children yet");
+    }
+
+    #[test]
+    fn latest_ends_closed_shards_and_starts_open_ones_at_the_tip() {
+        let leases = new_leases(&resharded(), &[], InitialPosition::Latest);
+        let mut got = positions(&leases);
+        got.sort();
+        assert_eq!(
+            got,
+            [("c1", "LATEST"), ("c2", "SHARD_END"), ("m4", "LATEST"), ("p0", "SHARD_END"), ("p3", "SHARD_END")]
+        );
+    }
+
+    #[test]
+    fn children_of_leased_shards_start_at_trim_horizon_whatever_the_initial_position() {
+        let existing = [Lease::new("p0", Position::Latest), Lease::new("p3", Position::Latest)];
+        let shards = resharded();
+        for initial in [InitialPosition::Latest, InitialPosition::AtTimestamp(SystemTime::UNIX_EPOCH)] {
+            let leases = new_leases(&shards, &existing, initial);
+            let mut got = positions(&leases);
+            got.sort();
+            // m4's parents c2 and p3: p3 is leased, so m4 starts at the horizon too.
+            assert_eq!(got, [("c1", "TRIM_HORIZON"), ("c2", "TRIM_HORIZON"), ("m4", "TRIM_HORIZON")]);
+        }
+    }
+
+    #[test]
+    fn nothing_new_when_every_shard_is_leased() {
+        let shards = resharded();
+        let existing: Vec<Lease> = shards.iter().map(|s| Lease::new(s.shard_id.clone(), Position::Latest)).collect();
+        assert!(new_leases(&shards, &existing, InitialPosition::TrimHorizon).is_empty());
+    }
+
+    #[test]
+    fn a_parent_that_aged_out_of_the_stream_does_not_block_the_order() {
+        let shards = vec![shard("c1", &["gone"], true)];
+        let leases = new_leases(&shards, &[], InitialPosition::TrimHorizon);
+        assert_eq!(positions(&leases), [("c1", "TRIM_HORIZON")]);
+        assert_eq!(leases[0].parent_shard_ids, ["gone"]);
+    }
+}

@@ -1,0 +1,229 @@
+//! Shared parts of the scheduler tests: a processor that logs every call, a config with short
+//! timings, and a writer of plain records.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_kinesis::primitives::Blob;
+use kinesis_consumer::{
+    Batch, Checkpointer, InitialPosition, Initialization, Processor, Scheduler, SchedulerConfig, cmp_sequence_numbers,
+};
+use kinesis_testkit::TestBed;
+use tokio::time::Instant;
+
+pub const FAILOVER: Duration = Duration::from_millis(1500);
+
+/// One `process_records` call.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub worker: String,
+    pub shard: String,
+    pub start: Instant,
+    pub end: Instant,
+    /// (sequence number, sub-sequence number, data) of each record.
+    pub records: Vec<(String, u64, String)>,
+    /// Whether the checkpoint after the call was written.
+    pub checkpointed: bool,
+}
+
+/// Everything the processors of a test saw.
+#[derive(Clone, Debug, Default)]
+pub struct Log {
+    pub calls: Arc<Mutex<Vec<Call>>>,
+    /// (worker, shard) of each `shard_ended` that checkpointed SHARD_END.
+    pub ended: Arc<Mutex<Vec<(String, String, Instant)>>>,
+    /// (worker, shard) of each `lease_lost`.
+    pub lost: Arc<Mutex<Vec<(String, String)>>>,
+    /// (worker, shard, checkpoint) of each `initialize`.
+    pub initialized: Arc<Mutex<Vec<(String, String, String)>>>,
+}
+
+impl Log {
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// The data of every record processed, with how many times each was.
+    pub fn received(&self) -> BTreeMap<String, usize> {
+        let mut seen = BTreeMap::new();
+        for call in self.calls() {
+            for (_, _, data) in call.records {
+                *seen.entry(data).or_default() += 1;
+            }
+        }
+        seen
+    }
+
+    /// Asserts that no two workers processed one shard at overlapping times.
+    pub fn assert_exclusive(&self) {
+        let calls = self.calls();
+        let mut by_shard: BTreeMap<&str, Vec<&Call>> = BTreeMap::new();
+        for call in &calls {
+            by_shard.entry(&call.shard).or_default().push(call);
+        }
+        for (shard, calls) in by_shard {
+            for a in &calls {
+                for b in &calls {
+                    if a.worker != b.worker {
+                        assert!(
+                            a.end <= b.start || b.end <= a.start,
+                            "{} and {} processed {shard} at overlapping times",
+                            a.worker,
+                            b.worker
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Logs every call; checkpoints after each batch, at SHARD_END and at shutdown.
+pub struct Logging {
+    pub worker: String,
+    pub shard: String,
+    pub log: Log,
+    /// How long each batch takes.
+    pub work: Duration,
+}
+
+impl Processor for Logging {
+    async fn initialize(&mut self, init: &Initialization) {
+        let at = format!("{:?}/{}", init.checkpoint.position, init.checkpoint.sub_sequence);
+        self.log.initialized.lock().unwrap().push((self.worker.clone(), self.shard.clone(), at));
+    }
+
+    async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
+        let start = Instant::now();
+        let records = batch
+            .records
+            .iter()
+            .map(|r| {
+                (r.sequence_number.to_string(), r.sub_sequence_number, String::from_utf8_lossy(&r.data).into_owned())
+            })
+            .collect();
+        if !self.work.is_zero() {
+            tokio::time::sleep(self.work).await;
+        }
+        let end = Instant::now();
+        let checkpointed = checkpointer.checkpoint().await.is_ok();
+        self.log.calls.lock().unwrap().push(Call {
+            worker: self.worker.clone(),
+            shard: self.shard.clone(),
+            start,
+            end,
+            records,
+            checkpointed,
+        });
+    }
+
+    async fn lease_lost(&mut self) {
+        self.log.lost.lock().unwrap().push((self.worker.clone(), self.shard.clone()));
+    }
+
+    async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) {
+        if checkpointer.checkpoint().await.is_ok() {
+            self.log.ended.lock().unwrap().push((self.worker.clone(), self.shard.clone(), Instant::now()));
+        }
+    }
+
+    async fn shutdown_requested(&mut self, checkpointer: &mut Checkpointer) {
+        let _ = checkpointer.checkpoint().await;
+    }
+}
+
+/// Short timings, reading from the oldest record.
+pub fn config(stream: &str, table: &str, worker: &str) -> SchedulerConfig {
+    let mut config = SchedulerConfig::new(stream, table);
+    config.worker_id = worker.to_owned();
+    config.initial_position = InitialPosition::TrimHorizon;
+    config.failover = FAILOVER;
+    config.shard_sync_interval = Duration::from_secs(1);
+    config.parent_poll_interval = Duration::from_millis(200);
+    config.polling.idle_time_between_reads = Duration::from_millis(100);
+    config.polling.min_time_between_reads = Duration::from_millis(50);
+    config.table_create_timeout = Duration::from_secs(30);
+    config
+}
+
+/// Starts a worker whose processors log into `log`.
+pub fn start_worker(bed: &TestBed, config: SchedulerConfig, log: &Log, work: Duration) -> Scheduler {
+    let (worker, log) = (config.worker_id.clone(), log.clone());
+    Scheduler::start(bed.kinesis.client(), bed.dynamodb.client(), config, move |shard: &str| Logging {
+        worker: worker.clone(),
+        shard: shard.to_owned(),
+        log: log.clone(),
+        work,
+    })
+    .expect("a valid config")
+}
+
+/// Puts `count` plain records named `{prefix}-{i}` with random keys; returns their data.
+pub async fn put_plain(client: &aws_sdk_kinesis::Client, stream: &str, prefix: &str, count: usize) -> Vec<String> {
+    let mut sent = Vec::with_capacity(count);
+    for chunk in (0..count).collect::<Vec<_>>().chunks(500) {
+        let mut request = client.put_records().stream_name(stream);
+        for i in chunk {
+            let data = format!("{prefix}-{i}");
+            let entry = aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                .partition_key(format!("key-{}", fastrand_key(*i, prefix)))
+                .data(Blob::new(data.clone()))
+                .build()
+                .unwrap();
+            request = request.records(entry);
+            sent.push(data);
+        }
+        let out = request.send().await.expect("PutRecords");
+        assert_eq!(out.failed_record_count().unwrap_or(0), 0, "the emulator refused records");
+    }
+    sent
+}
+
+fn fastrand_key(i: usize, prefix: &str) -> u64 {
+    // A cheap spread of keys over the shards, repeatable per record.
+    let mut h: u64 = 1469598103934665603;
+    for b in prefix.bytes().chain(i.to_le_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(1099511628211);
+    }
+    h
+}
+
+/// Waits until `done` holds, checking every 100 ms, for at most `limit`. Returns whether it held.
+pub async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    done()
+}
+
+/// Asserts every record in `sent` was received.
+pub fn assert_all_received(log: &Log, sent: &[String]) {
+    let received = log.received();
+    let missing: Vec<&String> = sent.iter().filter(|d| !received.contains_key(*d)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} records never processed, e.g. {:?}",
+        missing.len(),
+        sent.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
+/// The sequence numbers checkpointed by `worker` on `shard` (last of them).
+pub fn last_checkpoint(log: &Log, worker: &str, shard: &str) -> Option<(String, u64)> {
+    log.calls()
+        .into_iter()
+        .filter(|c| c.worker == worker && c.shard == shard && c.checkpointed)
+        .filter_map(|c| c.records.last().map(|(s, sub, _)| (s.clone(), *sub)))
+        .max_by(|a, b| cmp_sequence_numbers(&a.0, &b.0).then(a.1.cmp(&b.1)))
+}
+
+pub fn shards_of(log: &Log, worker: &str) -> BTreeSet<String> {
+    log.calls().into_iter().filter(|c| c.worker == worker).map(|c| c.shard).collect()
+}
