@@ -150,8 +150,19 @@ pub fn config(stream: &str, table: &str, worker: &str) -> SchedulerConfig {
 
 /// Starts a worker whose processors log into `log`.
 pub fn start_worker(bed: &TestBed, config: SchedulerConfig, log: &Log, work: Duration) -> Scheduler {
+    start_worker_on(bed.kinesis.client(), bed.dynamodb.client(), config, log, work)
+}
+
+/// Starts a worker on the given endpoints whose processors log into `log`.
+pub fn start_worker_on(
+    kinesis: aws_sdk_kinesis::Client,
+    dynamodb: aws_sdk_dynamodb::Client,
+    config: SchedulerConfig,
+    log: &Log,
+    work: Duration,
+) -> Scheduler {
     let (worker, log) = (config.worker_id.clone(), log.clone());
-    Scheduler::start(bed.kinesis.client(), bed.dynamodb.client(), config, move |shard: &str| Logging {
+    Scheduler::start(kinesis, dynamodb, config, move |shard: &str| Logging {
         worker: worker.clone(),
         shard: shard.to_owned(),
         log: log.clone(),
