@@ -2,7 +2,8 @@
 //! rounds that take (and steal) more, up to its share.
 //!
 //! The rounds are explicit calls ([`LeaseCoordinator::renew_round`] every failover/3,
-//! [`LeaseCoordinator::take_round`] every 2 x failover, as the KCL does); the scheduler drives them,
+//! [`LeaseCoordinator::take_round`] every 2 x failover, as the KCL does, and
+//! [`LeaseCoordinator::expiry_round`] half-way between two take rounds); the scheduler drives them,
 //! the renewer on a task of its own so that a slow take round never delays a renewal. The handle
 //! is a cheap `Clone`.
 
@@ -198,24 +199,50 @@ impl LeaseCoordinator {
     /// # Errors
     /// When listing the table fails, or a take fails with an error other than a lost race.
     pub async fn take_round(&self, now: Instant) -> Result<Vec<Arc<HeldLease>>, LeaseTableError> {
+        self.round(now, false).await
+    }
+
+    /// Half-way between two take rounds: lists the table and watches the counters, and takes
+    /// only leases that expired (nothing free, nothing stolen). Without it, a lease whose owner
+    /// died just after a take round saw it renewed would be judged expired only two rounds
+    /// later; with it, a dead worker's leases move within the failover time and one take
+    /// interval.
+    ///
+    /// # Errors
+    /// As [`LeaseCoordinator::take_round`].
+    pub async fn expiry_round(&self, now: Instant) -> Result<Vec<Arc<HeldLease>>, LeaseTableError> {
+        self.round(now, true).await
+    }
+
+    async fn round(&self, now: Instant, only_expired: bool) -> Result<Vec<Arc<HeldLease>>, LeaseTableError> {
         let leases = self.inner.table.list().await?;
         let me = self.inner.config.worker_id.as_str();
         let failover = self.inner.config.failover;
         let round = {
             let mut observations = self.inner.observations.lock().unwrap_or_else(|e| e.into_inner());
             observations.observe(&leases, now);
-            plan(
+            let mut round = plan(
                 &leases,
                 me,
                 |l: &Lease| observations.is_expired(l, now, failover),
                 self.inner.config.max_steal_per_round,
-            )
+            );
+            if only_expired {
+                round.steal.clear();
+                round.take.retain(|key| {
+                    leases
+                        .iter()
+                        .any(|l| &l.key == key && l.owner.is_some() && observations.is_expired(l, now, failover))
+                });
+            }
+            round
         };
         // A lease the table says is ours but this coordinator does not hold (the worker restarted
         // under the same id) is taken back first: nobody else would, as it looks held.
         let held_keys = self.held_keys();
         let orphans: Vec<&String> = leases
             .iter()
+            .filter(|_| !only_expired)
             .filter(|l| {
                 l.owner.as_deref() == Some(me)
                     && !held_keys.contains(&l.key)
@@ -227,10 +254,21 @@ impl LeaseCoordinator {
         let mut gained = Vec::new();
         for key in orphans.into_iter().chain(&round.take).chain(stolen.iter().copied()) {
             let Some(lease) = leases.iter().find(|l| &l.key == key) else { continue };
+            let steal = stolen.contains(&key);
             let sent = Instant::now();
-            match self.inner.table.take(lease, me).await? {
+            let mut outcome = self.inner.table.take(lease, me).await?;
+            if steal && outcome == Outcome::Lost {
+                // The victim renewed between the listing and the take (its renewals and these
+                // rounds can fall into step): steal at the counter it has now, if it still holds
+                // the lease. The decision to steal does not depend on the counter.
+                if let Some(fresh) = self.inner.table.get(key).await?
+                    && fresh.owner == lease.owner
+                {
+                    outcome = self.inner.table.take(&fresh, me).await?;
+                }
+            }
+            match outcome {
                 Outcome::Done(taken) => {
-                    let steal = stolen.contains(&key);
                     // After a steal, the old owner may go on processing until its own validity
                     // ends; processing here starts one failover time later.
                     let not_before = if steal { sent + failover } else { sent };

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! Scheduler task ── renewer task (every failover/3)
-//!      │ take round every 2 x failover, shard sync at start / on shard end / every minute
+//!      │ take round every 2 x failover (an expiry round half-way), shard sync at start / on
+//!      │ shard end / every minute
 //!      └─▶ one ShardConsumer task per held lease ─▶ fetcher task
 //! ```
 //!
@@ -278,8 +279,12 @@ impl<F: ProcessorFactory> Worker<F> {
         let stop_consumers = CancellationToken::new();
         let mut consumers: JoinSet<Exit> = JoinSet::new();
         let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
-        let mut take = tokio::time::interval(self.config.failover * 2);
-        take.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Take rounds every 2 x failover, each a little early or late (up to 5 %), so that the
+        // rounds of workers started together do not stay in step with each other's renewals.
+        let take_interval = self.config.failover * 2;
+        let take = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(take);
+        let mut half_way = false;
         let mut sync =
             tokio::time::interval_at(Instant::now() + self.config.shard_sync_interval, self.config.shard_sync_interval);
         sync.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -295,8 +300,20 @@ impl<F: ProcessorFactory> Worker<F> {
                     let Some(key) = running.remove(&id) else { continue };
                     self.consumer_ended(&key, exit).await;
                 }
-                _ = take.tick() => {
-                    match self.coordinator.take_round(Instant::now()).await {
+                _ = &mut take => {
+                    // Take rounds and expiry rounds alternate, a little more than a failover
+                    // time apart: so a counter seen still from one listing to the next has
+                    // stood still for longer than the failover time. The random part keeps the
+                    // rounds of workers started together out of step with each other's renewals.
+                    take.as_mut().reset(Instant::now() + (take_interval / 2).mul_f64(1.02 + fastrand::f64() * 0.08));
+                    let full = !half_way;
+                    half_way = !half_way;
+                    let round = if full {
+                        self.coordinator.take_round(Instant::now()).await
+                    } else {
+                        self.coordinator.expiry_round(Instant::now()).await
+                    };
+                    match round {
                         Ok(gained) => {
                             for held in gained {
                                 let key = held.key().to_owned();

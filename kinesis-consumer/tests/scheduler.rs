@@ -138,9 +138,9 @@ async fn a_dead_workers_shards_move_and_resume_after_its_last_checkpoint() {
         "b took the dead worker's leases"
     );
     let moved = died.elapsed();
-    // Expiry is seen over take rounds (2 x failover apart): the counter must be seen still for a
-    // failover time, then taken at a round.
-    let bound = FAILOVER + FAILOVER * 2 * 2 + Duration::from_secs(1);
+    // Within the failover time and one take interval (2 x failover), and a second of slack for
+    // a loaded machine.
+    let bound = FAILOVER + FAILOVER * 2 + Duration::from_secs(1);
     assert!(moved <= bound, "moved after {moved:?}, bound {bound:?}");
     let sent = load.await.unwrap();
     wait_received(&log, &sent).await;

@@ -40,6 +40,12 @@ impl DynamoDb {
         Ok(Self { connection, _server: Some(server) })
     }
 
+    /// A handle on a local server at `endpoint_url` that something else runs (another process
+    /// of this test bed, a standalone emulator): dummy credentials, `us-east-1`.
+    pub fn connect(endpoint_url: impl Into<String>) -> Self {
+        Self { connection: Connection::local(endpoint_url.into(), Origin::Given), _server: None }
+    }
+
     /// The endpoint URL, e.g. `http://127.0.0.1:38212`.
     pub fn endpoint_url(&self) -> &str {
         &self.connection.endpoint_url
