@@ -131,6 +131,32 @@ impl LeaseCoordinator {
         forgotten
     }
 
+    /// Forgets `held` if it is still the hold of its lease (not a later one).
+    pub(crate) fn forget_held(&self, held: &Arc<HeldLease>) -> bool {
+        let forgotten = {
+            let mut map = self.held_map();
+            match map.get(held.key()) {
+                Some(current) if Arc::ptr_eq(current, held) => map.remove(held.key()).is_some(),
+                _ => false,
+            }
+        };
+        self.count_held();
+        forgotten
+    }
+
+    /// Gives `held` up, if it is still the hold of its lease, and forgets it.
+    pub(crate) async fn release_held(&self, held: &Arc<HeldLease>) -> Result<(), LeaseTableError> {
+        if !self.forget_held(held) {
+            return Ok(());
+        }
+        let lease = held.lock().await;
+        held.mark_lost();
+        if let Outcome::Done(_) = self.inner.table.release(&lease).await? {
+            Metrics::add(&self.inner.metrics.leases_released, 1);
+        }
+        Ok(())
+    }
+
     fn count_held(&self) {
         let n = self.held_map().len() as u64;
         self.inner.metrics.held.store(n, std::sync::atomic::Ordering::Relaxed);

@@ -89,3 +89,33 @@ impl HeldLease {
         self.not_before
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::Position;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_usable_from_its_start_until_its_validity_after_the_last_write() {
+        let now = Instant::now();
+        let failover = Duration::from_secs(9);
+        let validity = failover * 2 / 3;
+        // Stolen: processing waits one failover time.
+        let held = HeldLease::new(Lease::new("s", Position::TrimHorizon), now, validity, now + failover);
+        assert!(!held.usable(now));
+        tokio::time::advance(failover).await;
+        // The take was written 9 s ago: past its validity, so not usable until renewed.
+        assert!(!held.usable(Instant::now()));
+        held.written(Instant::now());
+        assert!(held.usable(Instant::now()));
+        tokio::time::advance(validity - Duration::from_millis(1)).await;
+        assert!(held.usable(Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!held.usable(Instant::now()), "not renewed for 2/3 of the failover time");
+        held.written(Instant::now() - Duration::from_secs(100));
+        assert!(!held.usable(Instant::now()), "an older write does not move the time back");
+        held.written(Instant::now());
+        held.mark_lost();
+        assert!(!held.usable(Instant::now()) && held.is_lost());
+    }
+}

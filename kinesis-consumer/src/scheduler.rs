@@ -278,9 +278,10 @@ impl<F: ProcessorFactory> Worker<F> {
 
         let stop_consumers = CancellationToken::new();
         let mut consumers: JoinSet<Exit> = JoinSet::new();
-        let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
-        // Take rounds every 2 x failover, each a little early or late (up to 5 %), so that the
-        // rounds of workers started together do not stay in step with each other's renewals.
+        let mut running: HashMap<tokio::task::Id, Arc<HeldLease>> = HashMap::new();
+        // Leases gained while the consumer of an earlier hold of the same lease still runs (its
+        // last call): they start when it ends, so that a shard never has two consumers here.
+        let mut waiting: Vec<Arc<HeldLease>> = Vec::new();
         let take_interval = self.config.failover * 2;
         let take = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(take);
@@ -297,8 +298,15 @@ impl<F: ProcessorFactory> Worker<F> {
                         Ok((id, exit)) => (id, Ok(exit)),
                         Err(e) => (e.id(), Err(e)),
                     };
-                    let Some(key) = running.remove(&id) else { continue };
-                    self.consumer_ended(&key, exit).await;
+                    let Some(held) = running.remove(&id) else { continue };
+                    self.consumer_ended(&held, exit).await;
+                    let (ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut waiting)
+                        .into_iter()
+                        .partition(|w| !running.values().any(|r| r.key() == w.key()));
+                    waiting = still;
+                    for held in ready {
+                        self.spawn(&mut consumers, &mut running, held, &stop_consumers);
+                    }
                 }
                 _ = &mut take => {
                     // Take rounds and expiry rounds alternate, a little more than a failover
@@ -316,9 +324,11 @@ impl<F: ProcessorFactory> Worker<F> {
                     match round {
                         Ok(gained) => {
                             for held in gained {
-                                let key = held.key().to_owned();
-                                let handle = consumers.spawn(shard_consumer::run(self.context(held, &stop_consumers), self.factory.create(&key)));
-                                running.insert(handle.id(), key);
+                                if running.values().any(|r| r.key() == held.key()) {
+                                    waiting.push(held);
+                                } else {
+                                    self.spawn(&mut consumers, &mut running, held, &stop_consumers);
+                                }
                             }
                         }
                         Err(error) => tracing::warn!(%error, "take round failed"),
@@ -335,9 +345,9 @@ impl<F: ProcessorFactory> Worker<F> {
         let drained = tokio::time::timeout(self.config.shutdown_timeout, async {
             while let Some(joined) = consumers.join_next_with_id().await {
                 if let Ok((id, Exit::ShardEnded)) = joined
-                    && let Some(key) = running.remove(&id)
+                    && let Some(held) = running.remove(&id)
                 {
-                    self.consumer_ended(&key, Ok(Exit::ShardEnded)).await;
+                    self.consumer_ended(&held, Ok(Exit::ShardEnded)).await;
                 }
             }
         })
@@ -351,6 +361,18 @@ impl<F: ProcessorFactory> Worker<F> {
             tracing::warn!(%error, "releasing the leases failed; they expire after the failover time");
         }
         Ok(())
+    }
+
+    fn spawn(
+        &self,
+        consumers: &mut JoinSet<Exit>,
+        running: &mut HashMap<tokio::task::Id, Arc<HeldLease>>,
+        held: Arc<HeldLease>,
+        stop: &CancellationToken,
+    ) {
+        let processor = self.factory.create(held.key());
+        let handle = consumers.spawn(shard_consumer::run(self.context(held.clone(), stop), processor));
+        running.insert(handle.id(), held);
     }
 
     fn context(&self, held: Arc<HeldLease>, stop: &CancellationToken) -> Context {
@@ -368,28 +390,31 @@ impl<F: ProcessorFactory> Worker<F> {
         }
     }
 
-    async fn consumer_ended(&self, key: &str, exit: Result<Exit, tokio::task::JoinError>) {
+    /// Handles the end of the consumer of `held` (this hold of the lease, not a later one).
+    async fn consumer_ended(&self, held: &Arc<HeldLease>, exit: Result<Exit, tokio::task::JoinError>) {
+        let key = held.key();
         match exit {
             Ok(Exit::LeaseLost) => {
-                self.coordinator.forget(key);
+                self.coordinator.forget_held(held);
             }
             Ok(Exit::ShardEnded) => {
                 // The shard is done: give its lease up (no worker takes a lease at SHARD_END),
                 // and list the shards so that its children have leases.
-                self.release(key).await;
+                self.release(held).await;
                 self.sync_now.notify_one();
             }
             Ok(Exit::Shutdown) => {}
-            Ok(Exit::Failed) => self.release(key).await,
+            Ok(Exit::Failed) => self.release(held).await,
             Err(e) => {
                 tracing::error!(shard_id = key, error = %e, "a shard's processor panicked; its lease is released");
-                self.release(key).await;
+                self.release(held).await;
             }
         }
     }
 
-    async fn release(&self, key: &str) {
-        if let Err(error) = self.coordinator.release(key).await {
+    async fn release(&self, held: &Arc<HeldLease>) {
+        let key = held.key();
+        if let Err(error) = self.coordinator.release_held(held).await {
             tracing::warn!(shard_id = key, %error, "releasing a lease failed; it expires after the failover time");
         }
     }
