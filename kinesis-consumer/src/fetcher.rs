@@ -9,6 +9,7 @@
 //!
 //! The channel to the consumer is bounded: a slow processor stops the reads.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::mpsc;
 
 use crate::error::{ErrorKind, KinesisError};
-use crate::kinesis::{KinesisApi, StartAt};
+use crate::kinesis::{Fetched, KinesisApi, StartAt};
 use crate::metrics::Metrics;
 use crate::record::{Record, Unpacker};
 
@@ -59,16 +60,42 @@ pub(crate) enum Fetch {
     Failed(KinesisError),
 }
 
-pub(crate) struct Fetcher {
-    pub api: KinesisApi,
+/// The two reads a fetcher makes: the seam between it and Kinesis (an in-memory reader in the
+/// unit tests below injects throttling and expiry).
+pub(crate) trait Reader: Send + Sync + 'static {
+    fn shard_iterator(
+        &self,
+        shard_id: &str,
+        at: &StartAt,
+    ) -> impl Future<Output = Result<Option<String>, KinesisError>> + Send;
+
+    fn get_records(&self, iterator: &str, limit: i32) -> impl Future<Output = Result<Fetched, KinesisError>> + Send;
+}
+
+impl Reader for KinesisApi {
+    fn shard_iterator(
+        &self,
+        shard_id: &str,
+        at: &StartAt,
+    ) -> impl Future<Output = Result<Option<String>, KinesisError>> + Send {
+        KinesisApi::shard_iterator(self, shard_id, at)
+    }
+
+    fn get_records(&self, iterator: &str, limit: i32) -> impl Future<Output = Result<Fetched, KinesisError>> + Send {
+        KinesisApi::get_records(self, iterator, limit)
+    }
+}
+
+pub(crate) struct Fetcher<R = KinesisApi> {
+    pub api: R,
     pub shard_id: Arc<str>,
     pub config: PollingConfig,
     pub metrics: Arc<Metrics>,
     pub unpacker: Unpacker,
 }
 
-impl Fetcher {
-    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+impl<R: Reader> Fetcher<R> {
+    fn backoff(&self) -> impl Iterator<Item = Duration> + use<R> {
         ExponentialBuilder::new()
             .with_min_delay(self.config.backoff.0)
             .with_max_delay(self.config.backoff.1)
@@ -176,5 +203,140 @@ impl Fetcher {
                 other => return other,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use aws_sdk_kinesis::primitives::Blob;
+    use tokio::time::Instant;
+
+    use super::*;
+
+    /// Answers GetRecords from a script; records every GetShardIterator asked for.
+    #[derive(Default)]
+    struct Scripted {
+        answers: Mutex<VecDeque<Result<Fetched, ErrorKind>>>,
+        iterators: Mutex<Vec<StartAt>>,
+        calls: Mutex<Vec<Instant>>,
+    }
+
+    fn page(seqs: &[&str], next: Option<&str>) -> Result<Fetched, ErrorKind> {
+        let records = seqs
+            .iter()
+            .map(|s| {
+                aws_sdk_kinesis::types::Record::builder()
+                    .sequence_number(*s)
+                    .partition_key("k")
+                    .data(Blob::new(s.as_bytes()))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        Ok(Fetched { records, next_iterator: next.map(str::to_owned), millis_behind_latest: Some(0) })
+    }
+
+    impl Reader for Arc<Scripted> {
+        async fn shard_iterator(&self, _shard_id: &str, at: &StartAt) -> Result<Option<String>, KinesisError> {
+            self.iterators.lock().unwrap().push(at.clone());
+            Ok(Some("it".into()))
+        }
+
+        async fn get_records(&self, _iterator: &str, _limit: i32) -> Result<Fetched, KinesisError> {
+            self.calls.lock().unwrap().push(Instant::now());
+            match self.answers.lock().unwrap().pop_front() {
+                Some(Ok(page)) => Ok(page),
+                Some(Err(kind)) => Err(KinesisError::new(kind, "GetRecords", Some(format!("{kind:?}")), None)),
+                None => Ok(Fetched { records: Vec::new(), next_iterator: None, millis_behind_latest: None }),
+            }
+        }
+    }
+
+    fn fetcher(reader: &Arc<Scripted>, metrics: &Arc<Metrics>) -> Fetcher<Arc<Scripted>> {
+        Fetcher {
+            api: reader.clone(),
+            shard_id: "shard".into(),
+            config: PollingConfig::default(),
+            metrics: metrics.clone(),
+            unpacker: Unpacker::new("shard".into(), None, None),
+        }
+    }
+
+    async fn drain(mut rx: mpsc::Receiver<Fetch>) -> (Vec<String>, bool) {
+        let mut seqs = Vec::new();
+        let mut ended = false;
+        while let Some(fetch) = rx.recv().await {
+            match fetch {
+                Fetch::Records { records, .. } => seqs.extend(records.iter().map(|r| r.sequence_number.to_string())),
+                Fetch::End => ended = true,
+                Fetch::Failed(e) => panic!("failed: {e}"),
+            }
+        }
+        (seqs, ended)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn read_throttling_backs_off_exponentially_and_the_reads_go_on() {
+        let reader = Arc::new(Scripted::default());
+        reader.answers.lock().unwrap().extend([
+            page(&["1"], Some("a")),
+            Err(ErrorKind::Throttled),
+            Err(ErrorKind::Throttled),
+            Err(ErrorKind::Throttled),
+            Err(ErrorKind::Transient),
+            page(&["2"], None),
+        ]);
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(fetcher(&reader, &metrics).run(StartAt::TrimHorizon, tx));
+        let (seqs, ended) = drain(rx).await;
+        assert_eq!(seqs, ["1", "2"]);
+        assert!(ended);
+        assert_eq!(metrics.read_throttles.load(std::sync::atomic::Ordering::Relaxed), 3);
+        let calls = reader.calls.lock().unwrap().clone();
+        let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
+        // 200 ms after a page with records; then backoff waits that grow (jittered: each at
+        // least the base delay, 100, 200, 400, 800 ms).
+        assert!(gaps[0] >= Duration::from_millis(200), "{gaps:?}");
+        for (gap, base) in gaps[1..].iter().zip([100u64, 200, 400, 800]) {
+            assert!(*gap >= Duration::from_millis(base), "{gaps:?}");
+        }
+        assert!(gaps[4] > gaps[1], "the waits grow: {gaps:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_iterator_is_renewed_after_the_last_record_read() {
+        let reader = Arc::new(Scripted::default());
+        reader.answers.lock().unwrap().extend([
+            page(&["10", "11"], Some("a")),
+            Err(ErrorKind::Expired),
+            page(&["12"], None),
+        ]);
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(fetcher(&reader, &metrics).run(StartAt::AtSequence("10".into()), tx));
+        let (seqs, ended) = drain(rx).await;
+        assert_eq!(seqs, ["10", "11", "12"]);
+        assert!(ended);
+        let iterators = reader.iterators.lock().unwrap().clone();
+        assert_eq!(iterators, [StartAt::AtSequence("10".into()), StartAt::AfterSequence("11".into())]);
+        assert_eq!(metrics.expired_iterators.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_retrying_cannot_help_is_handed_over() {
+        let reader = Arc::new(Scripted::default());
+        reader.answers.lock().unwrap().push_back(Err(ErrorKind::NotFound));
+        let metrics = Arc::new(Metrics::default());
+        let (tx, mut rx) = mpsc::channel(4);
+        tokio::spawn(fetcher(&reader, &metrics).run(StartAt::Latest, tx));
+        match rx.recv().await {
+            Some(Fetch::Failed(e)) => assert_eq!(e.kind, ErrorKind::NotFound),
+            other => panic!("{other:?}"),
+        }
+        assert!(rx.recv().await.is_none());
     }
 }

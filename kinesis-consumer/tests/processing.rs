@@ -182,3 +182,30 @@ async fn a_lost_lease_cannot_be_checkpointed_and_the_new_owners_progress_stands(
     assert_eq!(after.checkpoint, before.checkpoint, "the new owner's progress stands");
     new.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_iterators_are_renewed_after_the_last_record_read() {
+    // Iterators live 1 s; the worker idles 1.5 s after an empty read, so its iterators expire.
+    let options = kinesis_testkit::KinesisOptions { iterator_ttl: Duration::from_secs(1), ..Default::default() };
+    let bed = TestBed::start_with(options).await.expect("start the emulators");
+    let stream = bed.kinesis.create_stream(1).await.unwrap();
+    let table = unique_name("leases");
+    let log = Log::default();
+    let mut config = config(&stream, &table, "x");
+    config.polling.idle_time_between_reads = Duration::from_millis(1500);
+    let worker = start_worker(&bed, config, &log, Duration::ZERO);
+    let client = bed.kinesis.client();
+    let mut sent = Vec::new();
+    for round in 0..4 {
+        sent.extend(put_plain(&client, &stream, &format!("e{round}"), 10).await);
+        let received = sent.len();
+        assert!(eventually(Duration::from_secs(30), || log.received().len() == received).await);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    let metrics = worker.metrics();
+    worker.shutdown().await.unwrap();
+    assert!(metrics.expired_iterators >= 2, "{metrics:?}");
+    let duplicates = log.received().values().filter(|n| **n > 1).count();
+    assert_eq!(duplicates, 0, "renewed after the last record read: nothing read twice");
+    assert_all_received(&log, &sent);
+}

@@ -28,11 +28,18 @@ pub struct KinesisOptions {
     /// How long CreateStream, DeleteStream and the resharding calls keep the stream in
     /// CREATING / DELETING / UPDATING. Default: 10 ms (ferrokinesis: 500 ms).
     pub transition_delay: Duration,
+    /// How long a shard iterator lives (whole seconds, at least 1). Default: 300 s, as in AWS.
+    pub iterator_ttl: Duration,
 }
 
 impl Default for KinesisOptions {
     fn default() -> Self {
-        Self { enforce_limits: false, shard_limit: 1000, transition_delay: Duration::from_millis(10) }
+        Self {
+            enforce_limits: false,
+            shard_limit: 1000,
+            transition_delay: Duration::from_millis(10),
+            iterator_ttl: Duration::from_secs(300),
+        }
     }
 }
 
@@ -74,6 +81,7 @@ impl Kinesis {
             update_stream_ms: delay_ms,
             shard_limit: options.shard_limit,
             enforce_limits: options.enforce_limits,
+            iterator_ttl_seconds: options.iterator_ttl.as_secs().max(1),
             ..Default::default()
         };
         let server = ServerThread::spawn("ferrokinesis", 2, move |listener, stop| {
