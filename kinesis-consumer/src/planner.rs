@@ -150,6 +150,9 @@ mod tests {
             ("the most loaded over the target gives its excess", &["b", "b", "b", "c", "c", "me"], &[], 3, &[], &[0], 2),
             ("within one of each other: no steal", &["b", "b", "c", "c", "me"], &[], 1, &[], &[], 2),
             ("steal from the most loaded", &["b", "c", "c", "c", "c", "b"], &[], 1, &[], &[1], 2),
+            ("very old leases: every owner long gone", &["g1", "g2", "g1", "g3"], &[0, 1, 2, 3], 1, &[0, 1, 2, 3], &[], 4),
+            ("very old leases beside a live worker: up to half", &["g1", "g1", "g2", "g2", "b", "b"], &[0, 1, 2, 3], 1, &[0, 1, 2], &[], 3),
+            ("mine, even if it looks old, stays mine", &["me", "me", "", ""], &[0, 1], 1, &[2, 3], &[], 4),
         ];
         let keys = |v: &[usize]| v.iter().map(|i| format!("shard-{i:02}")).collect::<Vec<_>>();
         for &(name, owners, expired, max_steal, take, steal, target) in cases {

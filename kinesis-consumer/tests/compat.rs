@@ -129,6 +129,22 @@ async fn plain_records_our_aggregates_and_kpl_vectors_arrive_once_each() {
         cases += 1;
     }
     assert!(cases >= 15, "the vectors were read: {cases}");
+    // The producer's opt-in compressed form: F3 89 9A C3 + zlib of an aggregate, and of a plain record.
+    let mut aggregator = Aggregator::new();
+    let mut squeezed = Vec::new();
+    for i in 0..10u64 {
+        let record = UserRecord::new(format!("zip-{i}"), Bytes::from(format!("compressed {i}")));
+        assert!(aggregator.try_push_ref(&record).unwrap());
+        squeezed.push((format!("zip-{i}"), None, format!("compressed {i}").into_bytes(), i, true));
+    }
+    let aggregate = aggregator.finish().unwrap();
+    let compressed = kinesis_aggregation::compression::compress(&aggregate.data);
+    let seq = put_raw(&client, &stream, &aggregate.partition_key, compressed.to_vec()).await;
+    expected.push((seq, squeezed));
+    let compressed = kinesis_aggregation::compression::compress(b"a compressed plain record");
+    let seq = put_raw(&client, &stream, "zip-plain", compressed.to_vec()).await;
+    expected.push((seq, vec![("zip-plain".into(), None, b"a compressed plain record".to_vec(), 0, false)]));
+
     let seq = put_raw(&client, &stream, "plain-key", b"plain two".to_vec()).await;
     expected.push((seq, vec![("plain-key".into(), None, b"plain two".to_vec(), 0, false)]));
 

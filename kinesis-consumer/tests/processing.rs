@@ -209,3 +209,42 @@ async fn expired_iterators_are_renewed_after_the_last_record_read() {
     assert_eq!(duplicates, 0, "renewed after the last record read: nothing read twice");
     assert_all_received(&log, &sent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_and_at_timestamp_start_where_they_say() {
+    let (bed, stream, table) = bed_and_stream(1).await;
+    let client = bed.kinesis.client();
+    let old = put_plain(&client, &stream, "old", 10).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let since = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let middle = put_plain(&client, &stream, "middle", 10).await;
+
+    // LATEST: only what is written once the worker reads.
+    let log = Log::default();
+    let mut latest = config(&stream, &table, "latest");
+    latest.initial_position = kinesis_consumer::InitialPosition::Latest;
+    let worker = start_worker(&bed, latest, &log, Duration::ZERO);
+    assert!(eventually(Duration::from_secs(30), || worker.metrics().get_records_calls >= 1).await);
+    let new = put_plain(&client, &stream, "new", 10).await;
+    assert!(eventually(Duration::from_secs(30), || log.received().len() >= 10).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    worker.shutdown().await.unwrap();
+    let got: Vec<String> = log.received().into_keys().collect();
+    let mut want = new.clone();
+    want.sort();
+    assert_eq!(got, want, "LATEST skips what was there before");
+
+    // AT_TIMESTAMP, on a new application: from the timestamp on.
+    let log = Log::default();
+    let mut at = config(&stream, &unique_name("leases"), "at");
+    at.initial_position = kinesis_consumer::InitialPosition::AtTimestamp(since);
+    let worker = start_worker(&bed, at, &log, Duration::ZERO);
+    assert!(eventually(Duration::from_secs(30), || log.received().len() >= 20).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    worker.shutdown().await.unwrap();
+    let got: Vec<String> = log.received().into_keys().collect();
+    let mut want: Vec<String> = middle.iter().chain(&new).cloned().collect();
+    want.sort();
+    assert_eq!(got, want, "AT_TIMESTAMP skips the {} records before it", old.len());
+}
