@@ -147,6 +147,9 @@ impl Scheduler {
     ///
     /// # Errors
     /// [`ConfigError`] for a setting out of range; nothing is started then.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (the worker's tasks are spawned on the current one).
     pub fn start<F: ProcessorFactory>(
         kinesis: aws_sdk_kinesis::Client,
         dynamodb: aws_sdk_dynamodb::Client,
