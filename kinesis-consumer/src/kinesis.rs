@@ -75,6 +75,10 @@ impl KinesisApi {
         KinesisApi { client, stream: stream.into() }
     }
 
+    pub(crate) fn client(&self) -> &aws_sdk_kinesis::Client {
+        &self.client
+    }
+
     pub(crate) fn stream(&self) -> &str {
         &self.stream
     }

@@ -25,6 +25,8 @@ pub(crate) struct Metrics {
     pub records_before_checkpoint: AtomicU64,
     pub corrupt_aggregates: AtomicU64,
     pub shard_syncs: AtomicU64,
+    pub subscriptions: AtomicU64,
+    pub resubscriptions: AtomicU64,
     pub held: AtomicU64,
     pub millis_behind: Mutex<BTreeMap<String, i64>>,
 }
@@ -69,6 +71,8 @@ impl Metrics {
             records_before_checkpoint: get(&self.records_before_checkpoint),
             corrupt_aggregates: get(&self.corrupt_aggregates),
             shard_syncs: get(&self.shard_syncs),
+            subscriptions: get(&self.subscriptions),
+            resubscriptions: get(&self.resubscriptions),
         }
     }
 }
@@ -118,4 +122,8 @@ pub struct MetricsSnapshot {
     pub corrupt_aggregates: u64,
     /// Shard syncs run.
     pub shard_syncs: u64,
+    /// SubscribeToShard subscriptions made (enhanced fan-out).
+    pub subscriptions: u64,
+    /// Of those, subscriptions made again after one ended or failed.
+    pub resubscriptions: u64,
 }

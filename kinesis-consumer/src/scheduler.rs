@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::{CoordinatorConfig, LeaseCoordinator};
 use crate::error::{ConfigError, SchedulerError};
+use crate::fan_out::{Retrieval, register};
 use crate::fetcher::PollingConfig;
 use crate::held::HeldLease;
 use crate::kinesis::KinesisApi;
@@ -55,7 +56,10 @@ pub struct SchedulerConfig {
     /// How often a child shard checks whether its parents are done (KCL
     /// `parentShardPollIntervalMillis`: 10 s).
     pub parent_poll_interval: Duration,
-    /// GetRecords settings.
+    /// How shards are read: GetRecords polling (default) or enhanced fan-out.
+    pub retrieval: Retrieval,
+    /// GetRecords settings (polling; fan-out uses GetRecords only to find a shard's end when
+    /// the server sends no ChildShards).
     pub polling: PollingConfig,
     /// The most records in one `process_records` call.
     pub max_batch_records: usize,
@@ -81,6 +85,7 @@ impl SchedulerConfig {
             max_steal_per_round: 1,
             shard_sync_interval: Duration::from_secs(60),
             parent_poll_interval: Duration::from_secs(10),
+            retrieval: Retrieval::Polling,
             polling: PollingConfig::default(),
             max_batch_records: 10_000,
             max_batch_wait: Duration::ZERO,
@@ -115,6 +120,15 @@ impl SchedulerConfig {
         }
         if self.max_batch_records == 0 {
             return bad("max_batch_records", "must be at least 1");
+        }
+        if let Retrieval::FanOut(fan_out) = &self.retrieval {
+            let name = &fan_out.consumer_name;
+            if name.is_empty()
+                || name.len() > 128
+                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+            {
+                return bad("retrieval.consumer_name", "must be 1 to 128 of a-z A-Z 0-9 _ - .");
+            }
         }
         if self.shard_sync_interval.is_zero() || self.parent_poll_interval.is_zero() {
             return bad("shard_sync_interval / parent_poll_interval", "must not be zero");
@@ -254,6 +268,13 @@ impl<F: ProcessorFactory> Worker<F> {
             }
             self.pause(&mut backoff).await;
         }
+        let consumer_arn: Option<Arc<str>> = match &self.config.retrieval {
+            Retrieval::Polling => None,
+            Retrieval::FanOut(fan_out) => match register(self.api.client(), self.api.stream(), fan_out).await {
+                Ok(arn) => Some(arn.into()),
+                Err(e) => return Err(SchedulerError::Kinesis(e)),
+            },
+        };
         loop {
             match self.sync().await {
                 Ok(()) => break,
@@ -308,7 +329,7 @@ impl<F: ProcessorFactory> Worker<F> {
                         .partition(|w| !running.values().any(|r| r.key() == w.key()));
                     waiting = still;
                     for held in ready {
-                        self.spawn(&mut consumers, &mut running, held, &stop_consumers);
+                        self.spawn(&mut consumers, &mut running, held, &stop_consumers, &consumer_arn);
                     }
                 }
                 _ = &mut take => {
@@ -330,7 +351,7 @@ impl<F: ProcessorFactory> Worker<F> {
                                 if running.values().any(|r| r.key() == held.key()) {
                                     waiting.push(held);
                                 } else {
-                                    self.spawn(&mut consumers, &mut running, held, &stop_consumers);
+                                    self.spawn(&mut consumers, &mut running, held, &stop_consumers, &consumer_arn);
                                 }
                             }
                         }
@@ -372,9 +393,14 @@ impl<F: ProcessorFactory> Worker<F> {
         running: &mut HashMap<tokio::task::Id, Arc<HeldLease>>,
         held: Arc<HeldLease>,
         stop: &CancellationToken,
+        consumer_arn: &Option<Arc<str>>,
     ) {
         let processor = self.factory.create(held.key());
-        let handle = consumers.spawn(shard_consumer::run(self.context(held.clone(), stop), processor));
+        let mut context = self.context(held.clone(), stop);
+        if let (Retrieval::FanOut(config), Some(arn)) = (&self.config.retrieval, consumer_arn) {
+            context.fan_out = Some((arn.clone(), config.clone()));
+        }
+        let handle = consumers.spawn(shard_consumer::run(context, processor));
         running.insert(handle.id(), held);
     }
 
@@ -390,6 +416,7 @@ impl<F: ProcessorFactory> Worker<F> {
             max_batch_wait: self.config.max_batch_wait,
             metrics: self.metrics.clone(),
             shutdown: stop.clone(),
+            fan_out: None,
         }
     }
 

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpointer::Checkpointer;
+use crate::fan_out::{FanOutConfig, FanOutFetcher};
 use crate::fetcher::{Fetch, Fetcher, PollingConfig};
 use crate::held::HeldLease;
 use crate::kinesis::{KinesisApi, StartAt};
@@ -77,6 +78,8 @@ pub(crate) struct Context {
     pub max_batch_wait: Duration,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
+    /// Enhanced fan-out: the registered consumer's ARN and the settings. `None`: polling.
+    pub fan_out: Option<(Arc<str>, FanOutConfig)>,
 }
 
 /// Aborts a task when dropped.
@@ -198,14 +201,33 @@ pub(crate) async fn run<P: Processor>(ctx: Context, mut processor: P) -> Exit {
                         .await;
                     initialized = true;
                     let (tx, rx) = mpsc::channel(ctx.polling.prefetch_pages.max(1));
-                    let fetcher = Fetcher {
-                        api: ctx.api.clone(),
-                        shard_id: shard_id.clone(),
-                        config: ctx.polling.clone(),
-                        metrics: ctx.metrics.clone(),
-                        unpacker: Unpacker::new(shard_id.clone(), lease.hash_range, resume_after),
+                    let unpacker = Unpacker::new(shard_id.clone(), lease.hash_range, resume_after);
+                    let task = match &ctx.fan_out {
+                        None => {
+                            let fetcher = Fetcher {
+                                api: ctx.api.clone(),
+                                shard_id: shard_id.clone(),
+                                config: ctx.polling.clone(),
+                                metrics: ctx.metrics.clone(),
+                                unpacker,
+                            };
+                            tokio::spawn(fetcher.run(start, tx))
+                        }
+                        Some((consumer_arn, config)) => {
+                            let fetcher = FanOutFetcher {
+                                api: ctx.api.clone(),
+                                client: ctx.api.client().clone(),
+                                consumer_arn: consumer_arn.clone(),
+                                shard_id: shard_id.clone(),
+                                config: config.clone(),
+                                metrics: ctx.metrics.clone(),
+                                unpacker,
+                                last_read: None,
+                            };
+                            tokio::spawn(fetcher.run(start, tx))
+                        }
                     };
-                    fetched = Some((rx, AbortOnDrop(tokio::spawn(fetcher.run(start, tx)))));
+                    fetched = Some((rx, AbortOnDrop(task)));
                     ShardConsumerState::Processing
                 }
             },

@@ -30,6 +30,9 @@ pub struct KinesisOptions {
     pub transition_delay: Duration,
     /// How long a shard iterator lives (whole seconds, at least 1). Default: 300 s, as in AWS.
     pub iterator_ttl: Duration,
+    /// How long a SubscribeToShard subscription lasts before the server ends it. Default: 5
+    /// minutes, as in AWS.
+    pub subscription_lifetime: Duration,
 }
 
 impl Default for KinesisOptions {
@@ -39,6 +42,7 @@ impl Default for KinesisOptions {
             shard_limit: 1000,
             transition_delay: Duration::from_millis(10),
             iterator_ttl: Duration::from_secs(300),
+            subscription_lifetime: Duration::from_secs(300),
         }
     }
 }
@@ -82,6 +86,7 @@ impl Kinesis {
             shard_limit: options.shard_limit,
             enforce_limits: options.enforce_limits,
             iterator_ttl_seconds: options.iterator_ttl.as_secs().max(1),
+            subscribe_to_shard_session_ms: u64::try_from(options.subscription_lifetime.as_millis()).unwrap_or(u64::MAX),
             ..Default::default()
         };
         let server = ServerThread::spawn("ferrokinesis", 2, move |listener, stop| {
