@@ -47,6 +47,10 @@ pub struct FanOutConfig {
     pub end_check_after: Duration,
     /// First and largest wait before subscribing again after a failure.
     pub backoff: (Duration, Duration),
+    /// End each subscription after this long and make a new one (`None`: the server ends it,
+    /// after 5 minutes on AWS). For tests of resubscription, and for servers whose sessions are
+    /// longer than wanted.
+    pub subscription_lifetime: Option<Duration>,
 }
 
 impl FanOutConfig {
@@ -58,6 +62,7 @@ impl FanOutConfig {
             event_timeout: Duration::from_secs(30),
             end_check_after: Duration::from_secs(5),
             backoff: (Duration::from_millis(200), Duration::from_secs(5)),
+            subscription_lifetime: None,
         }
     }
 }
@@ -276,7 +281,12 @@ impl FanOutFetcher {
         waits: &mut ExponentialBackoff,
     ) -> Ended {
         let mut last_records = Instant::now();
+        let ends_at = self.config.subscription_lifetime.map(|lifetime| Instant::now() + lifetime);
         loop {
+            if ends_at.is_some_and(|at| Instant::now() >= at) {
+                // Dropping the receiver closes the subscription's connection.
+                return Ended::Again;
+            }
             let event = match tokio::time::timeout(self.config.event_timeout, events.recv()).await {
                 Err(_) => {
                     tracing::debug!(shard_id = %self.shard_id, "no event within the timeout; subscribing again");

@@ -15,6 +15,15 @@ use kinesis_testkit::{
 };
 use tokio::time::Instant;
 
+/// A client with the `client()` accessor of the emulator handles.
+struct Client(aws_sdk_kinesis::Client);
+
+impl Client {
+    fn client(&self) -> aws_sdk_kinesis::Client {
+        self.0.clone()
+    }
+}
+
 fn fan_out(stream: &str, table: &str, worker: &str, consumer: &str) -> SchedulerConfig {
     let mut config = config(stream, table, worker);
     let mut fan_out = FanOutConfig::new(consumer);
@@ -106,6 +115,23 @@ async fn a_subscribed_worker_dies_and_the_new_owner_resumes_from_the_checkpoint(
     let kinesis = Kinesis::start().await.expect("start Kinesis (embedded ferrokinesis)");
     let dynamodb = DynamoDb::start().await.expect("start DynamoDB (embedded dynoxide)");
     let stream = kinesis.create_stream(2).await.unwrap();
+    worker_dies_while_subscribed(kinesis.client(), &dynamodb, &stream).await;
+}
+
+/// kinesis-local allows one subscription per consumer and shard: the new owner's first
+/// subscriptions may be refused until the server sees the dead one's connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribed_worker_dies_and_the_new_owner_resumes_from_the_checkpoint_on_kinesis_local() {
+    let local =
+        KinesisLocal::start().await.expect("kinesis-local must be available for this test (scripts/kinesis-local)");
+    let dynamodb = DynamoDb::start().await.expect("start DynamoDB (embedded dynoxide)");
+    let stream = local.create_stream(2).await.unwrap();
+    worker_dies_while_subscribed(local.client(), &dynamodb, &stream).await;
+}
+
+async fn worker_dies_while_subscribed(client: aws_sdk_kinesis::Client, dynamodb: &DynamoDb, stream: &str) {
+    let kinesis = Client(client);
+    let stream = stream.to_owned();
     let table = unique_name("efo-leases");
     let log = Log::default();
     let a = start_worker_on(
@@ -206,20 +232,36 @@ async fn split_during_fan_out(client: aws_sdk_kinesis::Client, dynamodb: &Dynamo
     worker.shutdown().await.unwrap();
 }
 
+/// The server ends every subscription after a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_that_end_every_second_leave_no_gap_and_no_duplicate() {
     let options = KinesisOptions { subscription_lifetime: Duration::from_secs(1), ..Default::default() };
     let kinesis = Kinesis::start_with(options).await.expect("start Kinesis (embedded ferrokinesis)");
     let dynamodb = DynamoDb::start().await.expect("start DynamoDB (embedded dynoxide)");
     let stream = kinesis.create_stream(2).await.unwrap();
+    let config = fan_out(&stream, &unique_name("efo"), "w", "efo");
+    resubscribing(kinesis.client(), &dynamodb, &stream, config).await;
+}
+
+/// kinesis-local's sessions last 5 minutes: the worker ends its own every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_that_end_every_second_leave_no_gap_and_no_duplicate_on_kinesis_local() {
+    let local =
+        KinesisLocal::start().await.expect("kinesis-local must be available for this test (scripts/kinesis-local)");
+    let dynamodb = DynamoDb::start().await.expect("start DynamoDB (embedded dynoxide)");
+    let stream = local.create_stream(2).await.unwrap();
+    let mut config = fan_out(&stream, &unique_name("efo"), "w", "efo");
+    if let Retrieval::FanOut(f) = &mut config.retrieval {
+        f.subscription_lifetime = Some(Duration::from_secs(1));
+    }
+    resubscribing(local.client(), &dynamodb, &stream, config).await;
+}
+
+async fn resubscribing(client: aws_sdk_kinesis::Client, dynamodb: &DynamoDb, stream: &str, config: SchedulerConfig) {
+    let kinesis = Client(client);
+    let stream = stream.to_owned();
     let log = Log::default();
-    let worker = start_worker_on(
-        kinesis.client(),
-        dynamodb.client(),
-        fan_out(&stream, &unique_name("efo"), "w", "efo"),
-        &log,
-        Duration::ZERO,
-    );
+    let worker = start_worker_on(kinesis.client(), dynamodb.client(), config, &log, Duration::ZERO);
     let stop = Arc::new(AtomicBool::new(false));
     let load = load_until(kinesis.client(), &stream, "r", 20, stop.clone());
     tokio::time::sleep(Duration::from_secs(6)).await;
