@@ -21,12 +21,12 @@ use std::time::Duration;
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{ConsumerStatus, ShardIteratorType, StartingPosition, SubscribeToShardEventStream};
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use backon::ExponentialBackoff;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::error::{ErrorKind, KinesisError, classify_sdk, kind_of_kinesis_code};
-use crate::fetcher::Fetch;
+use crate::error::{ErrorKind, KinesisError};
+use crate::fetcher::{Fetch, backoff};
 use crate::kinesis::{KinesisApi, StartAt};
 use crate::metrics::Metrics;
 use crate::record::{Unpacker, cmp_sequence_numbers};
@@ -82,15 +82,13 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let (kind, code) = classify_sdk(&e, kind_of_kinesis_code);
+    let mut error = crate::kinesis::error(operation, e);
     // ResourceInUse here means "not ready yet" (stream or consumer not ACTIVE, a subscription
     // still open): worth waiting for.
-    let kind = if code.as_deref() == Some("ResourceInUseException") { ErrorKind::Transient } else { kind };
-    KinesisError::new(kind, operation, code, Some(Box::new(e)))
-}
-
-fn backoff(range: (Duration, Duration)) -> ExponentialBackoff {
-    ExponentialBuilder::new().with_min_delay(range.0).with_max_delay(range.1).with_jitter().without_max_times().build()
+    if error.code.as_deref() == Some("ResourceInUseException") {
+        error.kind = ErrorKind::Transient;
+    }
+    error
 }
 
 /// Registers the stream consumer (or finds the one registered before) and waits until it is

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::mpsc;
 
 use crate::error::{ErrorKind, KinesisError};
@@ -94,14 +94,15 @@ pub(crate) struct Fetcher<R = KinesisApi> {
     pub unpacker: Unpacker,
 }
 
+/// Exponential waits with jitter from `range.0` up to `range.1`, without end (the reads go on while
+/// the lease is held).
+pub(crate) fn backoff(range: (Duration, Duration)) -> ExponentialBackoff {
+    ExponentialBuilder::new().with_min_delay(range.0).with_max_delay(range.1).with_jitter().without_max_times().build()
+}
+
 impl<R: Reader> Fetcher<R> {
-    fn backoff(&self) -> impl Iterator<Item = Duration> + use<R> {
-        ExponentialBuilder::new()
-            .with_min_delay(self.config.backoff.0)
-            .with_max_delay(self.config.backoff.1)
-            .with_jitter()
-            .without_max_times()
-            .build()
+    fn backoff(&self) -> ExponentialBackoff {
+        backoff(self.config.backoff)
     }
 
     /// Reads the shard from `start` until its end, a fatal error, or the receiver is dropped.

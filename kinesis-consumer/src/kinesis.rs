@@ -61,7 +61,8 @@ pub(crate) struct KinesisApi {
     stream: Arc<str>,
 }
 
-fn error<E, R>(operation: &'static str, e: aws_sdk_kinesis::error::SdkError<E, R>) -> KinesisError
+/// Classifies a Kinesis SDK error before it is boxed.
+pub(crate) fn error<E, R>(operation: &'static str, e: aws_sdk_kinesis::error::SdkError<E, R>) -> KinesisError
 where
     E: aws_sdk_kinesis::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
