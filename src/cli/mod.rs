@@ -2,6 +2,7 @@
 //! returns a typed error, so that binaries stay thin and tests can drive the commands directly.
 
 pub mod agg;
+pub mod stream;
 
 /// Formats an error and its chain of causes on one line: `outer: cause: root cause`.
 pub fn one_line(error: &dyn std::error::Error) -> String {

@@ -1,0 +1,435 @@
+//! `kinesis stream ...`, `kinesis put` and `kinesis tail`: stream administration, writing records,
+//! and reading a stream's records (deaggregated) as JSON lines. They talk to Kinesis through the
+//! SDK client they are given, so the binary decides where that client points.
+
+use std::io::{BufRead, Write};
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_kinesis::primitives::{Blob, DateTime};
+use aws_sdk_kinesis::types::{ShardIteratorType, StreamStatus};
+use base64::Engine as _;
+use clap::{Args, Subcommand};
+use kinesis_aggregation::{Deaggregator, HashKeyRange};
+use serde::Serialize;
+
+/// `kinesis stream ...`.
+#[derive(Debug, Subcommand)]
+pub enum StreamCommand {
+    /// Create a stream (provisioned, N shards) and wait until it is ACTIVE.
+    Create {
+        /// The stream's name.
+        name: String,
+        /// The number of shards.
+        #[arg(long, default_value_t = 1)]
+        shards: i32,
+    },
+    /// Print a stream's status and shards as JSON.
+    Describe {
+        /// The stream's name.
+        name: String,
+    },
+    /// Print the stream names, one a line.
+    List,
+    /// Split a shard at a hash key (default: the middle of its range).
+    Split {
+        /// The stream's name.
+        name: String,
+        /// The shard to split.
+        shard: String,
+        /// The first hash key of the new upper shard.
+        #[arg(long)]
+        at: Option<u128>,
+    },
+    /// Merge two adjacent shards.
+    Merge {
+        /// The stream's name.
+        name: String,
+        /// The first shard.
+        shard: String,
+        /// The adjacent shard.
+        adjacent: String,
+    },
+    /// Delete a stream.
+    Delete {
+        /// The stream's name.
+        name: String,
+    },
+}
+
+/// `kinesis put`.
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// The stream's name.
+    pub stream: String,
+    /// The record's data; without it, every line of stdin is a record.
+    pub data: Option<String>,
+    /// The partition key (default: a new one per record).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// An explicit hash key (decimal).
+    #[arg(long)]
+    pub explicit_hash_key: Option<String>,
+}
+
+/// Where `kinesis tail` starts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum From {
+    /// Only records written from now on.
+    Latest,
+    /// The oldest records.
+    TrimHorizon,
+    /// The first record at or after a time (seconds since the epoch).
+    Timestamp(f64),
+    /// At a sequence number (in every shard that holds it; others from their oldest).
+    At(String),
+    /// After a sequence number.
+    After(String),
+}
+
+fn parse_from(text: &str) -> Result<From, String> {
+    let (kind, value) = text.split_once(' ').or_else(|| text.split_once('=')).unwrap_or((text, ""));
+    match (kind, value.trim()) {
+        ("latest", "") => Ok(From::Latest),
+        ("trim-horizon", "") => Ok(From::TrimHorizon),
+        ("timestamp", t) => t.parse().map(From::Timestamp).map_err(|_| format!("not a timestamp in seconds: {t}")),
+        ("at", s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => Ok(From::At(s.to_owned())),
+        ("after", s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => Ok(From::After(s.to_owned())),
+        _ => Err(format!(
+            "{text:?}: use latest, trim-horizon, \"timestamp SECONDS\", \"at SEQUENCE\" or \"after SEQUENCE\""
+        )),
+    }
+}
+
+/// `kinesis tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// The stream's name.
+    pub stream: String,
+    /// Where to start: latest, trim-horizon, "timestamp SECONDS", "at SEQUENCE", "after SEQUENCE".
+    #[arg(long, default_value = "latest", value_parser = parse_from)]
+    pub from: From,
+    /// Stop after this many user records.
+    #[arg(long)]
+    pub max_records: Option<u64>,
+    /// Stop when no record came for this many seconds.
+    #[arg(long)]
+    pub idle_exit: Option<f64>,
+}
+
+/// A command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// A Kinesis call failed.
+    #[error("{operation} failed")]
+    Kinesis {
+        /// The call.
+        operation: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Reading input or writing output failed.
+    #[error("i/o error")]
+    Io(#[from] std::io::Error),
+    /// A bad argument.
+    #[error("{0}")]
+    BadArgument(String),
+}
+
+fn kinesis<E: std::error::Error + Send + Sync + 'static>(operation: &'static str) -> impl FnOnce(E) -> StreamError {
+    move |e| StreamError::Kinesis { operation, source: Box::new(e) }
+}
+
+async fn wait_active(client: &aws_sdk_kinesis::Client, name: &str) -> Result<(), StreamError> {
+    for _ in 0..600 {
+        let out = client
+            .describe_stream_summary()
+            .stream_name(name)
+            .send()
+            .await
+            .map_err(kinesis("DescribeStreamSummary"))?;
+        if out.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(StreamError::BadArgument(format!("stream {name} did not become ACTIVE within 60 s")))
+}
+
+#[derive(Serialize)]
+struct ShardLine {
+    shard_id: String,
+    parent_shard_id: Option<String>,
+    adjacent_parent_shard_id: Option<String>,
+    starting_hash_key: String,
+    ending_hash_key: String,
+    open: bool,
+}
+
+async fn shards(client: &aws_sdk_kinesis::Client, name: &str) -> Result<Vec<ShardLine>, StreamError> {
+    let mut all: Vec<ShardLine> = Vec::new();
+    loop {
+        let mut request = client.list_shards().stream_name(name).max_results(1000);
+        if let Some(last) = all.last() {
+            request = request.exclusive_start_shard_id(&last.shard_id);
+        }
+        let out = request.send().await.map_err(kinesis("ListShards"))?;
+        for shard in out.shards() {
+            let range = shard.hash_key_range();
+            all.push(ShardLine {
+                shard_id: shard.shard_id().to_owned(),
+                parent_shard_id: shard.parent_shard_id().map(str::to_owned),
+                adjacent_parent_shard_id: shard.adjacent_parent_shard_id().map(str::to_owned),
+                starting_hash_key: range.map(|r| r.starting_hash_key().to_owned()).unwrap_or_default(),
+                ending_hash_key: range.map(|r| r.ending_hash_key().to_owned()).unwrap_or_default(),
+                open: shard.sequence_number_range().is_none_or(|r| r.ending_sequence_number().is_none()),
+            });
+        }
+        if out.next_token().is_none_or(str::is_empty) || out.shards().is_empty() {
+            return Ok(all);
+        }
+    }
+}
+
+/// Runs a `kinesis stream` command.
+///
+/// # Errors
+/// [`StreamError`] when a call fails or an argument is bad.
+pub async fn run_stream(
+    client: &aws_sdk_kinesis::Client,
+    command: StreamCommand,
+    out: &mut dyn Write,
+) -> Result<(), StreamError> {
+    match command {
+        StreamCommand::Create { name, shards } => {
+            client
+                .create_stream()
+                .stream_name(&name)
+                .shard_count(shards)
+                .send()
+                .await
+                .map_err(kinesis("CreateStream"))?;
+            wait_active(client, &name).await?;
+            writeln!(out, "{}", serde_json::json!({"stream": name, "shards": shards, "status": "ACTIVE"}))?;
+        }
+        StreamCommand::Describe { name } => {
+            let summary = client
+                .describe_stream_summary()
+                .stream_name(&name)
+                .send()
+                .await
+                .map_err(kinesis("DescribeStreamSummary"))?;
+            let summary = summary.stream_description_summary();
+            let shards = shards(client, &name).await?;
+            let description = serde_json::json!({
+                "stream": name,
+                "arn": summary.map(|s| s.stream_arn()),
+                "status": summary.map(|s| s.stream_status().as_str()),
+                "open_shards": summary.map(|s| s.open_shard_count()),
+                "shards": shards,
+            });
+            writeln!(out, "{}", serde_json::to_string_pretty(&description).unwrap_or_default())?;
+        }
+        StreamCommand::List => {
+            let mut start: Option<String> = None;
+            loop {
+                let mut request = client.list_streams().limit(100);
+                if let Some(after) = &start {
+                    request = request.exclusive_start_stream_name(after);
+                }
+                let page = request.send().await.map_err(kinesis("ListStreams"))?;
+                for name in page.stream_names() {
+                    writeln!(out, "{name}")?;
+                }
+                match (page.has_more_streams(), page.stream_names().last()) {
+                    (true, Some(last)) => start = Some(last.clone()),
+                    _ => break,
+                }
+            }
+        }
+        StreamCommand::Split { name, shard, at } => {
+            let all = shards(client, &name).await?;
+            let target = all
+                .iter()
+                .find(|s| s.shard_id == shard)
+                .ok_or_else(|| StreamError::BadArgument(format!("no shard {shard} in {name}")))?;
+            let range = HashKeyRange::parse(&target.starting_hash_key, &target.ending_hash_key)
+                .map_err(|e| StreamError::BadArgument(e.to_string()))?;
+            let at = at.unwrap_or(range.start + (range.end - range.start) / 2 + 1);
+            if at <= range.start || at > range.end {
+                return Err(StreamError::BadArgument(format!("{at} is not inside {shard}'s range")));
+            }
+            client
+                .split_shard()
+                .stream_name(&name)
+                .shard_to_split(&shard)
+                .new_starting_hash_key(at.to_string())
+                .send()
+                .await
+                .map_err(kinesis("SplitShard"))?;
+            wait_active(client, &name).await?;
+            writeln!(out, "{}", serde_json::json!({"stream": name, "split": shard, "at": at.to_string()}))?;
+        }
+        StreamCommand::Merge { name, shard, adjacent } => {
+            client
+                .merge_shards()
+                .stream_name(&name)
+                .shard_to_merge(&shard)
+                .adjacent_shard_to_merge(&adjacent)
+                .send()
+                .await
+                .map_err(kinesis("MergeShards"))?;
+            wait_active(client, &name).await?;
+            writeln!(out, "{}", serde_json::json!({"stream": name, "merged": [shard, adjacent]}))?;
+        }
+        StreamCommand::Delete { name } => {
+            client.delete_stream().stream_name(&name).send().await.map_err(kinesis("DeleteStream"))?;
+            writeln!(out, "{}", serde_json::json!({"stream": name, "status": "DELETING"}))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `kinesis put`: one record from the arguments, or one per line of `stdin`. Prints the
+/// shard and sequence number of each.
+///
+/// # Errors
+/// [`StreamError`] when a PutRecord fails.
+pub async fn run_put(
+    client: &aws_sdk_kinesis::Client,
+    args: PutArgs,
+    stdin: &mut dyn BufRead,
+    out: &mut dyn Write,
+) -> Result<(), StreamError> {
+    let lines: Vec<String> = match &args.data {
+        Some(data) => vec![data.clone()],
+        None => stdin.lines().collect::<Result<_, _>>()?,
+    };
+    for (i, data) in lines.into_iter().enumerate() {
+        let key = args.key.clone().unwrap_or_else(|| {
+            let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+            format!("{nanos:x}-{i}")
+        });
+        let put = client
+            .put_record()
+            .stream_name(&args.stream)
+            .partition_key(&key)
+            .set_explicit_hash_key(args.explicit_hash_key.clone())
+            .data(Blob::new(data.into_bytes()))
+            .send()
+            .await
+            .map_err(kinesis("PutRecord"))?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"shard_id": put.shard_id(), "sequence_number": put.sequence_number(), "partition_key": key})
+        )?;
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct RecordLine<'a> {
+    shard_id: &'a str,
+    sequence_number: &'a str,
+    sub_sequence_number: Option<u64>,
+    partition_key: &'a str,
+    explicit_hash_key: Option<&'a str>,
+    /// The data as text when it is UTF-8, else absent.
+    data: Option<&'a str>,
+    data_b64: String,
+}
+
+/// Runs `kinesis tail`: reads every open shard of the stream from `--from`, deaggregates (filtered
+/// to the shard's hash range), and prints one JSON line per user record until a stop condition.
+///
+/// # Errors
+/// [`StreamError`] when a call fails.
+pub async fn run_tail(
+    client: &aws_sdk_kinesis::Client,
+    args: TailArgs,
+    out: &mut dyn Write,
+) -> Result<(), StreamError> {
+    struct Reader {
+        shard_id: String,
+        iterator: Option<String>,
+        deaggregator: Deaggregator,
+    }
+    let mut readers = Vec::new();
+    for shard in shards(client, &args.stream).await?.into_iter().filter(|s| s.open || args.from != From::Latest) {
+        let request = client.get_shard_iterator().stream_name(&args.stream).shard_id(&shard.shard_id);
+        let request = match &args.from {
+            From::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
+            From::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+            From::Timestamp(t) => {
+                request.shard_iterator_type(ShardIteratorType::AtTimestamp).timestamp(DateTime::from_secs_f64(*t))
+            }
+            From::At(seq) => {
+                request.shard_iterator_type(ShardIteratorType::AtSequenceNumber).starting_sequence_number(seq)
+            }
+            From::After(seq) => {
+                request.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).starting_sequence_number(seq)
+            }
+        };
+        let iterator = match request.send().await {
+            Ok(out) => out.shard_iterator().map(str::to_owned),
+            // A sequence number belongs to one shard: the others start at their oldest record.
+            Err(_) if matches!(args.from, From::At(_) | From::After(_)) => client
+                .get_shard_iterator()
+                .stream_name(&args.stream)
+                .shard_id(&shard.shard_id)
+                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .send()
+                .await
+                .map_err(kinesis("GetShardIterator"))?
+                .shard_iterator()
+                .map(str::to_owned),
+            Err(e) => return Err(kinesis("GetShardIterator")(e)),
+        };
+        let range = HashKeyRange::parse(&shard.starting_hash_key, &shard.ending_hash_key).ok();
+        let deaggregator = range.map_or_else(Deaggregator::new, Deaggregator::with_hash_range);
+        readers.push(Reader { shard_id: shard.shard_id, iterator, deaggregator });
+    }
+    let mut printed = 0u64;
+    let mut last_record = tokio::time::Instant::now();
+    loop {
+        let mut any = false;
+        for reader in &mut readers {
+            let Some(iterator) = reader.iterator.take() else { continue };
+            let page = client.get_records().shard_iterator(iterator).send().await.map_err(kinesis("GetRecords"))?;
+            reader.iterator = page.next_shard_iterator().map(str::to_owned);
+            for record in page.records() {
+                any = true;
+                let data = bytes::Bytes::copy_from_slice(record.data().as_ref());
+                for user in reader.deaggregator.deaggregate(record.partition_key(), data).records {
+                    let line = RecordLine {
+                        shard_id: &reader.shard_id,
+                        sequence_number: record.sequence_number(),
+                        sub_sequence_number: user.sub_sequence_number(),
+                        partition_key: user.partition_key(),
+                        explicit_hash_key: user.explicit_hash_key(),
+                        data: std::str::from_utf8(user.data()).ok(),
+                        data_b64: base64::engine::general_purpose::STANDARD.encode(user.data()),
+                    };
+                    writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default())?;
+                    printed += 1;
+                    if args.max_records.is_some_and(|max| printed >= max) {
+                        out.flush()?;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        out.flush()?;
+        if any {
+            last_record = tokio::time::Instant::now();
+        } else if args.idle_exit.is_some_and(|secs| last_record.elapsed().as_secs_f64() >= secs)
+            || readers.iter().all(|r| r.iterator.is_none())
+        {
+            return Ok(());
+        } else {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
