@@ -323,10 +323,7 @@ impl FanOutFetcher {
                 *position = StartAt::AfterSequence(last.sequence_number.clone());
             }
             let mut records = Vec::with_capacity(kinesis_records.len());
-            let counts = self.unpacker.unpack(kinesis_records, &mut records);
-            Metrics::add(&self.metrics.sub_records_out_of_range, counts.out_of_range as u64);
-            Metrics::add(&self.metrics.records_before_checkpoint, counts.before_checkpoint as u64);
-            Metrics::add(&self.metrics.corrupt_aggregates, counts.corrupt as u64);
+            self.metrics.unpacked(self.unpacker.unpack(kinesis_records, &mut records));
             if !records.is_empty() {
                 last_records = Instant::now();
                 // Waiting here is the back-pressure: no event is read until the processor catches up.

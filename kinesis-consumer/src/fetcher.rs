@@ -109,17 +109,7 @@ impl<R: Reader> Fetcher<R> {
     pub(crate) async fn run(mut self, start: StartAt, tx: mpsc::Sender<Fetch>) {
         let mut last_read: Option<String> = None;
         let mut backoff = self.backoff();
-        let mut iterator = match self.iterator(&start, &mut backoff).await {
-            Ok(Some(it)) => it,
-            Ok(None) => {
-                let _ = tx.send(Fetch::End).await;
-                return;
-            }
-            Err(e) => {
-                let _ = tx.send(Fetch::Failed(e)).await;
-                return;
-            }
-        };
+        let Some(mut iterator) = self.iterator_or_hand_over(&start, &mut backoff, &tx).await else { return };
         loop {
             Metrics::add(&self.metrics.get_records_calls, 1);
             match self.api.get_records(&iterator, self.config.max_records).await {
@@ -135,10 +125,7 @@ impl<R: Reader> Fetcher<R> {
                     }
                     self.metrics.behind(&self.shard_id, page.millis_behind_latest);
                     let mut records = Vec::with_capacity(page.records.len());
-                    let counts = self.unpacker.unpack(page.records, &mut records);
-                    Metrics::add(&self.metrics.sub_records_out_of_range, counts.out_of_range as u64);
-                    Metrics::add(&self.metrics.records_before_checkpoint, counts.before_checkpoint as u64);
-                    Metrics::add(&self.metrics.corrupt_aggregates, counts.corrupt as u64);
+                    self.metrics.unpacked(self.unpacker.unpack(page.records, &mut records));
                     if !records.is_empty() {
                         let fetch = Fetch::Records { records, millis_behind_latest: page.millis_behind_latest };
                         if tx.send(fetch).await.is_err() {
@@ -157,16 +144,9 @@ impl<R: Reader> Fetcher<R> {
                 Err(e) if e.kind == ErrorKind::Expired => {
                     Metrics::add(&self.metrics.expired_iterators, 1);
                     let at = last_read.clone().map_or_else(|| start.clone(), StartAt::AfterSequence);
-                    match self.iterator(&at, &mut backoff).await {
-                        Ok(Some(it)) => iterator = it,
-                        Ok(None) => {
-                            let _ = tx.send(Fetch::End).await;
-                            return;
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Fetch::Failed(e)).await;
-                            return;
-                        }
+                    match self.iterator_or_hand_over(&at, &mut backoff, &tx).await {
+                        Some(it) => iterator = it,
+                        None => return,
                     }
                 }
                 Err(e) if e.kind.is_retryable() => {
@@ -184,6 +164,27 @@ impl<R: Reader> Fetcher<R> {
                     let _ = tx.send(Fetch::Failed(e)).await;
                     return;
                 }
+            }
+        }
+    }
+
+    /// A shard iterator; without one, the shard's end or the failure is handed over and `None`
+    /// returned.
+    async fn iterator_or_hand_over(
+        &self,
+        at: &StartAt,
+        backoff: &mut impl Iterator<Item = Duration>,
+        tx: &mpsc::Sender<Fetch>,
+    ) -> Option<String> {
+        match self.iterator(at, backoff).await {
+            Ok(Some(iterator)) => Some(iterator),
+            Ok(None) => {
+                let _ = tx.send(Fetch::End).await;
+                None
+            }
+            Err(e) => {
+                let _ = tx.send(Fetch::Failed(e)).await;
+                None
             }
         }
     }

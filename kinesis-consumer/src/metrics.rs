@@ -36,6 +36,13 @@ impl Metrics {
         counter.fetch_add(n, Relaxed);
     }
 
+    /// Counts what unpacking a page left out.
+    pub(crate) fn unpacked(&self, counts: crate::record::Unpacked) {
+        Metrics::add(&self.sub_records_out_of_range, counts.out_of_range as u64);
+        Metrics::add(&self.records_before_checkpoint, counts.before_checkpoint as u64);
+        Metrics::add(&self.corrupt_aggregates, counts.corrupt as u64);
+    }
+
     pub(crate) fn behind(&self, shard_id: &str, millis: Option<i64>) {
         let mut map = self.millis_behind.lock().unwrap_or_else(|e| e.into_inner());
         match millis {

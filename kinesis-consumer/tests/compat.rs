@@ -244,35 +244,6 @@ async fn a_restart_resumes_after_the_checkpointed_sub_record() {
     second.shutdown().await.unwrap();
 }
 
-/// The KCL 2.x lease attributes and their types.
-const KCL_ATTRIBUTES: &[(&str, &str)] = &[
-    ("leaseKey", "S"),
-    ("leaseOwner", "S"),
-    ("leaseCounter", "N"),
-    ("checkpoint", "S"),
-    ("checkpointSubSequenceNumber", "N"),
-    ("pendingCheckpoint", "S"),
-    ("pendingCheckpointSubSequenceNumber", "N"),
-    ("ownerSwitchesSinceCheckpoint", "N"),
-    ("parentShardId", "SS"),
-    ("childShardIds", "SS"),
-    ("startingHashKey", "S"),
-    ("endingHashKey", "S"),
-];
-
-fn type_of(value: &AttributeValue) -> &'static str {
-    match value {
-        AttributeValue::S(_) => "S",
-        AttributeValue::N(_) => "N",
-        AttributeValue::Ss(_) => "SS",
-        AttributeValue::Ns(_) => "NS",
-        AttributeValue::Bool(_) => "BOOL",
-        AttributeValue::M(_) => "M",
-        AttributeValue::L(_) => "L",
-        _ => "other",
-    }
-}
-
 async fn scan(client: &aws_sdk_dynamodb::Client, table: &str) -> Vec<HashMap<String, AttributeValue>> {
     client.scan().table_name(table).consistent_read(true).send().await.unwrap().items.unwrap_or_default()
 }

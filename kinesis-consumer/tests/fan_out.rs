@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use kinesis_consumer::{FanOutConfig, Retrieval, SchedulerConfig, cmp_sequence_numbers};
-use kinesis_testkit::{
-    DynamoDb, Kinesis, KinesisLocal, KinesisOptions, list_all_shards, unique_name, wait_until_stream_active,
-};
+use kinesis_testkit::{DynamoDb, Kinesis, KinesisLocal, KinesisOptions, unique_name};
 use tokio::time::Instant;
 
 /// A client with the `client()` accessor of the emulator handles.
@@ -30,38 +28,6 @@ fn fan_out(stream: &str, table: &str, worker: &str, consumer: &str) -> Scheduler
     fan_out.end_check_after = Duration::from_secs(2);
     config.retrieval = Retrieval::FanOut(fan_out);
     config
-}
-
-/// Puts rounds of records, 100 ms apart, until `stop` is set.
-fn load_until(
-    client: aws_sdk_kinesis::Client,
-    stream: &str,
-    prefix: &str,
-    per_round: usize,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<String>> {
-    let (stream, prefix) = (stream.to_owned(), prefix.to_owned());
-    tokio::spawn(async move {
-        let mut sent = Vec::new();
-        let mut round = 0;
-        while !stop.load(Ordering::Relaxed) {
-            sent.extend(put_plain(&client, &stream, &format!("{prefix}{round}"), per_round).await);
-            round += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        sent
-    })
-}
-
-async fn all_received(log: &Log, sent: &[String], limit: Duration) {
-    let done = eventually(limit, || {
-        let received = log.received();
-        sent.iter().all(|d| received.contains_key(d))
-    })
-    .await;
-    if !done {
-        assert_all_received(log, sent);
-    }
 }
 
 async fn polling_and_fan_out_side_by_side(kinesis: aws_sdk_kinesis::Client, dynamodb: &DynamoDb, stream: &str) {
@@ -207,16 +173,7 @@ async fn split_during_fan_out(client: aws_sdk_kinesis::Client, dynamodb: &Dynamo
     );
     let mut sent = put_plain(&client, &stream, "parent", 500).await;
     assert!(eventually(Duration::from_secs(30), || log.received().len() >= 100).await);
-    let parent = list_all_shards(&client, &stream).await.unwrap().remove(0);
-    client
-        .split_shard()
-        .stream_name(&stream)
-        .shard_to_split(&parent.shard_id)
-        .new_starting_hash_key((u128::MAX / 2).to_string())
-        .send()
-        .await
-        .unwrap();
-    wait_until_stream_active(&client, &stream).await.unwrap();
+    let parent = split_first_shard(&client, &stream).await;
     sent.extend(put_plain(&client, &stream, "children", 500).await);
     all_received(&log, &sent, Duration::from_secs(60)).await;
     let calls = log.calls();

@@ -1,29 +1,16 @@
 //! The lease table against a real DynamoDB server (embedded dynoxide, or
 //! `AWS_ENDPOINT_URL_DYNAMODB`): the KCL 2.x schema, and conditional writes that two workers race.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
+use common::{KCL_ATTRIBUTES, type_of};
 use kinesis_consumer::{Checkpoint, Lease, LeaseTable, Outcome, Position};
 use kinesis_testkit::DynamoDb;
-
-/// The attribute names of a KCL 2.x lease row, and their types.
-const KCL_ATTRIBUTES: &[(&str, &str)] = &[
-    ("leaseKey", "S"),
-    ("leaseOwner", "S"),
-    ("leaseCounter", "N"),
-    ("checkpoint", "S"),
-    ("checkpointSubSequenceNumber", "N"),
-    ("pendingCheckpoint", "S"),
-    ("pendingCheckpointSubSequenceNumber", "N"),
-    ("ownerSwitchesSinceCheckpoint", "N"),
-    ("parentShardId", "SS"),
-    ("childShardIds", "SS"),
-    ("startingHashKey", "S"),
-    ("endingHashKey", "S"),
-];
 
 /// A new lease table (a unique name: the endpoint may be shared through the environment).
 async fn table() -> (DynamoDb, LeaseTable) {
@@ -39,15 +26,6 @@ fn done(outcome: Outcome) -> Lease {
     match outcome {
         Outcome::Done(lease) => *lease,
         Outcome::Lost => panic!("the lease was lost"),
-    }
-}
-
-fn type_of(value: &AttributeValue) -> &'static str {
-    match value {
-        AttributeValue::S(_) => "S",
-        AttributeValue::N(_) => "N",
-        AttributeValue::Ss(_) => "SS",
-        _ => "other",
     }
 }
 

@@ -9,14 +9,8 @@ use std::time::Duration;
 use common::*;
 use futures_util::StreamExt;
 use kinesis_consumer::{Batch, Batches, CheckpointError, Checkpointer, LeaseTable, Position, Processor, Scheduler};
-use kinesis_testkit::{TestBed, list_all_shards, unique_name, wait_until_stream_active};
+use kinesis_testkit::{TestBed, unique_name};
 use tokio::time::Instant;
-
-async fn bed_and_stream(shards: u32) -> (TestBed, String, String) {
-    let bed = TestBed::start().await.expect("start the emulators (ferrokinesis and dynoxide, embedded)");
-    let stream = bed.kinesis.create_stream(shards).await.expect("create the stream");
-    (bed, stream, unique_name("leases"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_hold_at_most_n_records_or_what_arrived_within_the_window() {
@@ -102,16 +96,7 @@ async fn a_processor_that_does_not_checkpoint_shard_end_holds_the_children_back_
     let (bed, stream, table) = bed_and_stream(1).await;
     let client = bed.kinesis.client();
     put_plain(&client, &stream, "p", 20).await;
-    let parent = list_all_shards(&client, &stream).await.unwrap().remove(0);
-    client
-        .split_shard()
-        .stream_name(&stream)
-        .shard_to_split(&parent.shard_id)
-        .new_starting_hash_key((u128::MAX / 2).to_string())
-        .send()
-        .await
-        .unwrap();
-    wait_until_stream_active(&client, &stream).await.unwrap();
+    let parent = split_first_shard(&client, &stream).await;
     put_plain(&client, &stream, "c", 20).await;
 
     let seen = Arc::new(Mutex::new(Vec::new()));

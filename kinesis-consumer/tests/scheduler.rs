@@ -9,38 +9,11 @@ use std::time::Duration;
 
 use common::*;
 use kinesis_consumer::{LeaseTable, Scheduler, cmp_sequence_numbers};
-use kinesis_testkit::{TestBed, unique_name};
+use kinesis_testkit::TestBed;
 use tokio::time::Instant;
-
-async fn bed_and_stream(shards: u32) -> (TestBed, String, String) {
-    let bed = TestBed::start().await.expect("start the emulators (ferrokinesis and dynoxide, embedded)");
-    let stream = bed.kinesis.create_stream(shards).await.expect("create the stream");
-    (bed, stream, unique_name("leases"))
-}
 
 fn holdings(workers: &[&Scheduler]) -> Vec<usize> {
     workers.iter().map(|w| w.held_leases().len()).collect()
-}
-
-/// Puts rounds of `per_round` records, 100 ms apart, until `stop` is set.
-fn load_until(
-    bed: &TestBed,
-    stream: &str,
-    prefix: &str,
-    per_round: usize,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<String>> {
-    let (client, stream, prefix) = (bed.kinesis.client(), stream.to_owned(), prefix.to_owned());
-    tokio::spawn(async move {
-        let mut sent = Vec::new();
-        let mut round = 0;
-        while !stop.load(Ordering::Relaxed) {
-            sent.extend(put_plain(&client, &stream, &format!("{prefix}{round}"), per_round).await);
-            round += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        sent
-    })
 }
 
 /// Puts `rounds` rounds of `per_round` records, 100 ms apart, on a task of its own.
@@ -62,23 +35,12 @@ fn steady_load(
     })
 }
 
-async fn wait_received(log: &Log, sent: &[String]) {
-    let all = eventually(Duration::from_secs(60), || {
-        let received = log.received();
-        sent.iter().all(|d| received.contains_key(d))
-    })
-    .await;
-    if !all {
-        assert_all_received(log, sent);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_on_eight_shards_never_process_a_shard_at_the_same_time() {
     let (bed, stream, table) = bed_and_stream(8).await;
     let log = Log::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let load = load_until(&bed, &stream, "x", 40, stop.clone());
+    let load = load_until(bed.kinesis.client(), &stream, "x", 40, stop.clone());
     let workers: Vec<Scheduler> = ["w1", "w2", "w3"]
         .iter()
         .map(|w| start_worker(&bed, config(&stream, &table, w), &log, Duration::from_millis(2)))
@@ -94,7 +56,7 @@ async fn three_workers_on_eight_shards_never_process_a_shard_at_the_same_time() 
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.store(true, Ordering::Relaxed);
     let sent = load.await.unwrap();
-    wait_received(&log, &sent).await;
+    all_received(&log, &sent, Duration::from_secs(60)).await;
     let h = holdings(&refs);
     assert!(h.iter().sum::<usize>() == 8 && h.iter().all(|n| (2..=3).contains(n)), "still settled: {h:?}");
     log.assert_exclusive();
@@ -143,7 +105,7 @@ async fn a_dead_workers_shards_move_and_resume_after_its_last_checkpoint() {
     let bound = FAILOVER + FAILOVER * 2 + Duration::from_secs(1);
     assert!(moved <= bound, "moved after {moved:?}, bound {bound:?}");
     let sent = load.await.unwrap();
-    wait_received(&log, &sent).await;
+    all_received(&log, &sent, Duration::from_secs(60)).await;
 
     // b resumed each of a's shards right after a's last checkpoint: nothing at or before it again.
     let calls = log.calls();
@@ -180,7 +142,7 @@ async fn a_joining_worker_gets_its_share() {
     assert!(balanced, "within one of each other: {:?}", holdings(&[&a, &b]));
     eprintln!("balanced {:?} after the join", joined.elapsed());
     let sent = load.await.unwrap();
-    wait_received(&log, &sent).await;
+    all_received(&log, &sent, Duration::from_secs(60)).await;
     log.assert_exclusive();
     assert!(!log.lost.lock().unwrap().is_empty(), "a lost the stolen leases and was told");
     a.shutdown().await.unwrap();
@@ -204,7 +166,7 @@ async fn a_graceful_shutdown_hands_leases_over_at_once_with_no_duplicates() {
     let took = stopped.elapsed();
     assert!(took <= FAILOVER * 2 + Duration::from_secs(1), "taken at the next take round, not after expiry: {took:?}");
     let sent = load.await.unwrap();
-    wait_received(&log, &sent).await;
+    all_received(&log, &sent, Duration::from_secs(60)).await;
     let duplicates: Vec<(String, usize)> = log.received().into_iter().filter(|(_, n)| *n > 1).collect();
     assert!(duplicates.is_empty(), "{} records processed twice, e.g. {:?}", duplicates.len(), duplicates.first());
     log.assert_exclusive();

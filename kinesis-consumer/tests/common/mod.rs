@@ -213,6 +213,93 @@ pub async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool
     done()
 }
 
+/// Starts both emulators and creates a stream; returns them, the stream and a lease-table name.
+pub async fn bed_and_stream(shards: u32) -> (TestBed, String, String) {
+    let bed = TestBed::start().await.expect("start the emulators (ferrokinesis and dynoxide, embedded)");
+    let stream = bed.kinesis.create_stream(shards).await.expect("create the stream");
+    (bed, stream, kinesis_testkit::unique_name("leases"))
+}
+
+/// Puts rounds of `per_round` records, 100 ms apart, on a task of its own until `stop` is set.
+pub fn load_until(
+    client: aws_sdk_kinesis::Client,
+    stream: &str,
+    prefix: &str,
+    per_round: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let (stream, prefix) = (stream.to_owned(), prefix.to_owned());
+    tokio::spawn(async move {
+        let mut sent = Vec::new();
+        let mut round = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            sent.extend(put_plain(&client, &stream, &format!("{prefix}{round}"), per_round).await);
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sent
+    })
+}
+
+/// Waits up to `limit` until every record in `sent` was received; then asserts it.
+pub async fn all_received(log: &Log, sent: &[String], limit: Duration) {
+    let done = eventually(limit, || {
+        let received = log.received();
+        sent.iter().all(|d| received.contains_key(d))
+    })
+    .await;
+    if !done {
+        assert_all_received(log, sent);
+    }
+}
+
+/// Splits the stream's first shard in the middle of the hash-key space and waits until the
+/// stream is ACTIVE again; returns the parent.
+pub async fn split_first_shard(client: &aws_sdk_kinesis::Client, stream: &str) -> kinesis_testkit::ShardInfo {
+    let parent = kinesis_testkit::list_all_shards(client, stream).await.unwrap().remove(0);
+    client
+        .split_shard()
+        .stream_name(stream)
+        .shard_to_split(&parent.shard_id)
+        .new_starting_hash_key((u128::MAX / 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    kinesis_testkit::wait_until_stream_active(client, stream).await.unwrap();
+    parent
+}
+
+/// The KCL 2.x lease attributes and their types.
+pub const KCL_ATTRIBUTES: &[(&str, &str)] = &[
+    ("leaseKey", "S"),
+    ("leaseOwner", "S"),
+    ("leaseCounter", "N"),
+    ("checkpoint", "S"),
+    ("checkpointSubSequenceNumber", "N"),
+    ("pendingCheckpoint", "S"),
+    ("pendingCheckpointSubSequenceNumber", "N"),
+    ("ownerSwitchesSinceCheckpoint", "N"),
+    ("parentShardId", "SS"),
+    ("childShardIds", "SS"),
+    ("startingHashKey", "S"),
+    ("endingHashKey", "S"),
+];
+
+/// The DynamoDB type of an attribute value, as the KCL schema names it.
+pub fn type_of(value: &aws_sdk_dynamodb::types::AttributeValue) -> &'static str {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    match value {
+        AttributeValue::S(_) => "S",
+        AttributeValue::N(_) => "N",
+        AttributeValue::Ss(_) => "SS",
+        AttributeValue::Ns(_) => "NS",
+        AttributeValue::Bool(_) => "BOOL",
+        AttributeValue::M(_) => "M",
+        AttributeValue::L(_) => "L",
+        _ => "other",
+    }
+}
+
 /// Asserts every record in `sent` was received.
 pub fn assert_all_received(log: &Log, sent: &[String]) {
     let received = log.received();
