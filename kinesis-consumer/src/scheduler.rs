@@ -289,16 +289,25 @@ impl<F: ProcessorFactory> Worker<F> {
 
         let renewer = self.coordinator.clone();
         let renew_interval = self.config.failover / 3;
-        let _renewer = AbortOnDrop(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(renew_interval);
-            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if let Err(error) = renewer.renew_round().await {
-                    tracing::warn!(%error, "renew round failed");
+        // Stopped between rounds at shutdown, never in the middle of one: a renewal cut off after
+        // its write would leave this worker with a stale counter, and the release would fail.
+        let stop_renewing = CancellationToken::new();
+        let mut renewing = {
+            let stop = stop_renewing.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(renew_interval);
+                tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    if let Err(error) = renewer.renew_round().await {
+                        tracing::warn!(%error, "renew round failed");
+                    }
                 }
-            }
-        }));
+            }))
+        };
 
         let stop_consumers = CancellationToken::new();
         let mut consumers: JoinSet<Exit> = JoinSet::new();
@@ -380,7 +389,8 @@ impl<F: ProcessorFactory> Worker<F> {
             tracing::warn!("processors did not finish within the shutdown timeout; stopping them");
             consumers.abort_all();
         }
-        drop(_renewer);
+        stop_renewing.cancel();
+        let _ = (&mut renewing.0).await;
         if let Err(error) = self.coordinator.release_all().await {
             tracing::warn!(%error, "releasing the leases failed; they expire after the failover time");
         }
