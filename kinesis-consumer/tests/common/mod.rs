@@ -108,15 +108,24 @@ impl Processor for Logging {
             tokio::time::sleep(self.work).await;
         }
         let end = Instant::now();
-        let checkpointed = checkpointer.checkpoint().await.is_ok();
-        self.log.calls.lock().unwrap().push(Call {
-            worker: self.worker.clone(),
-            shard: self.shard.clone(),
-            start,
-            end,
-            records,
-            checkpointed,
-        });
+        // The records are processed now: log them before the checkpoint, as a real sink would
+        // have written them. A worker aborted while its checkpoint is in flight may have stored
+        // the checkpoint without seeing the reply; logging afterwards would miss those records.
+        let index = {
+            let mut calls = self.log.calls.lock().unwrap();
+            calls.push(Call {
+                worker: self.worker.clone(),
+                shard: self.shard.clone(),
+                start,
+                end,
+                records,
+                checkpointed: false,
+            });
+            calls.len() - 1
+        };
+        if checkpointer.checkpoint().await.is_ok() {
+            self.log.calls.lock().unwrap()[index].checkpointed = true;
+        }
     }
 
     async fn lease_lost(&mut self) {
