@@ -1,5 +1,6 @@
-//! The logic of the command-line tools. Each command reads from a `Read`, writes to a `Write` and
-//! returns a typed error, so that binaries stay thin and tests can drive the commands directly.
+//! The logic of the command-line tools `kinesis` and `kinesis-agg`. Each command reads from a
+//! `Read`, writes to a `Write` and returns a typed error, so that the binaries stay thin and tests
+//! can drive the commands directly. `kinesis agg` and `kinesis-agg` share [`agg`].
 
 pub mod agg;
 pub mod stream;

@@ -1,10 +1,10 @@
-//! `kinesis-agg`: encode and decode KPL aggregated records. See `kinesis::cli::agg`.
+//! `kinesis-agg`: encode and decode KPL aggregated records. See `kinesis_cli::agg`.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use kinesis::cli::{agg, one_line};
+use kinesis_cli::{agg, one_line};
 
 /// Encode and decode KPL aggregated records (the Kinesis Producer Library's record format).
 #[derive(Parser)]

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 
 use aws_sdk_kinesis::primitives::Blob;
 use bytes::Bytes;
-use kinesis::aggregation::{Aggregator, UserRecord};
+use kinesis_aggregation::{Aggregator, UserRecord};
 use kinesis_testkit::Kinesis;
 use serde_json::Value;
 

@@ -266,11 +266,11 @@ mod tests {
         for (input, line, words) in cases {
             let err = encode_lines(input, 51_200).unwrap_err();
             assert!(matches!(err, AggError::BadLine { line: l, .. } if l == line), "{input:?}: {err:?}");
-            let text = crate::cli::one_line(&err);
+            let text = crate::one_line(&err);
             assert!(text.contains(words), "{input:?}: {text}");
         }
         let too_big = format!("{{\"partition_key\":\"k\",\"data_b64\":\"{}\"}}", B64.encode([0u8; 200]));
-        let text = crate::cli::one_line(&encode_lines(&too_big, 100).unwrap_err());
+        let text = crate::one_line(&encode_lines(&too_big, 100).unwrap_err());
         assert!(text.contains("over the maximum of 100"), "{text}");
         assert!(matches!(encode_lines("", 5), Err(AggError::BadArgument(_))));
     }

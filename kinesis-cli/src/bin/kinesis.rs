@@ -5,8 +5,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kinesis::cli::stream::{PutArgs, StreamCommand, TailArgs, run_put, run_stream, run_tail};
-use kinesis::cli::{agg, one_line};
+use kinesis_cli::stream::{PutArgs, StreamCommand, TailArgs, run_put, run_stream, run_tail};
+use kinesis_cli::{agg, one_line};
 
 /// Amazon Kinesis Data Streams from the command line.
 #[derive(Parser)]
