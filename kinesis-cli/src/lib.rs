@@ -3,6 +3,8 @@
 //! can drive the commands directly. `kinesis agg` and `kinesis-agg` share [`agg`].
 
 pub mod agg;
+pub mod loadgen;
+pub mod local;
 pub mod stream;
 
 /// Formats an error and its chain of causes on one line: `outer: cause: root cause`.

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use serde_json::Value;
 
 fn vectors() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/kpl-aggregation");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors/kpl-aggregation");
     assert!(
         dir.is_dir(),
         "the KPL test vectors are missing: expected {} (shared/ beside the repository)",

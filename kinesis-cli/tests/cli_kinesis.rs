@@ -101,9 +101,11 @@ async fn bad_input_is_a_clear_error_and_help_lists_the_commands() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("kinesis: error: DescribeStreamSummary failed"));
     let help = run(&kinesis, &["--help"], b"");
     let help = String::from_utf8_lossy(&help.stdout);
-    for command in ["stream", "put", "tail", "agg"] {
-        assert!(help.contains(command), "{command} in {help}");
+    // Each command on a line of its own under "Commands:", and --local among the options.
+    for command in ["stream", "put", "tail", "agg", "loadgen", "local"] {
+        assert!(help.lines().any(|l| l.trim_start().starts_with(&format!("{command} "))), "{command} in {help}");
     }
+    assert!(help.contains("--local"), "{help}");
     // The agg commands are kinesis-agg's.
     let encoded = run(&kinesis, &["agg", "encode"], b"{\"partition_key\":\"k\",\"data_b64\":\"aGk=\"}\n");
     assert!(encoded.status.success());

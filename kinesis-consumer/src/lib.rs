@@ -16,11 +16,18 @@
 //! This crate retries GetRecords and GetShardIterator (throttled or transient) with exponential
 //! backoff for as long as the lease is held; a failed renewal is tried again the next round; a
 //! failed checkpoint is returned to the processor ([`CheckpointError`]), which decides.
+//!
+//! [`Scheduler::metrics`] gives a [`MetricsSnapshot`]. With the feature `metrics`, the `exporter`
+//! module publishes snapshots to the [`metrics`](https://docs.rs/metrics) crate's facade under the
+//! KCL's names (`RecordsProcessed`, `MillisBehindLatest` per shard, ...) and CloudWatch's
+//! `GetRecords.IteratorAgeMilliseconds`.
 
 mod batches;
 mod checkpointer;
 pub mod coordinator;
 mod error;
+#[cfg(feature = "metrics")]
+pub mod exporter;
 mod fan_out;
 mod fetcher;
 mod held;

@@ -52,7 +52,33 @@ pub struct Batch {
     pub millis_behind_latest: Option<i64>,
 }
 
+impl Record {
+    /// A record at (`sequence_number`, `sub_sequence_number`), not aggregated and with no arrival
+    /// time: for processors' unit tests. Set the public fields for more.
+    pub fn new(
+        sequence_number: impl Into<Arc<str>>,
+        sub_sequence_number: u64,
+        partition_key: impl Into<String>,
+        data: impl Into<Bytes>,
+    ) -> Self {
+        Self {
+            sequence_number: sequence_number.into(),
+            sub_sequence_number,
+            aggregated: false,
+            partition_key: partition_key.into(),
+            explicit_hash_key: None,
+            data: data.into(),
+            approximate_arrival: None,
+        }
+    }
+}
+
 impl Batch {
+    /// A batch of `records` of `shard_id`: for processors' unit tests.
+    pub fn new(shard_id: impl Into<Arc<str>>, records: Vec<Record>) -> Self {
+        Self { shard_id: shard_id.into(), records, millis_behind_latest: None }
+    }
+
     /// The data bytes of the records.
     pub fn data_bytes(&self) -> usize {
         self.records.iter().map(|r| r.data.len()).sum()

@@ -142,9 +142,11 @@ impl SchedulerConfig {
 pub struct Scheduler {
     worker_id: String,
     coordinator: LeaseCoordinator,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<Result<(), SchedulerError>>>,
+    #[cfg(feature = "metrics")]
+    pub(crate) publishing: crate::exporter::Publishing,
 }
 
 impl Drop for Scheduler {
@@ -177,6 +179,8 @@ impl Scheduler {
         coordinator_config.max_steal_per_round = config.max_steal_per_round;
         let coordinator = LeaseCoordinator::with_metrics(table, coordinator_config, metrics.clone());
         let shutdown = CancellationToken::new();
+        #[cfg(feature = "metrics")]
+        let publishing = crate::exporter::Publishing::new(&config);
         let worker = Worker {
             api: KinesisApi::new(kinesis, &config.stream_name),
             coordinator: coordinator.clone(),
@@ -188,7 +192,15 @@ impl Scheduler {
         };
         let worker_id = worker.config.worker_id.clone();
         let task = tokio::spawn(worker.run());
-        Ok(Scheduler { worker_id, coordinator, metrics, shutdown, task: Some(task) })
+        Ok(Scheduler {
+            worker_id,
+            coordinator,
+            metrics,
+            shutdown,
+            task: Some(task),
+            #[cfg(feature = "metrics")]
+            publishing,
+        })
     }
 
     /// This worker's id.

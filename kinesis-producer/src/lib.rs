@@ -20,12 +20,18 @@
 //! - Bad input (an empty or over-256-character partition key, a record over the stream's record
 //!   limit, an explicit hash key given as text that is not a decimal in 0..2^128, a put after
 //!   shutdown) fails at `put` with a [`PutError`] that hands the record back.
+//! - [`Producer::metrics`] gives a [`MetricsSnapshot`] under the KPL's names. With the feature
+//!   `metrics`, the `exporter` module publishes snapshots to the [`metrics`](https://docs.rs/metrics)
+//!   crate's facade, with the CloudWatch stream metrics they stand for (`IncomingRecords`,
+//!   `PutRecords.Success`, ...).
 
 mod batch;
 mod config;
 mod engine;
 mod entry;
 mod error;
+#[cfg(feature = "metrics")]
+pub mod exporter;
 pub mod memory;
 mod metrics;
 mod producer;

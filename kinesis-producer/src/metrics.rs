@@ -18,6 +18,7 @@ pub(crate) struct Metrics {
     pub(crate) user_records_expired: AtomicU64,
     pub(crate) user_records_failed: AtomicU64,
     pub(crate) put_records_requests: AtomicU64,
+    pub(crate) put_records_succeeded: AtomicU64,
     pub(crate) request_time_micros: AtomicU64,
     pub(crate) buffering_time_micros: AtomicU64,
     pub(crate) errors_by_code: Mutex<BTreeMap<String, u64>>,
@@ -47,6 +48,7 @@ impl Metrics {
             user_record_expired: self.user_records_expired.load(Relaxed),
             user_records_failed: self.user_records_failed.load(Relaxed),
             put_records_requests: requests,
+            put_records_succeeded: self.put_records_succeeded.load(Relaxed),
             request_time_micros_total: self.request_time_micros.load(Relaxed),
             buffering_time_micros_total: self.buffering_time_micros.load(Relaxed),
         }
@@ -82,6 +84,8 @@ pub struct MetricsSnapshot {
     pub user_records_failed: u64,
     /// PutRecords calls answered (any outcome).
     pub put_records_requests: u64,
+    /// PutRecords calls that stored at least one record (CloudWatch's `PutRecords.Success`).
+    pub put_records_succeeded: u64,
     /// `RequestTime`, summed over calls, in microseconds.
     pub request_time_micros_total: u64,
     /// `BufferingTime`, summed over delivered records, in microseconds.

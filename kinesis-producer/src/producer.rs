@@ -47,7 +47,13 @@ impl ProducerBuilder {
         let (tx, rx) = mpsc::channel(16384);
         let transport: Arc<dyn Transport> = Arc::new(Upcast(self.transport));
         let engine = Engine::new(config.clone(), transport, metrics.clone());
-        tokio::spawn(engine.run(rx));
+        #[cfg(feature = "metrics")]
+        let (running, stopped) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            engine.run(rx).await;
+            #[cfg(feature = "metrics")]
+            drop(running);
+        });
         Ok(Producer {
             inner: Arc::new(Inner {
                 records: Arc::new(Semaphore::new(config.max_buffered_records)),
@@ -56,6 +62,8 @@ impl ProducerBuilder {
                 config,
                 metrics,
                 closed: AtomicBool::new(false),
+                #[cfg(feature = "metrics")]
+                stopped,
             }),
         })
     }
@@ -90,17 +98,20 @@ impl Transport for Upcast {
 /// ```
 #[derive(Clone, Debug)]
 pub struct Producer {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     tx: mpsc::Sender<Command>,
     records: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     config: ProducerConfig,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     closed: AtomicBool,
+    /// Changes (closes) when the pipeline task has returned, for the metrics publishers.
+    #[cfg(feature = "metrics")]
+    pub(crate) stopped: tokio::sync::watch::Receiver<()>,
 }
 
 impl Producer {

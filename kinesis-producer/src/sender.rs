@@ -84,6 +84,9 @@ pub(crate) fn spawn(
         match result {
             Err(error) => response.unresolved = Unresolved::Call(error, entries),
             Ok(results) => {
+                if results.iter().any(|r| matches!(r, EntryResult::Stored { .. })) {
+                    metrics.put_records_succeeded.fetch_add(1, Relaxed);
+                }
                 let now = Instant::now();
                 let mut unresolved = Vec::new();
                 for (entry, result) in entries.into_iter().zip(results) {

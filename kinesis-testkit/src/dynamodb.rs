@@ -28,6 +28,14 @@ impl DynamoDb {
         if let Some(url) = env_endpoint(DYNAMODB_ENDPOINT_VAR) {
             return Ok(Self { connection: Connection::from_environment(url).await, _server: None });
         }
+        Self::embedded().await
+    }
+
+    /// Starts an embedded dynoxide server (in memory), whatever the environment says.
+    ///
+    /// # Errors
+    /// When the embedded server cannot create its database, bind a port or start its thread.
+    pub async fn embedded() -> Result<Self> {
         let server = ServerThread::spawn("dynoxide", 1, |listener, stop| {
             let db = dynoxide::Database::memory().map_err(|e| format!("in-memory database: {e}"))?;
             Ok(dynoxide::server::serve_with_shutdown(listener, db, async move {

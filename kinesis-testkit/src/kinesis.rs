@@ -78,6 +78,14 @@ impl Kinesis {
         if let Some(url) = env_endpoint(KINESIS_ENDPOINT_VAR) {
             return Ok(Self::external(Connection::from_environment(url).await));
         }
+        Self::embedded(options).await
+    }
+
+    /// Starts an embedded ferrokinesis server with `options`, whatever the environment says.
+    ///
+    /// # Errors
+    /// When the embedded server cannot bind a port or start its thread.
+    pub async fn embedded(options: KinesisOptions) -> Result<Self> {
         let delay_ms = u64::try_from(options.transition_delay.as_millis()).unwrap_or(u64::MAX);
         let store_options = ferrokinesis::store::StoreOptions {
             create_stream_ms: delay_ms,

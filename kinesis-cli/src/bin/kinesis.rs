@@ -1,20 +1,36 @@
-//! `kinesis`: streams, records and the KPL format from the command line. It reads the AWS
-//! configuration as the AWS CLI does (profiles, `AWS_REGION`, `AWS_ENDPOINT_URL_KINESIS`, ...).
+//! `kinesis`: streams, records, the KPL format and load generation from the command line. It reads
+//! the AWS configuration as the AWS CLI does (profiles, `AWS_REGION`, `AWS_ENDPOINT_URL_KINESIS`,
+//! `AWS_ENDPOINT_URL_DYNAMODB`, ...); `--local` runs the command on embedded emulators instead.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kinesis_cli::loadgen::{Clients, LoadgenArgs, check, run_loadgen};
+use kinesis_cli::local::Emulators;
 use kinesis_cli::stream::{PutArgs, StreamCommand, TailArgs, run_put, run_stream, run_tail};
 use kinesis_cli::{agg, one_line};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Amazon Kinesis Data Streams from the command line.
 #[derive(Parser)]
 #[command(name = "kinesis", version)]
 struct Cli {
+    /// Run the command on embedded emulators (Kinesis and DynamoDB on 127.0.0.1, in this
+    /// process), not on AWS. Their data lives as long as the command.
+    #[arg(long, global = true)]
+    local: bool,
+    /// With --local: no per-shard write limits (by default the emulator enforces 1,000 records/s
+    /// and 1 MiB/s per shard, as Kinesis does).
+    #[arg(long, global = true)]
+    no_throttle: bool,
     #[command(subcommand)]
     command: Command,
 }
+
+const PLACEHOLDERS: &str = "loadgen template placeholders: {{uuid}} {{firstname}} {{lastname}} {{name}} \
+{{sentence}} {{int}} {{int:MIN:MAX}} {{float}} {{float:MIN:MAX}} {{seq}} {{producer}} {{timestamp}}";
 
 #[derive(Subcommand)]
 enum Command {
@@ -28,39 +44,90 @@ enum Command {
     /// Encode and decode KPL aggregated records (the same as `kinesis-agg`).
     #[command(subcommand)]
     Agg(agg::AggCommand),
+    /// Put templated records from N producers, with a progress bar; --verify counts what a
+    /// consumer group receives (sent, acknowledged, received, duplicates, lost).
+    #[command(after_help = PLACEHOLDERS)]
+    Loadgen(LoadgenArgs),
+    /// Start the embedded emulators and serve them until Ctrl-C; prints the lines that point the
+    /// AWS SDKs (and other `kinesis` commands) at them.
+    Local,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+    let result: Result<(), BoxError> = match cli.command {
         Command::Agg(command) => {
-            let (stdin, stderr) = (std::io::stdin(), std::io::stderr());
-            agg::run(command, &mut stdin.lock(), &mut out, &mut stderr.lock()).map_err(Into::into)
+            let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let result = agg::run(command, &mut stdin.lock(), &mut out, &mut stderr.lock()).map_err(Into::into);
+            let _ = out.flush();
+            result
         }
         command => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-            Ok(runtime) => runtime.block_on(async {
-                let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-                let client = aws_sdk_kinesis::Client::new(&sdk);
-                match command {
-                    Command::Stream(command) => run_stream(&client, command, &mut out).await,
-                    Command::Put(args) => run_put(&client, args, &mut std::io::stdin().lock(), &mut out).await,
-                    Command::Tail(args) => run_tail(&client, args, &mut out).await,
-                    Command::Agg(_) => Ok(()),
-                }
-                .map_err(Into::into)
-            }),
+            Ok(runtime) => runtime.block_on(run(command, cli.local, !cli.no_throttle)),
             Err(e) => Err(e.into()),
         },
     };
-    let _ = out.flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            drop(out);
             let _ = writeln!(std::io::stderr().lock(), "kinesis: error: {}", one_line(error.as_ref()));
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, local: bool, throttle: bool) -> Result<(), BoxError> {
+    // Keep the emulators alive until the command is done.
+    let serve = matches!(command, Command::Local);
+    let emulators = if local || serve {
+        let emulators = Emulators::start(throttle).await?;
+        eprintln!("embedded emulators{}", if throttle { " (per-shard write limits on)" } else { "" });
+        if !serve {
+            eprintln!("{}", emulators.exports().trim_end());
+        }
+        Some(emulators)
+    } else {
+        None
+    };
+    let clients = match &emulators {
+        Some(emulators) => emulators.clients(),
+        None => {
+            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            Clients { kinesis: aws_sdk_kinesis::Client::new(&sdk), dynamodb: aws_sdk_dynamodb::Client::new(&sdk) }
+        }
+    };
+    match command {
+        Command::Loadgen(args) => {
+            // Progress lines and the summary go to stdout line by line: no lock held across awaits.
+            let report = run_loadgen(&clients, args, local).await?;
+            let mut out = Vec::new();
+            report.print(&mut out)?;
+            std::io::stdout().write_all(&out)?;
+            check(&report)?;
+            Ok(())
+        }
+        Command::Local => {
+            if let Some(emulators) = &emulators {
+                print!("{}", emulators.exports());
+            }
+            let _ = std::io::stdout().flush();
+            eprintln!("serving until Ctrl-C");
+            tokio::signal::ctrl_c().await?;
+            Ok(())
+        }
+        command => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let client = &clients.kinesis;
+            let result = match command {
+                Command::Stream(command) => run_stream(client, command, &mut out).await,
+                Command::Put(args) => run_put(client, args, &mut std::io::stdin().lock(), &mut out).await,
+                Command::Tail(args) => run_tail(client, args, &mut out).await,
+                Command::Agg(_) | Command::Loadgen(_) | Command::Local => Ok(()),
+            };
+            out.flush()?;
+            result.map_err(Into::into)
         }
     }
 }

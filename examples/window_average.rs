@@ -1,0 +1,569 @@
+//! Stream processing with event time: a 10-second tumbling average temperature per sensor, read
+//! from one stream and written to another with the producer, checkpointed only behind what was
+//! emitted and acknowledged.
+//!
+//! ```text
+//! cargo run --example window_average                     # demo: embedded emulators, sample data
+//! cargo run --example window_average -- --stream IN --output OUT [--table NAME] [--window-ms 10000]
+//!     [--idle-exit SECS] [--from trim-horizon|latest] [--failover-ms 10000]
+//! ```
+//!
+//! Input records are JSON readings, `{"sensor":"s-3","temperature":21.5,"ts":<epoch ms>}`, put
+//! with the sensor as partition key (so a sensor's readings are in one shard, in order). For each
+//! shard:
+//! - a reading goes to the window `[ts - ts mod W, + W)` of its sensor (W = `--window-ms`);
+//! - the shard's **watermark** is the largest `ts` seen; a window is closed once the watermark
+//!   reaches its end, and a reading for a window already closed is **late**: counted and left out;
+//! - closed windows are emitted to the output stream as
+//!   `{"sensor","window_start","window_end","count","average","closed_by"}` (partition key: the
+//!   sensor), and the producer's receipts are awaited;
+//! - then the shard is checkpointed just before the first reading of the oldest window still
+//!   open: every reading at or before a checkpoint belongs to a window that was emitted and
+//!   acknowledged. After a crash the open windows are read again from their first reading and come
+//!   out whole (an emitted window whose checkpoint did not make it may come out twice, the same);
+//! - at the end of a shard, and at a graceful shutdown, the open windows are emitted too
+//!   (`closed_by` says `shard_end` or `shutdown`: a window cut by a shutdown may go on after a
+//!   restart, as a second record for the same window).
+//!
+//! Without `--stream` it is a demo: it starts the embedded emulators (or uses
+//! `AWS_ENDPOINT_URL_KINESIS` / `AWS_ENDPOINT_URL_DYNAMODB` when set), creates a 2-shard input
+//! and a 1-shard output stream, writes a minute of readings from 6 sensors (and one late and one
+//! invalid record), computes the averages, reads the output back and checks every window. With
+//! `--stream` it runs until Ctrl-C, or until `--idle-exit` seconds without a record once its
+//! shards are read.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::error::Error as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime};
+
+use clap::{Parser, ValueEnum};
+use kinesis::consumer::{
+    Batch, CheckpointError, Checkpointer, ConfigError, InitialPosition, Initialization, Position, Processor, Scheduler,
+    SchedulerConfig, SchedulerError, cmp_sequence_numbers,
+};
+use kinesis::producer::{BuildError, Producer, ProducerConfig, PutError, UserRecord};
+use kinesis_testkit::TestBed;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+/// Tumbling-window average temperature per sensor, from one Kinesis stream to another.
+#[derive(Parser, Debug)]
+#[command(name = "window_average")]
+struct Args {
+    /// The stream of readings. Without it, demo streams are created and filled.
+    #[arg(long)]
+    stream: Option<String>,
+    /// The stream the averages are written to (required with --stream).
+    #[arg(long)]
+    output: Option<String>,
+    /// The lease table (the application's name). Default: `window-average-<stream>`.
+    #[arg(long)]
+    table: Option<String>,
+    /// The window length, in milliseconds of event time.
+    #[arg(long, default_value_t = 10_000)]
+    window_ms: u32,
+    /// Shut down gracefully (emitting the open windows) after this many seconds without a record,
+    /// once every shard held has been read. Default: run until Ctrl-C (demo: 2).
+    #[arg(long)]
+    idle_exit: Option<f64>,
+    /// Where shards never read before start.
+    #[arg(long, value_enum, default_value_t = StartFrom::TrimHorizon)]
+    from: StartFrom,
+    /// The lease failover time: a crashed worker's shards are taken over after about this long.
+    #[arg(long, default_value_t = 10_000)]
+    failover_ms: u64,
+}
+
+/// Where shards never read before start.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StartFrom {
+    /// The oldest record in the shard.
+    TrimHorizon,
+    /// Only records written from now on.
+    Latest,
+}
+
+/// What can stop the example.
+#[derive(Debug, thiserror::Error)]
+enum AverageError {
+    #[error("invalid argument: {0}")]
+    Usage(String),
+    #[error("could not reach or start the emulators")]
+    TestBed(#[source] kinesis_testkit::Error),
+    #[error("the consumer's settings were refused")]
+    Config(#[source] ConfigError),
+    #[error("the consumer stopped")]
+    Scheduler(#[source] SchedulerError),
+    #[error("the consumer stopped by itself")]
+    Stopped,
+    #[error("the producer could not start")]
+    Producer(#[source] BuildError),
+    #[error("the demo's producer refused a record")]
+    Put(#[source] PutError),
+    #[error("demo check failed: {0}")]
+    Demo(String),
+}
+
+/// An input record.
+#[derive(Debug, Deserialize)]
+struct Reading {
+    sensor: String,
+    temperature: f64,
+    ts: i64,
+}
+
+/// An output record.
+#[derive(Debug, Serialize)]
+struct Average<'a> {
+    sensor: &'a str,
+    window_start: i64,
+    window_end: i64,
+    count: u64,
+    average: f64,
+    closed_by: &'static str,
+}
+
+/// Counters shared by the shards' processors.
+#[derive(Debug, Default)]
+struct Counters {
+    readings: AtomicU64,
+    late: AtomicU64,
+    invalid: AtomicU64,
+    windows: AtomicU64,
+    delivery_failures: AtomicU64,
+}
+
+/// A position in a shard: (sequence number, sub-sequence number).
+type At = (Arc<str>, u64);
+
+fn cmp_at(a: &At, b: &At) -> Ordering {
+    cmp_sequence_numbers(&a.0, &b.0).then(a.1.cmp(&b.1))
+}
+
+/// One sensor's window being summed.
+#[derive(Debug)]
+struct Window {
+    sum: f64,
+    count: u64,
+    /// The record just before the window's first reading (`None`: nothing before it in this
+    /// processor's life). Checkpointing there keeps the whole window to be read again.
+    before: Option<At>,
+}
+
+/// One shard's windows.
+struct Averager {
+    shard: String,
+    window_ms: i64,
+    producer: Producer,
+    counters: Arc<Counters>,
+    watermark: Option<i64>,
+    /// Open (and closed but not yet acknowledged) windows by (start, sensor).
+    windows: BTreeMap<(i64, String), Window>,
+    /// The newest record seen.
+    last: Option<At>,
+    /// The newest checkpoint written (or resumed from).
+    saved: Option<At>,
+}
+
+impl Averager {
+    fn new(shard: &str, window_ms: i64, producer: Producer, counters: Arc<Counters>) -> Self {
+        Averager {
+            shard: shard.to_owned(),
+            window_ms,
+            producer,
+            counters,
+            watermark: None,
+            windows: BTreeMap::new(),
+            last: None,
+            saved: None,
+        }
+    }
+
+    fn end_of(&self, start: i64) -> i64 {
+        start.saturating_add(self.window_ms)
+    }
+
+    /// Emits the windows the watermark has closed (or every window, with `all`), and waits for
+    /// their receipts. Acknowledged windows are done; the others stay, to be emitted again.
+    /// Returns whether every window due was acknowledged.
+    async fn emit(&mut self, all: bool, closed_by: &'static str) -> bool {
+        let due: Vec<(i64, String)> = self
+            .windows
+            .keys()
+            .filter(|(start, _)| all || self.watermark.is_some_and(|w| self.end_of(*start) <= w))
+            .cloned()
+            .collect();
+        let mut receipts = Vec::with_capacity(due.len());
+        let mut complete = true;
+        for key in due {
+            let window = &self.windows[&key];
+            let average = Average {
+                sensor: &key.1,
+                window_start: key.0,
+                window_end: self.end_of(key.0),
+                count: window.count,
+                average: window.sum / window.count as f64,
+                closed_by,
+            };
+            let line = match serde_json::to_string(&average) {
+                Ok(line) => line,
+                Err(error) => {
+                    eprintln!("{}: cannot encode {average:?}: {error}", self.shard);
+                    complete = false;
+                    continue;
+                }
+            };
+            match self.producer.put(UserRecord::new(key.1.clone(), line.clone())).await {
+                Ok(receipt) => receipts.push((key, line, receipt)),
+                Err(error) => {
+                    eprintln!("{}: the producer refused a window ({error})", self.shard);
+                    self.counters.delivery_failures.fetch_add(1, Relaxed);
+                    complete = false;
+                }
+            }
+        }
+        for (key, line, receipt) in receipts {
+            match receipt.await {
+                Ok(_) => {
+                    self.windows.remove(&key);
+                    self.counters.windows.fetch_add(1, Relaxed);
+                    println!("{}: {} {line}", self.shard, clock(key.0));
+                }
+                Err(error) => {
+                    eprintln!("{}: a window was not delivered ({error}); it is emitted again later", self.shard);
+                    self.counters.delivery_failures.fetch_add(1, Relaxed);
+                    complete = false;
+                }
+            }
+        }
+        complete
+    }
+
+    /// [`Averager::emit`] with `all`, tried up to three times.
+    async fn emit_all(&mut self, closed_by: &'static str) -> bool {
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            if self.emit(true, closed_by).await {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Checkpoints as far as is safe: just before the oldest open window's first reading, or at
+    /// the newest record when no window is open.
+    async fn checkpoint(&mut self, checkpointer: &mut Checkpointer) {
+        let safe = if self.windows.is_empty() {
+            self.last.clone()
+        } else {
+            let mut oldest: Option<&At> = None;
+            for window in self.windows.values() {
+                let Some(before) = &window.before else { return };
+                if oldest.is_none_or(|o| cmp_at(before, o) == Ordering::Less) {
+                    oldest = Some(before);
+                }
+            }
+            oldest.cloned()
+        };
+        let Some(safe) = safe else { return };
+        if self.saved.as_ref().is_some_and(|saved| cmp_at(&safe, saved) != Ordering::Greater) {
+            return;
+        }
+        match checkpointer.checkpoint_at(&safe.0, safe.1).await {
+            Ok(()) => self.saved = Some(safe),
+            Err(CheckpointError::LeaseLost { .. }) => self.forget(),
+            Err(error) => eprintln!("{}: checkpoint failed ({error}); the next batch tries again", self.shard),
+        }
+    }
+
+    fn forget(&mut self) {
+        self.windows.clear();
+        self.watermark = None;
+    }
+}
+
+impl Processor for Averager {
+    async fn initialize(&mut self, init: &Initialization) {
+        if let Position::Sequence(sequence) = &init.checkpoint.position {
+            let at: At = (sequence.as_str().into(), init.checkpoint.sub_sequence);
+            self.last = Some(at.clone());
+            self.saved = Some(at);
+        }
+    }
+
+    async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
+        for record in &batch.records {
+            let before = self.last.replace((record.sequence_number.clone(), record.sub_sequence_number));
+            let Ok(reading) = serde_json::from_slice::<Reading>(&record.data) else {
+                self.counters.invalid.fetch_add(1, Relaxed);
+                continue;
+            };
+            let start = reading.ts.div_euclid(self.window_ms) * self.window_ms;
+            if self.watermark.is_some_and(|w| self.end_of(start) <= w) {
+                self.counters.late.fetch_add(1, Relaxed);
+                continue;
+            }
+            let window = self.windows.entry((start, reading.sensor)).or_insert(Window { sum: 0.0, count: 0, before });
+            window.sum += reading.temperature;
+            window.count += 1;
+            self.watermark = Some(self.watermark.map_or(reading.ts, |w| w.max(reading.ts)));
+            self.counters.readings.fetch_add(1, Relaxed);
+        }
+        self.emit(false, "watermark").await;
+        self.checkpoint(checkpointer).await;
+    }
+
+    async fn lease_lost(&mut self) {
+        self.forget();
+    }
+
+    async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) {
+        // Every reading of the shard is in: the open windows are complete.
+        if self.emit_all("shard_end").await {
+            if let Err(error) = checkpointer.checkpoint().await {
+                eprintln!("{}: checkpointing SHARD_END failed ({error})", self.shard);
+            }
+        } else {
+            eprintln!("{}: windows not delivered; SHARD_END is checkpointed at the next try", self.shard);
+        }
+    }
+
+    async fn shutdown_requested(&mut self, checkpointer: &mut Checkpointer) {
+        self.emit_all("shutdown").await;
+        self.checkpoint(checkpointer).await;
+    }
+}
+
+/// The time of day (UTC) of an epoch-millisecond time, for the log.
+fn clock(epoch_ms: i64) -> String {
+    let secs = epoch_ms.div_euclid(1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let mut message = error.to_string();
+            let mut source = error.source();
+            while let Some(cause) = source {
+                message = format!("{message}: {cause}");
+                source = cause.source();
+            }
+            eprintln!("window_average: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), AverageError> {
+    if args.window_ms == 0 {
+        return Err(AverageError::Usage("--window-ms must be positive".into()));
+    }
+    let window_ms = i64::from(args.window_ms);
+    let idle_exit = match args.idle_exit.or(args.stream.is_none().then_some(2.0)) {
+        Some(secs) => Some(
+            Duration::try_from_secs_f64(secs)
+                .map_err(|_| AverageError::Usage(format!("--idle-exit {secs}: not a number of seconds")))?,
+        ),
+        None => None,
+    };
+    let existing = match (&args.stream, &args.output) {
+        (Some(input), Some(output)) => Some((input.clone(), output.clone())),
+        (Some(_), None) => return Err(AverageError::Usage("--output is required with --stream".into())),
+        (None, _) => None,
+    };
+    let bed = TestBed::start().await.map_err(AverageError::TestBed)?;
+    println!("Kinesis at {}, DynamoDB at {}", bed.kinesis.endpoint_url(), bed.dynamodb.endpoint_url());
+    let (input, output, expected) = match existing {
+        Some((input, output)) => (input, output, None),
+        None => {
+            let input = bed.kinesis.create_stream(2).await.map_err(AverageError::TestBed)?;
+            let output = bed.kinesis.create_stream(1).await.map_err(AverageError::TestBed)?;
+            let expected = write_sample(&bed, &input, window_ms).await?;
+            (input, output, Some(expected))
+        }
+    };
+    let table = args.table.clone().unwrap_or_else(|| format!("window-average-{input}"));
+    let mut config = SchedulerConfig::new(&input, &table);
+    config.initial_position = match args.from {
+        StartFrom::TrimHorizon => InitialPosition::TrimHorizon,
+        StartFrom::Latest => InitialPosition::Latest,
+    };
+    config.failover = Duration::from_millis(args.failover_ms);
+    // An idle shard is read twice a second (the KCL's 1.5 s saves calls; records come sooner).
+    config.polling.idle_time_between_reads = Duration::from_millis(500);
+    println!("averaging {input} over {window_ms} ms windows into {output} (lease table {table})");
+
+    let producer = Producer::builder(bed.kinesis.client(), &output).build().map_err(AverageError::Producer)?;
+    let counters = Arc::new(Counters::default());
+    let scheduler = {
+        let (producer, counters) = (producer.clone(), counters.clone());
+        Scheduler::start(bed.kinesis.client(), bed.dynamodb.client(), config, move |shard: &str| {
+            Averager::new(shard, window_ms, producer.clone(), counters.clone())
+        })
+        .map_err(AverageError::Config)?
+    };
+    let stopped = wait(&scheduler, idle_exit).await;
+    let shut_down = scheduler.shutdown().await;
+    producer.shutdown().await;
+    shut_down.map_err(AverageError::Scheduler)?;
+    if stopped {
+        return Err(AverageError::Stopped);
+    }
+    let get = |c: &AtomicU64| c.load(Relaxed);
+    println!(
+        "done: {} readings, {} late, {} invalid; {} windows emitted, {} delivery failures",
+        get(&counters.readings),
+        get(&counters.late),
+        get(&counters.invalid),
+        get(&counters.windows),
+        get(&counters.delivery_failures)
+    );
+    if let Some(expected) = expected {
+        check_demo(&bed, &output, &expected).await?;
+    }
+    Ok(())
+}
+
+/// Waits for Ctrl-C or the idle exit; returns whether the worker stopped by itself instead.
+async fn wait(scheduler: &Scheduler, idle_exit: Option<Duration>) -> bool {
+    let mut idle = Idle::new(idle_exit);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut ctrl_c_armed = true;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if scheduler.is_finished() {
+                    return true;
+                }
+                if idle.poll(scheduler) {
+                    println!("no record for {:?}: shutting down", idle_exit.unwrap_or_default());
+                    return false;
+                }
+            }
+            signal = &mut ctrl_c, if ctrl_c_armed => {
+                ctrl_c_armed = false;
+                match signal {
+                    Ok(()) => {
+                        println!("Ctrl-C: emitting the open windows and shutting down");
+                        return false;
+                    }
+                    Err(error) => eprintln!("Ctrl-C cannot be watched ({error}); stop with --idle-exit or a signal"),
+                }
+            }
+        }
+    }
+}
+
+/// The demo's averages: (sensor, window start) to (count, average).
+type Expected = BTreeMap<(String, i64), (u64, f64)>;
+
+/// Writes a minute of readings of 6 sensors (one a second each, in time order), then one late
+/// reading and one invalid record; returns the averages they must give.
+async fn write_sample(bed: &TestBed, stream: &str, window_ms: i64) -> Result<Expected, AverageError> {
+    // Per partition key in put order, across retries: a sensor's readings stay in time order.
+    let config = ProducerConfig { ordering: true, ..Default::default() };
+    let producer =
+        Producer::builder(bed.kinesis.client(), stream).config(config).build().map_err(AverageError::Producer)?;
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let start = i64::try_from(now).unwrap_or(i64::MAX / 2) - 120_000;
+    let mut sums: BTreeMap<(String, i64), (u64, f64)> = BTreeMap::new();
+    let mut records = Vec::new();
+    for second in 0..60 {
+        let ts = start + second * 1000;
+        for sensor in 0..6 {
+            let name = format!("s-{sensor}");
+            let temperature = format!("{:.1}", 18.0 + f64::from(sensor) + fastrand::f64() * 4.0);
+            // The value the consumer reads is the one written: parsed from the same text.
+            let value: f64 = temperature.parse().map_err(|_| AverageError::Demo("a bad sample".into()))?;
+            let entry = sums.entry((name.clone(), ts.div_euclid(window_ms) * window_ms)).or_insert((0, 0.0));
+            entry.0 += 1;
+            entry.1 += value;
+            records.push((name.clone(), format!(r#"{{"sensor":"{name}","temperature":{temperature},"ts":{ts}}}"#)));
+        }
+    }
+    // Late: its window closed long before (its shard's watermark is a minute later).
+    records.push(("s-0".into(), format!(r#"{{"sensor":"s-0","temperature":99.9,"ts":{start}}}"#)));
+    records.push(("s-1".into(), "not a reading".into()));
+    let mut receipts = Vec::new();
+    for (key, data) in &records {
+        receipts.push(producer.put(UserRecord::new(key.clone(), data.clone())).await.map_err(AverageError::Put)?);
+    }
+    let mut failed = 0;
+    for receipt in receipts {
+        failed += usize::from(receipt.await.is_err());
+    }
+    producer.shutdown().await;
+    if failed > 0 {
+        return Err(AverageError::Demo(format!("{failed} sample records were not delivered")));
+    }
+    println!("demo: wrote {} readings of 6 sensors over 60 s (one late, one invalid) to {stream}", records.len());
+    Ok(sums.into_iter().map(|(key, (count, sum))| (key, (count, sum / count as f64))).collect())
+}
+
+/// Reads the output stream back and compares every window with the expected average.
+async fn check_demo(bed: &TestBed, output: &str, expected: &Expected) -> Result<(), AverageError> {
+    let records = kinesis_testkit::read_stream(&bed.kinesis.client(), output).await.map_err(AverageError::TestBed)?;
+    let mut got: Expected = BTreeMap::new();
+    for record in records {
+        let unpacked = kinesis::aggregation::deaggregate(&record.partition_key, record.data.into());
+        for user in unpacked.records {
+            let value: serde_json::Value = serde_json::from_slice(user.data())
+                .map_err(|e| AverageError::Demo(format!("an output record is not JSON: {e}")))?;
+            let (Some(sensor), Some(start), Some(count), Some(average)) = (
+                value["sensor"].as_str(),
+                value["window_start"].as_i64(),
+                value["count"].as_u64(),
+                value["average"].as_f64(),
+            ) else {
+                return Err(AverageError::Demo(format!("an output record lacks a field: {value}")));
+            };
+            got.insert((sensor.to_owned(), start), (count, average));
+        }
+    }
+    let wrong: Vec<_> = expected.iter().filter(|(key, want)| got.get(*key) != Some(want)).collect();
+    println!("demo: {} windows expected, {} emitted, {} wrong or missing", expected.len(), got.len(), wrong.len());
+    if !wrong.is_empty() || got.len() != expected.len() {
+        return Err(AverageError::Demo(format!("windows differ from the expected averages, e.g. {:?}", wrong.first())));
+    }
+    Ok(())
+}
+
+/// The `--idle-exit` rule: once the worker has held a lease, and every shard it holds has been
+/// read, no record for the given time.
+struct Idle {
+    limit: Option<Duration>,
+    held_once: bool,
+    records: u64,
+    quiet_since: Instant,
+}
+
+impl Idle {
+    fn new(limit: Option<Duration>) -> Self {
+        Idle { limit, held_once: false, records: 0, quiet_since: Instant::now() }
+    }
+
+    /// Whether it is time to stop.
+    fn poll(&mut self, scheduler: &Scheduler) -> bool {
+        let Some(limit) = self.limit else { return false };
+        let held = scheduler.held_leases();
+        let metrics = scheduler.metrics();
+        self.held_once |= !held.is_empty();
+        let read = held.iter().all(|shard| metrics.millis_behind_latest.contains_key(shard));
+        if !self.held_once || !read || metrics.records_processed != self.records {
+            self.records = metrics.records_processed;
+            self.quiet_since = Instant::now();
+        }
+        self.quiet_since.elapsed() >= limit
+    }
+}

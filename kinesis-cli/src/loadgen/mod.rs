@@ -1,0 +1,807 @@
+//! `kinesis loadgen`: N producer tasks put templated records through one [`Producer`], paced or
+//! as fast as the shards take them; `--verify` runs a consumer group beside them and counts what
+//! arrives.
+//!
+//! ```text
+//! producer task 1..N ─ template ─▶ Producer (aggregation, per-shard limits, retries) ─▶ receipts ─┐
+//!                                                                                                 ▼
+//! consumer group (--workers, one lease table) ─▶ deaggregated records ─────────────────────▶ Tally
+//! ```
+//!
+//! The N tasks share one [`Producer`], as the threads of one KPL process share one KPL: records of
+//! every task are aggregated together per shard, and one set of per-shard rate limiters keeps the
+//! shards busy without fighting each other.
+
+pub mod template;
+pub mod verify;
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_kinesis::error::ProvideErrorMetadata;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use kinesis_producer::{DeliveryError, Producer, ProducerConfig, Receipt, ReceiptFuture, UserRecord};
+use tokio::sync::mpsc;
+
+use self::template::{DEFAULT_PARTITION_KEY, DEFAULT_TEMPLATE, Template, TemplateError, Values};
+use self::verify::{Counts, Group, Tally};
+
+/// Arguments of `kinesis loadgen`.
+#[derive(Args, Debug, Clone)]
+pub struct LoadgenArgs {
+    /// The stream. Created with `--shards` shards when it does not exist. With `--local`, by default
+    /// `loadgen`.
+    pub stream: Option<String>,
+    /// Producer tasks putting at once.
+    #[arg(long, default_value_t = 4)]
+    pub producers: usize,
+    /// Records per second per producer, e.g. `100` or `100/s`; `unlimited` (the default): as fast
+    /// as the producer's back-pressure allows.
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<Rate>,
+    /// Records to send in all (split evenly between the producers). Default 100,000 when
+    /// `--duration` is not given.
+    #[arg(long, conflicts_with = "duration")]
+    pub records: Option<u64>,
+    /// How long to send, e.g. `30s`, `10m`, `1h`, or seconds.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Shards of the stream when it is created. Default 4.
+    #[arg(long)]
+    pub shards: Option<u32>,
+    /// The record template (see the placeholders in `--help`); default: the published benchmark's
+    /// `{"id":"{{uuid}}","firstname":..,"lastname":..,"description":"{{sentence}}","balance":0}`.
+    #[arg(long, conflicts_with = "template_file")]
+    pub template: Option<String>,
+    /// Read the record template from a file.
+    #[arg(long)]
+    pub template_file: Option<PathBuf>,
+    /// The partition key template.
+    #[arg(long, default_value = DEFAULT_PARTITION_KEY)]
+    pub partition_key: String,
+    /// Compress each Kinesis record (only readers built on this library can read them).
+    #[arg(long)]
+    pub compression: bool,
+    /// Send every record as its own Kinesis record (no KPL aggregation).
+    #[arg(long)]
+    pub no_aggregation: bool,
+    /// Run a consumer group beside the producers and count what arrives: sent, acknowledged,
+    /// received, duplicates, lost.
+    #[arg(long)]
+    pub verify: bool,
+    /// Consumer workers of the `--verify` group.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// The lease table of the `--verify` group. Default: a new table per run, named after the
+    /// stream (left in place: delete it with the AWS CLI when you are done).
+    #[arg(long)]
+    pub table: Option<String>,
+    /// Print progress lines ("producer K has sent N records, ...") instead of a progress bar.
+    #[arg(long)]
+    pub log: bool,
+    /// How often `--log` prints (and how often a terminal-less run prints a progress line).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub log_interval: Duration,
+    /// How long `--verify` waits, after the last acknowledgement, for records still to arrive.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub verify_timeout: Duration,
+}
+
+/// A pace per producer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate(pub f64);
+
+fn parse_rate(text: &str) -> Result<Rate, String> {
+    let number = text.trim().trim_end_matches("/s");
+    if number == "unlimited" {
+        return Err("leave --rate out for an unlimited rate".into());
+    }
+    match number.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(Rate(rate)),
+        _ => Err(format!("expected records per second, e.g. 100 or 100/s; got {text:?}")),
+    }
+}
+
+/// Parses `30s`, `10m`, `1h`, `250ms` or a number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number.trim().parse().map_err(|_| format!("expected a duration like 30s or 10m; got {text:?}"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("not a duration: {text:?}"))
+}
+
+/// Why a load run could not start or did not deliver.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    /// An argument out of range or missing.
+    #[error("{0}")]
+    BadArgument(String),
+    /// The record or partition-key template does not parse.
+    #[error("bad template")]
+    Template(#[from] TemplateError),
+    /// The template file cannot be read.
+    #[error("cannot read the template file {path}")]
+    TemplateFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A Kinesis call failed.
+    #[error("{operation} failed: {message}")]
+    Kinesis {
+        /// The operation.
+        operation: &'static str,
+        /// The service's message.
+        message: String,
+    },
+    /// The producer configuration was refused.
+    #[error("the producer could not start")]
+    Producer(#[from] kinesis_producer::BuildError),
+    /// The consumer configuration was refused.
+    #[error("the consumer group could not start")]
+    Consumer(#[from] kinesis_consumer::ConfigError),
+    /// `put` refused a record (for example a partition key over 256 characters).
+    #[error("a record was refused")]
+    Put(#[source] kinesis_producer::PutError),
+    /// The run ended with records not delivered or not received.
+    #[error("{failed} records were not delivered and {lost} acknowledged records were not received")]
+    Undelivered {
+        /// Receipts that failed.
+        failed: u64,
+        /// Acknowledged records the consumer group did not receive (with `--verify`).
+        lost: u64,
+    },
+}
+
+fn kinesis_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    operation: &'static str,
+) -> impl FnOnce(aws_sdk_kinesis::error::SdkError<E>) -> LoadgenError {
+    move |error| {
+        let message = match error.as_service_error() {
+            Some(service) => {
+                format!("{}: {}", service.code().unwrap_or("error"), service.message().unwrap_or_default())
+            }
+            None => crate::one_line(&error),
+        };
+        LoadgenError::Kinesis { operation, message }
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The stream and its open shards.
+    pub stream: String,
+    /// Open shards while the run started.
+    pub shards: u32,
+    /// Records `put` accepted.
+    pub sent: u64,
+    /// Records Kinesis acknowledged (receipts that succeeded).
+    pub acknowledged: u64,
+    /// Receipts that failed.
+    pub failed: u64,
+    /// Seconds from the first put to the last receipt.
+    pub produce_secs: f64,
+    /// Kinesis records put and their bytes (partition key + data, after compression).
+    pub kinesis_records: u64,
+    /// See `kinesis_records`.
+    pub kinesis_bytes: u64,
+    /// User-record bytes delivered (partition key + data, before compression).
+    pub user_bytes: u64,
+    /// Median of the per-second Kinesis bytes while putting, leaving out the first two seconds.
+    pub steady_bytes_per_sec: Option<f64>,
+    /// Per-record retries and the error codes seen.
+    pub retries: u64,
+    /// See `retries`.
+    pub errors_by_code: BTreeMap<String, u64>,
+    /// Per producer: records sent, and the seconds from its start to its last put.
+    pub per_producer: Vec<(u64, f64)>,
+    /// The pace asked for, per producer.
+    pub rate: Option<f64>,
+    /// With `--verify`: the tally at the end, deliveries not of this run, and the seconds from the
+    /// start until the last record arrived (or the wait ended).
+    pub verified: Option<(Counts, u64, f64)>,
+}
+
+impl Report {
+    /// Kinesis bytes per second over the whole run, as a share of the shards' 1 MiB/s each.
+    pub fn utilisation(&self) -> f64 {
+        self.kinesis_bytes as f64 / self.produce_secs.max(1e-9) / (f64::from(self.shards) * 1_048_576.0)
+    }
+
+    /// Writes the summary.
+    pub fn print(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let limit = f64::from(self.shards) * 1_048_576.0;
+        writeln!(out, "== loadgen summary: stream {}, {} shards", self.stream, self.shards)?;
+        writeln!(out, "sent          {}", self.sent)?;
+        writeln!(out, "acknowledged  {}", self.acknowledged)?;
+        writeln!(out, "failed        {}", self.failed)?;
+        if let Some((counts, unexpected, secs)) = &self.verified {
+            writeln!(out, "received      {}", counts.received)?;
+            writeln!(out, "duplicates    {}", counts.duplicates)?;
+            writeln!(out, "lost          {}", counts.lost())?;
+            if *unexpected > 0 {
+                writeln!(out, "unexpected    {unexpected} (received, but not acknowledged in this run)")?;
+            }
+            writeln!(
+                out,
+                "consumed      {:.0} records/s ({} deliveries by {:.1} s)",
+                counts.deliveries as f64 / secs.max(1e-9),
+                counts.deliveries,
+                secs
+            )?;
+        }
+        writeln!(
+            out,
+            "produced      {:.0} records/s ({} acknowledged in {:.1} s)",
+            self.acknowledged as f64 / self.produce_secs.max(1e-9),
+            self.acknowledged,
+            self.produce_secs
+        )?;
+        writeln!(
+            out,
+            "kinesis bytes {:.2} MB/s = {:.1} % of the shards' write limit over the run{}",
+            self.kinesis_bytes as f64 / self.produce_secs.max(1e-9) / 1e6,
+            100.0 * self.utilisation(),
+            match self.steady_bytes_per_sec {
+                Some(steady) => format!("; steady state {:.1} %", 100.0 * steady / limit),
+                None => String::new(),
+            }
+        )?;
+        writeln!(
+            out,
+            "records       {} Kinesis records, {:.1} user records each; {:.2} user bytes per Kinesis byte",
+            self.kinesis_records,
+            self.acknowledged as f64 / self.kinesis_records.max(1) as f64,
+            self.user_bytes as f64 / self.kinesis_bytes.max(1) as f64
+        )?;
+        writeln!(out, "retries       {} (errors {:?})", self.retries, self.errors_by_code)?;
+        if let Some(rate) = self.rate {
+            let rates: Vec<f64> =
+                self.per_producer.iter().filter(|(_, s)| *s > 0.0).map(|(n, s)| *n as f64 / s).collect();
+            if !rates.is_empty() {
+                let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
+                let max = rates.iter().copied().fold(0.0, f64::max);
+                let total: f64 = rates.iter().sum();
+                writeln!(
+                    out,
+                    "pacing        {rate} records/s per producer asked; per producer {min:.2}..{max:.2} records/s; \
+                     all {total:.1} records/s of {:.1} asked ({:+.2} %)",
+                    rate * rates.len() as f64,
+                    100.0 * (total / (rate * rates.len() as f64) - 1.0)
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The clients a run uses.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    /// Kinesis.
+    pub kinesis: aws_sdk_kinesis::Client,
+    /// DynamoDB, for the `--verify` group's lease table.
+    pub dynamodb: aws_sdk_dynamodb::Client,
+}
+
+struct Plan {
+    template: Template,
+    key: Template,
+    /// Records per producer (records mode).
+    quotas: Option<Vec<u64>>,
+    duration: Option<Duration>,
+    rate: Option<f64>,
+}
+
+fn plan(args: &LoadgenArgs) -> Result<Plan, LoadgenError> {
+    if args.producers == 0 {
+        return Err(LoadgenError::BadArgument("--producers must be at least 1".into()));
+    }
+    if args.verify && args.workers == 0 {
+        return Err(LoadgenError::BadArgument("--workers must be at least 1".into()));
+    }
+    let text = match (&args.template, &args.template_file) {
+        (Some(text), _) => text.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|t| t.trim_end_matches('\n').to_owned())
+            .map_err(|source| LoadgenError::TemplateFile { path: path.clone(), source })?,
+        (None, None) => DEFAULT_TEMPLATE.to_owned(),
+    };
+    let template = Template::parse(&text)?;
+    let key = Template::parse(&args.partition_key)?;
+    if key.is_empty() {
+        return Err(TemplateError::EmptyKey.into());
+    }
+    let quotas = match (args.records, args.duration) {
+        (_, Some(_)) => None,
+        (records, None) => {
+            let records = records.unwrap_or(100_000);
+            let producers = args.producers as u64;
+            Some((0..producers).map(|k| records / producers + u64::from(k < records % producers)).collect())
+        }
+    };
+    Ok(Plan { template, key, quotas, duration: args.duration, rate: args.rate.map(|r| r.0) })
+}
+
+/// Counters shared by the producer tasks, the receipt task and the progress display.
+#[derive(Default)]
+struct Progress {
+    sent: Vec<AtomicU64>,
+    acked: AtomicU64,
+    failed: AtomicU64,
+    /// Per producer: microseconds from the start to its last put.
+    last_put: Vec<AtomicU64>,
+}
+
+/// Runs the load: creates the stream if needed, starts the `--verify` group, puts, waits for every
+/// receipt (and with `--verify`, for every record to arrive), and returns what it measured.
+///
+/// # Errors
+/// [`LoadgenError`] for bad arguments, a Kinesis call that fails, or records not delivered or not
+/// received (the report is printed first).
+pub async fn run_loadgen(clients: &Clients, args: LoadgenArgs, local: bool) -> Result<Report, LoadgenError> {
+    let plan = plan(&args)?;
+    let stream = match (&args.stream, local) {
+        (Some(stream), _) => stream.clone(),
+        (None, true) => "loadgen".to_owned(),
+        (None, false) => return Err(LoadgenError::BadArgument("name the stream: kinesis loadgen STREAM".into())),
+    };
+    let (shards, created) = ensure_stream(&clients.kinesis, &stream, args.shards).await?;
+    println!(
+        "stream {stream}: {shards} open shards{}; {} producers, {}, {}",
+        if created { " (created)" } else { "" },
+        args.producers,
+        match plan.rate {
+            Some(rate) => format!("{rate} records/s each"),
+            None => "unlimited rate".to_owned(),
+        },
+        match (&plan.quotas, plan.duration) {
+            (_, Some(d)) => format!("for {:.0} s", d.as_secs_f64()),
+            (Some(q), None) => format!("{} records", q.iter().sum::<u64>()),
+            (None, None) => String::new(),
+        }
+    );
+
+    let run_started = SystemTime::now();
+    let tally = Arc::new(Tally::default());
+    let group = if args.verify {
+        let table = args.table.clone().unwrap_or_else(|| {
+            format!("{stream}-verify-{}", uuid::Uuid::new_v4().simple().to_string().get(..8).unwrap_or("run"))
+        });
+        println!("verify: {} consumer workers, lease table {table}", args.workers);
+        Some(Group::start(
+            &clients.kinesis,
+            &clients.dynamodb,
+            &stream,
+            &table,
+            args.workers,
+            verify::start_position(created, run_started),
+            &tally,
+        )?)
+    } else {
+        None
+    };
+
+    let config =
+        ProducerConfig { aggregation: !args.no_aggregation, compression: args.compression, ..Default::default() };
+    let producer = Producer::builder(clients.kinesis.clone(), stream.clone()).config(config).build()?;
+    let progress = Arc::new(Progress {
+        sent: (0..args.producers).map(|_| AtomicU64::new(0)).collect(),
+        last_put: (0..args.producers).map(|_| AtomicU64::new(0)).collect(),
+        ..Default::default()
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let ctrl_c = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: stopping the producers, then the summary");
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+    });
+
+    let started = Instant::now();
+    let (receipts_tx, receipts_rx) = mpsc::channel::<ReceiptFuture>(4096);
+    let receipts = tokio::spawn(await_receipts(receipts_rx, progress.clone(), args.verify.then(|| tally.clone())));
+    let samples: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let display = tokio::spawn(display(
+        producer.clone(),
+        progress.clone(),
+        tally.clone(),
+        args.clone(),
+        plan.quotas.as_ref().map(|q| q.iter().sum()),
+        started,
+        samples.clone(),
+    ));
+
+    let plan = Arc::new(plan);
+    let mut tasks = Vec::with_capacity(args.producers);
+    for k in 0..args.producers {
+        let (producer, plan, progress, stop, receipts_tx) =
+            (producer.clone(), plan.clone(), progress.clone(), stop.clone(), receipts_tx.clone());
+        let producers = args.producers;
+        tasks.push(tokio::spawn(async move {
+            put_loop(k, producers, &producer, &plan, &progress, &stop, &receipts_tx, started).await
+        }));
+    }
+    drop(receipts_tx);
+    let mut refused = None;
+    for task in tasks {
+        if let Ok(Err(error)) = task.await {
+            refused.get_or_insert(error);
+        }
+    }
+    if args.log {
+        // The last word of each producer, whatever the interval.
+        log_lines(&progress, started.elapsed().as_secs_f64());
+    }
+    producer.flush().await;
+    let _ = receipts.await;
+    let produce_secs = started.elapsed().as_secs_f64();
+    producer.shutdown().await;
+
+    let verified = match group {
+        Some(group) => {
+            let counts = wait_for_arrivals(&tally, args.verify_timeout, &stop).await;
+            let secs = started.elapsed().as_secs_f64();
+            group.shutdown().await;
+            Some((counts, tally.unexpected(), secs))
+        }
+        None => None,
+    };
+    display.abort();
+    ctrl_c.abort();
+
+    let m = producer.metrics();
+    let steady = {
+        let mut loaded: Vec<u64> = samples.lock().unwrap_or_else(|p| p.into_inner()).iter().skip(2).copied().collect();
+        loaded.sort_unstable();
+        (loaded.len() >= 3).then(|| loaded[loaded.len() / 2] as f64)
+    };
+    let report = Report {
+        stream,
+        shards,
+        sent: progress.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
+        acknowledged: progress.acked.load(Ordering::Relaxed),
+        failed: progress.failed.load(Ordering::Relaxed),
+        produce_secs,
+        kinesis_records: m.kinesis_records_put,
+        kinesis_bytes: m.kinesis_records_data_put,
+        user_bytes: m.user_records_data_put,
+        steady_bytes_per_sec: steady,
+        retries: m.retries,
+        errors_by_code: m.errors_by_code.clone(),
+        per_producer: progress
+            .sent
+            .iter()
+            .zip(&progress.last_put)
+            .map(|(n, t)| (n.load(Ordering::Relaxed), t.load(Ordering::Relaxed) as f64 / 1e6))
+            .collect(),
+        rate: plan.rate,
+        verified,
+    };
+    if let Some(error) = refused {
+        return Err(LoadgenError::Put(error));
+    }
+    Ok(report)
+}
+
+/// Checks a finished run: every record acknowledged, and with `--verify`, received.
+///
+/// # Errors
+/// [`LoadgenError::Undelivered`] naming what is missing.
+pub fn check(report: &Report) -> Result<(), LoadgenError> {
+    let lost = report.verified.as_ref().map_or(0, |(counts, _, _)| counts.lost());
+    if report.failed > 0 || lost > 0 {
+        return Err(LoadgenError::Undelivered { failed: report.failed, lost });
+    }
+    Ok(())
+}
+
+/// The stream's open shards, creating it first when it does not exist; and whether it was created.
+async fn ensure_stream(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    shards: Option<u32>,
+) -> Result<(u32, bool), LoadgenError> {
+    let described = client.describe_stream_summary().stream_name(stream).send().await;
+    let created = match described {
+        Ok(_) => false,
+        Err(error) if error.as_service_error().is_some_and(|e| e.is_resource_not_found_exception()) => {
+            let count = shards.unwrap_or(4);
+            let count = i32::try_from(count).map_err(|_| LoadgenError::BadArgument("--shards is too large".into()))?;
+            client
+                .create_stream()
+                .stream_name(stream)
+                .shard_count(count)
+                .send()
+                .await
+                .map_err(kinesis_error("CreateStream"))?;
+            true
+        }
+        Err(error) => return Err(kinesis_error("DescribeStreamSummary")(error)),
+    };
+    for _ in 0..1200 {
+        let summary = client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .map_err(kinesis_error("DescribeStreamSummary"))?;
+        if let Some(summary) = summary.stream_description_summary()
+            && summary.stream_status() == &aws_sdk_kinesis::types::StreamStatus::Active
+        {
+            let open = u32::try_from(summary.open_shard_count()).unwrap_or(0);
+            if let Some(asked) = shards
+                && !created
+                && asked != open
+            {
+                eprintln!("stream {stream} exists with {open} open shards; --shards {asked} is ignored");
+            }
+            return Ok((open, created));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(LoadgenError::BadArgument(format!("stream {stream} did not become ACTIVE within 120 s")))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn put_loop(
+    k: usize,
+    producers: usize,
+    producer: &Producer,
+    plan: &Plan,
+    progress: &Progress,
+    stop: &AtomicBool,
+    receipts: &mpsc::Sender<ReceiptFuture>,
+    started: Instant,
+) -> Result<(), kinesis_producer::PutError> {
+    // Paced producers start spread over one interval, so that N of them do not put in step.
+    let offset = plan.rate.map_or(0.0, |rate| k as f64 / (producers as f64 * rate));
+    let (mut data, mut key) = (String::with_capacity(256), String::with_capacity(64));
+    for seq in 0u64.. {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if let Some(quotas) = &plan.quotas
+            && seq >= quotas[k]
+        {
+            break;
+        }
+        let due = plan.rate.map(|rate| Duration::from_secs_f64(offset + seq as f64 / rate));
+        if let Some(duration) = plan.duration
+            && due.unwrap_or_else(|| started.elapsed()) >= duration
+        {
+            break;
+        }
+        if let Some(due) = due {
+            tokio::time::sleep_until((started + due).into()).await;
+        }
+        let values = Values::new(k + 1, seq);
+        data.clear();
+        key.clear();
+        plan.template.render(&values, &mut data);
+        plan.key.render(&values, &mut key);
+        let record = UserRecord::new(key.clone(), data.clone().into_bytes());
+        let receipt = producer.put(record).await?;
+        progress.sent[k].fetch_add(1, Ordering::Relaxed);
+        progress.last_put[k].store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if receipts.send(receipt).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Awaits receipts in whatever order they resolve (a record being retried must not hold up the
+/// ones behind it); counts them, and tells the tally where each record was stored.
+async fn await_receipts(mut rx: mpsc::Receiver<ReceiptFuture>, progress: Arc<Progress>, tally: Option<Arc<Tally>>) {
+    use futures_util::StreamExt as _;
+    let mut waiting = futures_util::stream::FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            receipt = rx.recv(), if open => match receipt {
+                Some(receipt) => waiting.push(receipt),
+                None => open = false,
+            },
+            Some(result) = waiting.next(), if !waiting.is_empty() => match result as Result<Receipt, DeliveryError> {
+                Ok(receipt) => {
+                    if let Some(tally) = &tally {
+                        tally.acked(&receipt.sequence_number, receipt.aggregated_index);
+                    }
+                    progress.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    if progress.failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                        eprintln!("a record was not delivered: {error} after {} attempts", error.attempts().len());
+                    }
+                }
+            },
+            else => break,
+        }
+    }
+}
+
+/// Waits until every acknowledged record arrived, or nothing new arrived for `timeout`.
+async fn wait_for_arrivals(tally: &Tally, timeout: Duration, stop: &AtomicBool) -> Counts {
+    let mut last = tally.counts();
+    let mut since = Instant::now();
+    loop {
+        let counts = tally.counts();
+        if counts.lost() == 0 || stop.load(Ordering::Relaxed) {
+            return counts;
+        }
+        if counts.deliveries != last.deliveries {
+            (last, since) = (counts, Instant::now());
+        } else if since.elapsed() >= timeout {
+            eprintln!("verify: nothing arrived for {:.0} s; {} records missing", timeout.as_secs_f64(), counts.lost());
+            return counts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `--log` lines: one per producer.
+fn log_lines(progress: &Progress, secs: f64) {
+    let sent: u64 = progress.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum();
+    for (k, count) in progress.sent.iter().enumerate() {
+        println!(
+            "producer {} has sent {} records, elapsed {secs:.1} s, all producers have sent {sent} records, tps = {:.0}",
+            k + 1,
+            count.load(Ordering::Relaxed),
+            sent as f64 / secs.max(1e-9)
+        );
+    }
+}
+
+/// The progress bar, or the `--log` lines; and one sample of Kinesis bytes per second.
+async fn display(
+    producer: Producer,
+    progress: Arc<Progress>,
+    tally: Arc<Tally>,
+    args: LoadgenArgs,
+    total: Option<u64>,
+    started: Instant,
+    samples: Arc<Mutex<Vec<u64>>>,
+) {
+    let bar = if args.log || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        let (length, unit) = match (total, args.duration) {
+            (Some(total), _) => (total, "records"),
+            (None, Some(d)) => (d.as_secs(), "s"),
+            (None, None) => (0, ""),
+        };
+        let bar = ProgressBar::new(length);
+        let style =
+            ProgressStyle::with_template(&format!("{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{msg}}"))
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+        bar.set_style(style);
+        bar
+    };
+    let plain_lines = !args.log && bar.is_hidden();
+    let tick = Duration::from_millis(250);
+    let mut next_sample = Duration::from_secs(1);
+    let mut next_line = args.log_interval;
+    let (mut last_bytes, mut window) = (0u64, std::collections::VecDeque::<(Instant, u64)>::new());
+    loop {
+        tokio::time::sleep(tick).await;
+        let elapsed = started.elapsed();
+        let sent: u64 = progress.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum();
+        // Records/s over the last 2 s.
+        window.push_back((Instant::now(), sent));
+        while window.len() > 9 {
+            window.pop_front();
+        }
+        let rate = match (window.front(), window.back()) {
+            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => (n1 - n0) as f64 / t1.duration_since(*t0).as_secs_f64(),
+            _ => 0.0,
+        };
+        let acked = progress.acked.load(Ordering::Relaxed);
+        let received = if args.verify { format!(" received {}", tally.counts().received) } else { String::new() };
+        if elapsed >= next_sample {
+            next_sample += Duration::from_secs(1);
+            let bytes = producer.metrics().kinesis_records_data_put;
+            let still_putting = match (total, args.duration) {
+                (Some(total), _) => sent < total,
+                (None, Some(d)) => elapsed < d,
+                (None, None) => true,
+            };
+            if still_putting {
+                samples.lock().unwrap_or_else(|p| p.into_inner()).push(bytes - last_bytes);
+            }
+            last_bytes = bytes;
+        }
+        if !bar.is_hidden() {
+            bar.set_position(if total.is_some() { sent } else { elapsed.as_secs() });
+            bar.set_message(format!("{rate:.0} records/s  acked {acked}{received}"));
+        }
+        if elapsed >= next_line {
+            next_line += args.log_interval;
+            let secs = elapsed.as_secs_f64();
+            if args.log {
+                log_lines(&progress, secs);
+            } else if plain_lines {
+                eprintln!("{secs:6.1} s  sent {sent}  acked {acked}{received}  {rate:.0} records/s");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_rates_parse_as_people_write_them() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("-3s").is_err());
+        assert_eq!(parse_rate("100"), Ok(Rate(100.0)));
+        assert_eq!(parse_rate("2.5/s"), Ok(Rate(2.5)));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("unlimited").is_err());
+    }
+
+    fn args(extra: &[&str]) -> LoadgenArgs {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: LoadgenArgs,
+        }
+        let mut argv = vec!["loadgen"];
+        argv.extend_from_slice(extra);
+        <Wrapper as clap::Parser>::try_parse_from(argv).unwrap().args
+    }
+
+    #[test]
+    fn records_are_split_evenly_between_producers() {
+        let quotas = plan_quotas(&["--producers", "32", "--records", "1920000"]);
+        assert_eq!(quotas.len(), 32);
+        assert!(quotas.iter().all(|&q| q == 60_000));
+        let quotas = plan_quotas(&["--producers", "3", "--records", "10"]);
+        assert_eq!(quotas, vec![4, 3, 3]);
+        assert!(plan(&args(&["--duration", "10s"])).unwrap().quotas.is_none());
+        assert_eq!(plan_quotas(&["--producers", "2"]).iter().sum::<u64>(), 100_000);
+    }
+
+    fn plan_quotas(extra: &[&str]) -> Vec<u64> {
+        plan(&args(extra)).unwrap().quotas.unwrap()
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_before_anything_starts() {
+        assert!(matches!(plan(&args(&["--producers", "0"])), Err(LoadgenError::BadArgument(_))));
+        assert!(matches!(plan(&args(&["--template", "{{bogus}}"])), Err(LoadgenError::Template(_))));
+        assert!(matches!(plan(&args(&["--partition-key", ""])), Err(LoadgenError::Template(TemplateError::EmptyKey))));
+        assert!(matches!(
+            plan(&args(&["--template-file", "/nonexistent/template"])),
+            Err(LoadgenError::TemplateFile { .. })
+        ));
+    }
+}

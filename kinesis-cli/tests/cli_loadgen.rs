@@ -1,0 +1,157 @@
+//! `kinesis loadgen` end to end: on its own embedded emulators (`--local`) with `--verify`, paced,
+//! and against a given endpoint with a user template read back by `kinesis tail`.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+
+use kinesis_testkit::Kinesis;
+use serde_json::Value;
+
+fn kinesis(args: &[&str], endpoint: Option<&str>) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kinesis"));
+    command
+        .args(args)
+        .env_remove("AWS_ENDPOINT_URL_KINESIS")
+        .env_remove("AWS_ENDPOINT_URL_DYNAMODB")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
+    if let Some(endpoint) = endpoint {
+        command.env("AWS_ENDPOINT_URL_KINESIS", endpoint);
+    }
+    command.output().expect("run kinesis")
+}
+
+/// The summary's `name value` lines.
+fn summary(output: &Output) -> BTreeMap<String, String> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "kinesis loadgen failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("== loadgen summary"))
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+fn number(summary: &BTreeMap<String, String>, key: &str) -> u64 {
+    let value = summary.get(key).unwrap_or_else(|| panic!("no {key} in the summary: {summary:?}"));
+    value.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn loadgen_on_local_emulators_verifies_that_every_record_arrived() {
+    let output = kinesis(
+        &[
+            "--local",
+            "loadgen",
+            "--producers",
+            "4",
+            "--records",
+            "3000",
+            "--shards",
+            "2",
+            "--verify",
+            "--log",
+            "--log-interval",
+            "500ms",
+        ],
+        None,
+    );
+    let summary = summary(&output);
+    assert_eq!(number(&summary, "sent"), 3000);
+    assert_eq!(number(&summary, "acknowledged"), 3000);
+    assert_eq!(number(&summary, "received"), 3000);
+    assert_eq!(number(&summary, "lost"), 0);
+    assert_eq!(number(&summary, "failed"), 0);
+
+    // The --log lines, in the published form, one per producer at each interval.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("producer ")).collect();
+    assert!(lines.len() >= 4, "a line per producer: {stdout}");
+    for line in &lines {
+        let words: Vec<&str> = line.split([' ', ',']).filter(|w| !w.is_empty()).collect();
+        // producer K has sent N records elapsed T s all producers have sent M records tps = X
+        assert_eq!(words[..3], ["producer", words[1], "has"], "{line}");
+        assert!((1..=4).contains(&words[1].parse::<u32>().unwrap()), "{line}");
+        assert!(words[4].parse::<u64>().unwrap() <= 750, "{line}");
+        assert_eq!(words[6], "elapsed", "{line}");
+        assert!(words[7].parse::<f64>().unwrap() >= 0.0, "{line}");
+        assert_eq!(words[9..13], ["all", "producers", "have", "sent"], "{line}");
+        assert!(words[13].parse::<u64>().unwrap() <= 3000, "{line}");
+        assert_eq!(words[15..17], ["tps", "="], "{line}");
+        assert!(words[17].parse::<f64>().unwrap() > 0.0, "{line}");
+    }
+}
+
+#[test]
+fn paced_producers_send_what_their_rate_allows_in_the_duration() {
+    let output = kinesis(
+        &["--local", "--no-throttle", "loadgen", "--producers", "4", "--rate", "50/s", "--duration", "3s"],
+        None,
+    );
+    let summary = summary(&output);
+    // 4 producers x 50 records/s x 3 s: each puts the records due before the end.
+    assert_eq!(number(&summary, "sent"), 600);
+    assert_eq!(number(&summary, "acknowledged"), 600);
+    let pacing = summary.get("pacing").expect("a pacing line");
+    assert!(pacing.contains("50 records/s per producer asked"), "{pacing}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_template_shapes_the_records_and_the_keys() {
+    let emulator = Kinesis::start().await.expect("start Kinesis (embedded ferrokinesis)");
+    let stream = format!("loadgen-template-{}", std::process::id());
+    let endpoint = Some(emulator.endpoint_url());
+    let template = r#"{"who":"{{name}}","n":{{int:1:3}},"p":{{producer}},"i":{{seq}}}"#;
+    let args = [
+        "loadgen",
+        &stream,
+        "--shards",
+        "1",
+        "--producers",
+        "2",
+        "--records",
+        "20",
+        "--no-aggregation",
+        "--template",
+        template,
+        "--partition-key",
+        "key-{{producer}}",
+    ];
+    let output = kinesis(&args, endpoint);
+    assert_eq!(number(&summary(&output), "acknowledged"), 20);
+
+    let tail = kinesis(&["tail", &stream, "--from", "trim-horizon", "--idle-exit", "1"], endpoint);
+    assert!(tail.status.success(), "{}", String::from_utf8_lossy(&tail.stderr));
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&tail.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 20);
+    let mut per_producer: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for line in &lines {
+        let record: Value = serde_json::from_str(line["data"].as_str().unwrap()).expect("the template is JSON");
+        let producer = record["p"].as_u64().unwrap();
+        assert_eq!(line["partition_key"], format!("key-{producer}"));
+        assert!((1..=3).contains(&record["n"].as_u64().unwrap()), "{record}");
+        assert_eq!(record["who"].as_str().unwrap().split(' ').count(), 2, "{record}");
+        per_producer.entry(producer).or_default().push(record["i"].as_u64().unwrap());
+    }
+    // Each producer's ten records, each once.
+    assert_eq!(per_producer.len(), 2);
+    for seqs in per_producer.values_mut() {
+        seqs.sort_unstable();
+        assert_eq!(seqs, &(0..10).collect::<Vec<u64>>());
+    }
+}
+
+#[test]
+fn a_bad_template_is_refused_with_the_reason_before_anything_starts() {
+    let output = kinesis(&["--local", "loadgen", "--template", "{{uuid}} {{color}}"], None);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unknown placeholder {{color}}"), "{stderr}");
+    let output = kinesis(&["loadgen", "--records", "5"], None);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("name the stream"));
+}
