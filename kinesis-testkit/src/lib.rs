@@ -8,6 +8,7 @@
 //! | [`DynamoDb`] | [dynoxide] 3.2, embedded, in-memory | its own OS thread and tokio runtime, port chosen by the OS |
 //! | [`KinesisLocal`] | kinesis-local (npm), via `scripts/kinesis-local` | a child process, free ports |
 //! | [`TestBed`] | a [`Kinesis`] and a [`DynamoDb`] together | |
+//! | [`FaultProxy`] | an HTTP proxy in front of either, injecting [`Fault`]s by [`Rule`] | its own OS thread and tokio runtime |
 //!
 //! Each embedded server runs on a dedicated thread, so it keeps serving whatever the caller's
 //! runtime does: a current-thread `#[tokio::test]`, a multi-thread runtime, or a plain `fn main`
@@ -99,6 +100,7 @@ mod dynamodb;
 mod error;
 mod kinesis;
 mod local;
+mod proxy;
 mod read;
 mod resources;
 mod server;
@@ -108,6 +110,7 @@ pub use dynamodb::{DYNAMODB_ENDPOINT_VAR, DynamoDb};
 pub use error::{Error, Result};
 pub use kinesis::{KINESIS_ENDPOINT_VAR, Kinesis, KinesisOptions};
 pub use local::{KinesisLocal, KinesisLocalOptions, SCRIPT_VAR};
+pub use proxy::{Fault, FaultProxy, Rule};
 pub use read::{
     MAX_GET_RECORDS_CALLS, MAX_LIST_SHARDS_CALLS, ReadRecord, ShardEnd, ShardInfo, ShardRead, list_all_shards,
     parents_first, read_shard, read_stream,
