@@ -155,3 +155,72 @@ fn a_bad_template_is_refused_with_the_reason_before_anything_starts() {
     let output = kinesis(&["loadgen", "--records", "5"], None);
     assert!(String::from_utf8_lossy(&output.stderr).contains("name the stream"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_process_killed_mid_load_loses_nothing_its_receipts_acknowledged() {
+    let emulator = Kinesis::start().await.expect("start Kinesis (embedded ferrokinesis)");
+    let stream = format!("loadgen-kill-{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("kinesis-loadgen-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let receipts_path = dir.join("receipts.jsonl");
+    let template = r#"{"p":{{producer}},"i":{{seq}}}"#;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kinesis"))
+        .args(["loadgen", &stream, "--shards", "2", "--producers", "4", "--rate", "400", "--duration", "60s"])
+        .args(["--template", template, "--receipts"])
+        .arg(&receipts_path)
+        .env("AWS_ENDPOINT_URL_KINESIS", emulator.endpoint_url())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run kinesis loadgen");
+    // Kill it (SIGKILL) once a few thousand records were acknowledged, while it keeps putting.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&receipts_path).map_or(0, |t| t.lines().count()) < 2000 {
+        assert!(std::time::Instant::now() < deadline, "loadgen acknowledged too little");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+
+    // The receipts: complete lines only (the kill may cut the last one).
+    let text = std::fs::read_to_string(&receipts_path).unwrap();
+    let receipts: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(receipts.len() >= 2000);
+
+    // What the stream holds, deaggregated, read with `kinesis tail`.
+    let tail = kinesis(&["tail", &stream, "--from", "trim-horizon", "--idle-exit", "1"], Some(emulator.endpoint_url()));
+    assert!(tail.status.success(), "{}", String::from_utf8_lossy(&tail.stderr));
+    let stored: BTreeMap<(String, u64), Value> = String::from_utf8_lossy(&tail.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|l| {
+            let position =
+                (l["sequence_number"].as_str().unwrap().to_owned(), l["sub_sequence_number"].as_u64().unwrap_or(0));
+            (position, serde_json::from_str(l["data"].as_str().unwrap()).unwrap())
+        })
+        .collect();
+
+    // Every acknowledged record is stored, where its receipt says, with its data.
+    for receipt in &receipts {
+        let position = (
+            receipt["sequence_number"].as_str().unwrap().to_owned(),
+            receipt["sub_sequence_number"].as_u64().unwrap_or(0),
+        );
+        let data = stored.get(&position).unwrap_or_else(|| panic!("acknowledged but not stored: {receipt}"));
+        assert_eq!((&data["p"], &data["i"]), (&receipt["producer"], &receipt["seq"]), "at {position:?}");
+    }
+    // Stored records the receipts do not name were in flight when the process died: stored,
+    // unacknowledged. Records put but neither stored nor acknowledged are the only ones lost.
+    let unacknowledged = stored.len() - receipts.len();
+    eprintln!(
+        "killed: {} acknowledged, {} stored, {unacknowledged} stored unacknowledged",
+        receipts.len(),
+        stored.len()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -174,3 +174,44 @@ async fn a_missing_table_is_a_typed_not_found() {
     let error = table.list().await.unwrap_err();
     assert_eq!(error.kind, kinesis_consumer::ErrorKind::NotFound, "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_racing_at_once_for_the_same_expired_leases_make_exactly_one_owner_each() {
+    let (_dynamodb, table) = table().await;
+    // 12 leases, each held by a worker that died (its counter no longer moves).
+    let mut expired = Vec::new();
+    for i in 0..12 {
+        let lease = Lease::new(format!("shardId-{i:012}"), Position::TrimHorizon);
+        assert!(table.create(&lease).await.unwrap());
+        expired.push(done(table.take(&lease, "dead-worker").await.unwrap()));
+    }
+    // 6 workers saw the same counters and all take every lease at the same moment.
+    let mut attempts = Vec::new();
+    for w in 0..6 {
+        for lease in &expired {
+            let (table, lease, worker) = (table.clone(), lease.clone(), format!("worker-{w}"));
+            attempts.push(tokio::spawn(async move {
+                let outcome = table.take(&lease, &worker).await;
+                (worker, lease.key.clone(), outcome)
+            }));
+        }
+    }
+    let mut winners: HashMap<String, Vec<String>> = HashMap::new();
+    for attempt in attempts {
+        let (worker, key, outcome) = attempt.await.unwrap();
+        match outcome.expect("the take call itself succeeds") {
+            Outcome::Done(lease) => {
+                assert_eq!(lease.owner.as_deref(), Some(worker.as_str()));
+                winners.entry(key).or_default().push(worker);
+            }
+            Outcome::Lost => {}
+        }
+    }
+    for lease in &expired {
+        let won = winners.get(&lease.key).cloned().unwrap_or_default();
+        assert_eq!(won.len(), 1, "{}: exactly one winner, not {won:?}", lease.key);
+        let stored = table.get(&lease.key).await.unwrap().unwrap();
+        assert_eq!(stored.owner.as_deref(), Some(won[0].as_str()), "the table names the winner");
+        assert_eq!(stored.counter, lease.counter + 1, "one take, one counter step");
+    }
+}

@@ -233,3 +233,60 @@ async fn latest_and_at_timestamp_start_where_they_say() {
     want.sort();
     assert_eq!(got, want, "AT_TIMESTAMP skips the {} records before it", old.len());
 }
+
+/// Panics on the first batch holding the record `poison-0`; otherwise logs like [`Logging`].
+struct PanicsOnce {
+    inner: Logging,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Processor for PanicsOnce {
+    async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
+        let poisoned = batch.records.iter().any(|r| &r.data[..] == b"poison-0");
+        if poisoned && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            panic!("the processor of {} panicked on poison-0 (injected)", self.inner.shard);
+        }
+        self.inner.process_records(batch, checkpointer).await;
+    }
+
+    async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) {
+        self.inner.shard_ended(checkpointer).await;
+    }
+
+    async fn shutdown_requested(&mut self, checkpointer: &mut Checkpointer) {
+        self.inner.shutdown_requested(checkpointer).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_processor_loses_its_lease_but_no_record_and_the_other_shards_go_on() {
+    let (bed, stream, table) = bed_and_stream(4).await;
+    let client = bed.kinesis.client();
+    let mut sent = put_plain(&client, &stream, "before", 200).await;
+    sent.extend(put_plain(&client, &stream, "poison", 1).await);
+    sent.extend(put_plain(&client, &stream, "after", 200).await);
+
+    let log = Log::default();
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (worker_id, factory_log, factory_armed) = ("p".to_owned(), log.clone(), armed.clone());
+    let worker =
+        Scheduler::start(client, bed.dynamodb.client(), config(&stream, &table, "p"), move |shard: &str| PanicsOnce {
+            inner: Logging {
+                worker: worker_id.clone(),
+                shard: shard.to_owned(),
+                log: factory_log.clone(),
+                work: Duration::ZERO,
+            },
+            armed: factory_armed.clone(),
+        })
+        .expect("a valid config");
+
+    // Policy: the panic ends that shard's consumer and releases its lease; a worker takes it
+    // again and re-reads from the last checkpoint, so the batch is processed again, not skipped.
+    all_received(&log, &sent, Duration::from_secs(60)).await;
+    assert!(!armed.load(std::sync::atomic::Ordering::SeqCst), "the processor did panic");
+    assert!(!worker.is_finished(), "the worker goes on after a processor's panic");
+    assert_eq!(worker.held_leases().len(), 4, "and holds every lease again");
+    assert!(worker.metrics().leases_released >= 1, "the panicking shard's lease was released: {:?}", worker.metrics());
+    worker.shutdown().await.unwrap();
+}

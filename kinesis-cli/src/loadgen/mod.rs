@@ -87,6 +87,12 @@ pub struct LoadgenArgs {
     /// How often `--log` prints (and how often a terminal-less run prints a progress line).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub log_interval: Duration,
+    /// Write one JSON line per acknowledged record to this file, as the receipts arrive:
+    /// `{"producer":K,"seq":N,"shard_id":..,"sequence_number":..,"sub_sequence_number":..}` (the
+    /// sub-sequence number is null for a record sent plain). If the process dies, the records
+    /// named in the file are stored; the others may or may not be.
+    #[arg(long)]
+    pub receipts: Option<PathBuf>,
     /// How long `--verify` waits, after the last acknowledgement, for records still to arrive.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub verify_timeout: Duration,
@@ -137,6 +143,15 @@ pub enum LoadgenError {
     /// The template file cannot be read.
     #[error("cannot read the template file {path}")]
     TemplateFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `--receipts` file cannot be created.
+    #[error("cannot create the receipts file {path}")]
+    ReceiptsFile {
         /// The file.
         path: PathBuf,
         /// Why.
@@ -420,8 +435,19 @@ pub async fn run_loadgen(clients: &Clients, args: LoadgenArgs, local: bool) -> R
     });
 
     let started = Instant::now();
-    let (receipts_tx, receipts_rx) = mpsc::channel::<ReceiptFuture>(4096);
-    let receipts = tokio::spawn(await_receipts(receipts_rx, progress.clone(), args.verify.then(|| tally.clone())));
+    let receipts_file = match &args.receipts {
+        Some(path) => Some(
+            std::fs::File::create(path).map_err(|source| LoadgenError::ReceiptsFile { path: path.clone(), source })?,
+        ),
+        None => None,
+    };
+    let (receipts_tx, receipts_rx) = mpsc::channel::<Pending>(4096);
+    let receipts = tokio::spawn(await_receipts(
+        receipts_rx,
+        progress.clone(),
+        args.verify.then(|| tally.clone()),
+        receipts_file.map(std::io::LineWriter::new),
+    ));
     let samples: Arc<Mutex<Vec<u64>>> = Arc::default();
     let display = tokio::spawn(display(
         producer.clone(),
@@ -572,7 +598,7 @@ async fn put_loop(
     plan: &Plan,
     progress: &Progress,
     stop: &AtomicBool,
-    receipts: &mpsc::Sender<ReceiptFuture>,
+    receipts: &mpsc::Sender<Pending>,
     started: Instant,
 ) -> Result<(), kinesis_producer::PutError> {
     // Paced producers start spread over one interval, so that N of them do not put in step.
@@ -605,7 +631,7 @@ async fn put_loop(
         let receipt = producer.put(record).await?;
         progress.sent[k].fetch_add(1, Ordering::Relaxed);
         progress.last_put[k].store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        if receipts.send(receipt).await.is_err() {
+        if receipts.send(Pending { producer: k + 1, seq, receipt }).await.is_err() {
             break;
         }
     }
@@ -614,20 +640,41 @@ async fn put_loop(
 
 /// Awaits receipts in whatever order they resolve (a record being retried must not hold up the
 /// ones behind it); counts them, and tells the tally where each record was stored.
-async fn await_receipts(mut rx: mpsc::Receiver<ReceiptFuture>, progress: Arc<Progress>, tally: Option<Arc<Tally>>) {
+async fn await_receipts(
+    mut rx: mpsc::Receiver<Pending>,
+    progress: Arc<Progress>,
+    tally: Option<Arc<Tally>>,
+    mut file: Option<std::io::LineWriter<std::fs::File>>,
+) {
     use futures_util::StreamExt as _;
+    use std::io::Write as _;
     let mut waiting = futures_util::stream::FuturesUnordered::new();
     let mut open = true;
     loop {
         tokio::select! {
-            receipt = rx.recv(), if open => match receipt {
-                Some(receipt) => waiting.push(receipt),
+            pending = rx.recv(), if open => match pending {
+                Some(Pending { producer, seq, receipt }) => {
+                    waiting.push(async move { (producer, seq, receipt.await) });
+                }
                 None => open = false,
             },
-            Some(result) = waiting.next(), if !waiting.is_empty() => match result as Result<Receipt, DeliveryError> {
+            Some((producer, seq, result)) = waiting.next(), if !waiting.is_empty() => match result as Result<Receipt, DeliveryError> {
                 Ok(receipt) => {
                     if let Some(tally) = &tally {
                         tally.acked(&receipt.sequence_number, receipt.aggregated_index);
+                    }
+                    if let Some(out) = &mut file {
+                        let line = serde_json::json!({
+                            "producer": producer,
+                            "seq": seq,
+                            "shard_id": &*receipt.shard_id,
+                            "sequence_number": &*receipt.sequence_number,
+                            "sub_sequence_number": receipt.aggregated_index,
+                        });
+                        if let Err(error) = writeln!(out, "{line}") {
+                            eprintln!("cannot write the receipts file ({error}); no more receipts are written");
+                            file = None;
+                        }
                     }
                     progress.acked.fetch_add(1, Ordering::Relaxed);
                 }
@@ -640,6 +687,13 @@ async fn await_receipts(mut rx: mpsc::Receiver<ReceiptFuture>, progress: Arc<Pro
             else => break,
         }
     }
+}
+
+/// A record put, waiting for its receipt.
+struct Pending {
+    producer: usize,
+    seq: u64,
+    receipt: ReceiptFuture,
 }
 
 /// Waits until every acknowledged record arrived, or nothing new arrived for `timeout`.
