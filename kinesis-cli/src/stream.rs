@@ -137,11 +137,14 @@ pub enum StreamError {
     BadArgument(String),
 }
 
-fn kinesis<E: std::error::Error + Send + Sync + 'static>(operation: &'static str) -> impl FnOnce(E) -> StreamError {
+pub(crate) fn kinesis<E: std::error::Error + Send + Sync + 'static>(
+    operation: &'static str,
+) -> impl FnOnce(E) -> StreamError {
     move |e| StreamError::Kinesis { operation, source: Box::new(e) }
 }
 
-async fn wait_active(client: &aws_sdk_kinesis::Client, name: &str) -> Result<(), StreamError> {
+/// Waits until the stream is ACTIVE (up to 60 s); returns its open shards.
+pub(crate) async fn wait_active(client: &aws_sdk_kinesis::Client, name: &str) -> Result<u32, StreamError> {
     for _ in 0..600 {
         let out = client
             .describe_stream_summary()
@@ -149,8 +152,10 @@ async fn wait_active(client: &aws_sdk_kinesis::Client, name: &str) -> Result<(),
             .send()
             .await
             .map_err(kinesis("DescribeStreamSummary"))?;
-        if out.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active) {
-            return Ok(());
+        if let Some(summary) = out.stream_description_summary()
+            && summary.stream_status() == &StreamStatus::Active
+        {
+            return Ok(u32::try_from(summary.open_shard_count()).unwrap_or(0));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kinesis_producer::{DeliveryError, Producer, ProducerConfig, Receipt, ReceiptFuture, UserRecord};
@@ -30,6 +29,7 @@ use tokio::sync::mpsc;
 
 use self::template::{DEFAULT_PARTITION_KEY, DEFAULT_TEMPLATE, Template, TemplateError, Values};
 use self::verify::{Counts, Group, Tally};
+use crate::stream::{kinesis, wait_active};
 
 /// Arguments of `kinesis loadgen`.
 #[derive(Args, Debug, Clone)]
@@ -158,14 +158,9 @@ pub enum LoadgenError {
         #[source]
         source: std::io::Error,
     },
-    /// A Kinesis call failed.
-    #[error("{operation} failed: {message}")]
-    Kinesis {
-        /// The operation.
-        operation: &'static str,
-        /// The service's message.
-        message: String,
-    },
+    /// A Kinesis call failed, or the stream did not become ACTIVE.
+    #[error(transparent)]
+    Stream(#[from] crate::stream::StreamError),
     /// The producer configuration was refused.
     #[error("the producer could not start")]
     Producer(#[from] kinesis_producer::BuildError),
@@ -183,20 +178,6 @@ pub enum LoadgenError {
         /// Acknowledged records the consumer group did not receive (with `--verify`).
         lost: u64,
     },
-}
-
-fn kinesis_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
-    operation: &'static str,
-) -> impl FnOnce(aws_sdk_kinesis::error::SdkError<E>) -> LoadgenError {
-    move |error| {
-        let message = match error.as_service_error() {
-            Some(service) => {
-                format!("{}: {}", service.code().unwrap_or("error"), service.message().unwrap_or_default())
-            }
-            None => crate::one_line(&error),
-        };
-        LoadgenError::Kinesis { operation, message }
-    }
 }
 
 /// What a run measured.
@@ -561,33 +542,19 @@ async fn ensure_stream(
                 .shard_count(count)
                 .send()
                 .await
-                .map_err(kinesis_error("CreateStream"))?;
+                .map_err(kinesis("CreateStream"))?;
             true
         }
-        Err(error) => return Err(kinesis_error("DescribeStreamSummary")(error)),
+        Err(error) => return Err(kinesis("DescribeStreamSummary")(error).into()),
     };
-    for _ in 0..1200 {
-        let summary = client
-            .describe_stream_summary()
-            .stream_name(stream)
-            .send()
-            .await
-            .map_err(kinesis_error("DescribeStreamSummary"))?;
-        if let Some(summary) = summary.stream_description_summary()
-            && summary.stream_status() == &aws_sdk_kinesis::types::StreamStatus::Active
-        {
-            let open = u32::try_from(summary.open_shard_count()).unwrap_or(0);
-            if let Some(asked) = shards
-                && !created
-                && asked != open
-            {
-                eprintln!("stream {stream} exists with {open} open shards; --shards {asked} is ignored");
-            }
-            return Ok((open, created));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let open = wait_active(client, stream).await?;
+    if let Some(asked) = shards
+        && !created
+        && asked != open
+    {
+        eprintln!("stream {stream} exists with {open} open shards; --shards {asked} is ignored");
     }
-    Err(LoadgenError::BadArgument(format!("stream {stream} did not become ACTIVE within 120 s")))
+    Ok((open, created))
 }
 
 #[allow(clippy::too_many_arguments)]
