@@ -122,6 +122,9 @@ struct Case {
     /// Records per second the load puts.
     rate: usize,
     inject: Inject,
+    /// Restart both emulators during the load (a third of the way: Kinesis; two thirds:
+    /// DynamoDB), on their state kept on disk.
+    restart: bool,
 }
 
 fn records_per_case() -> usize {
@@ -129,13 +132,28 @@ fn records_per_case() -> usize {
 }
 
 async fn run(case: Case) -> Outcome {
-    let bed = TestBed::start_with(KinesisOptions { enforce_limits: case.throttle, ..Default::default() })
-        .await
-        .expect("start the embedded emulators (ferrokinesis, dynoxide)");
-    let stream = create_stream(&bed.kinesis.client(), case.shards).await.expect("create the stream");
+    // With restarts, the emulators keep their state on disk, and are always the embedded ones.
+    let state = std::env::temp_dir().join(unique_name("fault-state"));
+    let options = KinesisOptions {
+        enforce_limits: case.throttle,
+        state_dir: case.restart.then(|| state.join("kinesis")),
+        ..Default::default()
+    };
+    let (mut kinesis_server, mut dynamodb_server) = if case.restart {
+        std::fs::create_dir_all(&state).unwrap();
+        (
+            Kinesis::embedded(options.clone()).await.expect("start ferrokinesis (durable)"),
+            DynamoDb::embedded_at(&state.join("leases.sqlite")).await.expect("start dynoxide (on a file)"),
+        )
+    } else {
+        let bed =
+            TestBed::start_with(options.clone()).await.expect("start the embedded emulators (ferrokinesis, dynoxide)");
+        (bed.kinesis, bed.dynamodb)
+    };
+    let stream = create_stream(&kinesis_server.client(), case.shards).await.expect("create the stream");
     let proxies = Proxies {
-        kinesis: FaultProxy::start(bed.kinesis.endpoint_url()).await.expect("proxy in front of Kinesis"),
-        dynamodb: FaultProxy::start(bed.dynamodb.endpoint_url()).await.expect("proxy in front of DynamoDB"),
+        kinesis: FaultProxy::start(kinesis_server.endpoint_url()).await.expect("proxy in front of Kinesis"),
+        dynamodb: FaultProxy::start(dynamodb_server.endpoint_url()).await.expect("proxy in front of DynamoDB"),
     };
     let kinesis = Kinesis::connect(proxies.kinesis.url()).client();
     let dynamodb = DynamoDb::connect(proxies.dynamodb.url()).client();
@@ -169,9 +187,25 @@ async fn run(case: Case) -> Outcome {
     let mut acked_data = Vec::with_capacity(total);
     let mut failed = 0;
     let started = Instant::now();
+    let mut restarts = 0;
     for i in 0..total {
         let due = started + Duration::from_secs_f64(i as f64 / case.rate as f64);
         tokio::time::sleep_until(due).await;
+        if case.restart && i == total / 3 {
+            // Kinesis goes away for half a second and comes back on another port, on its state.
+            kinesis_server.stop().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            kinesis_server = Kinesis::embedded(options.clone()).await.expect("restart ferrokinesis");
+            proxies.kinesis.set_upstream(kinesis_server.endpoint_url()).unwrap();
+            restarts += 1;
+        }
+        if case.restart && i == 2 * total / 3 {
+            dynamodb_server.stop().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            dynamodb_server = DynamoDb::embedded_at(&state.join("leases.sqlite")).await.expect("restart dynoxide");
+            proxies.dynamodb.set_upstream(dynamodb_server.endpoint_url()).unwrap();
+            restarts += 1;
+        }
         let data = format!("{}-{i}", case.name);
         let key = format!("key-{}", fastrand::u64(..));
         let receipt = producer.put(UserRecord::new(key, data.clone().into_bytes())).await.expect("put");
@@ -216,13 +250,21 @@ async fn run(case: Case) -> Outcome {
     let write_throttles =
         producer.metrics().errors_by_code.get("ProvisionedThroughputExceededException").copied().unwrap_or(0);
 
-    let events = events.lock().unwrap();
+    // The workers are shut down: nothing writes the events any more.
+    let events = std::mem::take(&mut *events.lock().unwrap());
     let mut outcome = tally(&events, total, &acked_data, failed, last_new.saturating_duration_since(acked_at));
+    if outcome.lost > 0 {
+        explain_losses(&kinesis_server.client(), &stream, &events, &acked_data).await;
+    }
     for rule in &rules {
         assert!(rule.fired() > 0, "{}: a rule never fired: {rule:?}", case.name);
     }
-    outcome.injected =
-        rules.iter().map(|r| r.fired()).sum::<u64>() + proxies.kinesis.black_holed() + proxies.dynamodb.black_holed();
+    outcome.injected = rules.iter().map(|r| r.fired()).sum::<u64>()
+        + proxies.kinesis.black_holed()
+        + proxies.dynamodb.black_holed()
+        + restarts;
+    drop((kinesis_server, dynamodb_server));
+    let _ = std::fs::remove_dir_all(&state);
     outcome.throttled = write_throttles + read_throttles;
     println!(
         "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
@@ -286,6 +328,33 @@ fn tally(events: &Events, sent: usize, acked: &[String], failed: usize, catch_up
     }
 }
 
+/// Prints, for each acknowledged record never processed, where the stream holds it and what
+/// the workers delivered and checkpointed around it on its shard.
+async fn explain_losses(direct: &aws_sdk_kinesis::Client, stream: &str, events: &Events, acked: &[String]) {
+    let delivered: std::collections::HashSet<&str> = events.deliveries.iter().map(|d| d.data.as_str()).collect();
+    let stored = kinesis_testkit::read_stream(direct, stream).await.unwrap_or_default();
+    for data in acked.iter().filter(|d| !delivered.contains(d.as_str())) {
+        for record in stored.iter().filter(|r| r.data == data.as_bytes()) {
+            eprintln!("LOST {data}: stored in {} at {}", record.shard_id, record.sequence_number);
+            let shard = record.shard_id.as_str();
+            let mut near: Vec<&Delivery> = events.deliveries.iter().filter(|d| d.shard == shard).collect();
+            near.sort_by(|a, b| cmp_sequence_numbers(&a.seq, &b.seq));
+            let at = near.partition_point(|d| cmp_sequence_numbers(&d.seq, &record.sequence_number).is_lt());
+            for d in &near[at.saturating_sub(3)..(at + 3).min(near.len())] {
+                eprintln!("  delivered {} {} ({}) batch at {:?}", d.seq, d.sub, d.data, d.batch_started);
+            }
+            for (s, seq, sub, when) in events.checkpoints.iter().filter(|c| c.0 == shard) {
+                if cmp_sequence_numbers(seq, &near.get(at.saturating_sub(3)).map_or("0".into(), |d| d.seq.clone()))
+                    .is_ge()
+                    && near.get(at + 3).is_none_or(|d| cmp_sequence_numbers(seq, &d.seq).is_le())
+                {
+                    eprintln!("  checkpoint {s} {seq}/{sub} written at {when:?}");
+                }
+            }
+        }
+    }
+}
+
 fn assert_promise(outcome: &Outcome) {
     assert_eq!(outcome.failed, 0, "every record delivered within its time to live: {outcome:?}");
     assert_eq!(outcome.acked, outcome.sent, "{outcome:?}");
@@ -306,6 +375,7 @@ async fn throttled_writes_from_the_emulators_per_shard_limits() {
         aggregation: false,
         rate: 2000,
         inject: no_fault(),
+        restart: false,
     })
     .await;
     assert_promise(&outcome);
@@ -323,6 +393,7 @@ async fn partial_put_records_failures() {
         inject: Box::new(|p| {
             vec![p.kinesis.add(Rule::new(Fault::PartialFailure { every: 3 }).on("PutRecords").every(2))]
         }),
+        restart: false,
     })
     .await;
     assert_promise(&outcome);
@@ -339,6 +410,7 @@ async fn connection_resets_on_kinesis_and_dynamodb() {
         inject: Box::new(|p| {
             vec![p.kinesis.add(Rule::new(Fault::Reset).every(7)), p.dynamodb.add(Rule::new(Fault::Reset).every(7))]
         }),
+        restart: false,
     })
     .await;
     assert_promise(&outcome);
@@ -358,6 +430,7 @@ async fn responses_lost_after_the_write_was_applied() {
                 p.dynamodb.add(Rule::new(Fault::DropResponse).on("UpdateItem").every(9)),
             ]
         }),
+        restart: false,
     })
     .await;
     assert_promise(&outcome);
@@ -380,6 +453,7 @@ async fn server_errors_500_and_503() {
                 p.dynamodb.add(Rule::new(Fault::internal_error()).every(6)),
             ]
         }),
+        restart: false,
     })
     .await;
     assert_promise(&outcome);
@@ -394,6 +468,7 @@ async fn get_records_throttling() {
         aggregation: true,
         rate: 1000,
         inject: Box::new(|p| vec![p.kinesis.add(Rule::new(Fault::kinesis_throttling()).on("GetRecords").times(40))]),
+        restart: false,
     })
     .await;
     assert_promise(&outcome);
@@ -410,6 +485,7 @@ async fn lease_table_writes_failing_in_the_middle_of_checkpoints() {
         aggregation: true,
         rate: 1000,
         inject: Box::new(|p| vec![p.dynamodb.add(Rule::new(Fault::dynamodb_throttling()).on("UpdateItem").every(3))]),
+        restart: false,
     })
     .await;
     assert_promise(&outcome);
@@ -428,6 +504,7 @@ async fn black_holes_of_kinesis_then_dynamodb() {
             p.dynamodb.black_hole_after(Duration::from_millis(4000), Duration::from_secs(3));
             Vec::new()
         }),
+        restart: false,
     })
     .await;
     assert_promise(&outcome);
@@ -448,7 +525,24 @@ async fn slow_answers() {
                 p.dynamodb.add(Rule::new(Fault::Delay(Duration::from_millis(300))).every(3)),
             ]
         }),
+        restart: false,
     })
     .await;
     assert_promise(&outcome);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emulator_restarts_with_their_state_on_disk() {
+    let outcome = run(Case {
+        name: "emulator restarts (Kinesis, then DynamoDB; state on disk, 0.5 s down, a new port)",
+        shards: 2,
+        throttle: false,
+        aggregation: true,
+        rate: 1000,
+        inject: no_fault(),
+        restart: true,
+    })
+    .await;
+    assert_promise(&outcome);
+    assert_eq!(outcome.injected, 2, "both emulators restarted: {outcome:?}");
 }

@@ -16,7 +16,7 @@ pub const DYNAMODB_ENDPOINT_VAR: &str = "AWS_ENDPOINT_URL_DYNAMODB";
 #[derive(Debug)]
 pub struct DynamoDb {
     connection: Connection,
-    _server: Option<ServerThread>,
+    server: Option<ServerThread>,
 }
 
 impl DynamoDb {
@@ -26,7 +26,7 @@ impl DynamoDb {
     /// When the embedded server cannot create its database, bind a port or start its thread.
     pub async fn start() -> Result<Self> {
         if let Some(url) = env_endpoint(DYNAMODB_ENDPOINT_VAR) {
-            return Ok(Self { connection: Connection::from_environment(url).await, _server: None });
+            return Ok(Self { connection: Connection::from_environment(url).await, server: None });
         }
         Self::embedded().await
     }
@@ -36,8 +36,25 @@ impl DynamoDb {
     /// # Errors
     /// When the embedded server cannot create its database, bind a port or start its thread.
     pub async fn embedded() -> Result<Self> {
-        let server = ServerThread::spawn("dynoxide", 1, |listener, stop| {
-            let db = dynoxide::Database::memory().map_err(|e| format!("in-memory database: {e}"))?;
+        Self::embedded_with(None).await
+    }
+
+    /// Starts an embedded dynoxide server whose tables live in the SQLite file `path` (created if
+    /// missing), so that a server started again on it after [`DynamoDb::stop`] finds them.
+    ///
+    /// # Errors
+    /// When the embedded server cannot open the file, bind a port or start its thread.
+    pub async fn embedded_at(path: &std::path::Path) -> Result<Self> {
+        Self::embedded_with(Some(path.to_path_buf())).await
+    }
+
+    async fn embedded_with(path: Option<std::path::PathBuf>) -> Result<Self> {
+        let server = ServerThread::spawn("dynoxide", 1, move |listener, stop| {
+            let db = match &path {
+                Some(path) => dynoxide::Database::new(&path.to_string_lossy())
+                    .map_err(|e| format!("database file {}: {e}", path.display()))?,
+                None => dynoxide::Database::memory().map_err(|e| format!("in-memory database: {e}"))?,
+            };
             Ok(dynoxide::server::serve_with_shutdown(listener, db, async move {
                 let _ = stop.await;
             }))
@@ -45,13 +62,21 @@ impl DynamoDb {
         .await
         .map_err(|e| Error::with_source("could not start the embedded DynamoDB server (dynoxide)", e))?;
         let connection = Connection::local(server.url(), Origin::Embedded);
-        Ok(Self { connection, _server: Some(server) })
+        Ok(Self { connection, server: Some(server) })
     }
 
     /// A handle on a local server at `endpoint_url` that something else runs (another process
     /// of this test bed, a standalone emulator): dummy credentials, `us-east-1`.
     pub fn connect(endpoint_url: impl Into<String>) -> Self {
-        Self { connection: Connection::local(endpoint_url.into(), Origin::Given), _server: None }
+        Self { connection: Connection::local(endpoint_url.into(), Origin::Given), server: None }
+    }
+
+    /// Stops the embedded server and waits until it has ended (a file-backed one has its tables
+    /// on disk). Nothing to do for an endpoint run elsewhere.
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
     }
 
     /// The endpoint URL, e.g. `http://127.0.0.1:38212`.

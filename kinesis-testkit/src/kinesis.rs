@@ -33,6 +33,10 @@ pub struct KinesisOptions {
     /// How long a SubscribeToShard subscription lasts before the server ends it. Default: 5
     /// minutes, as in AWS.
     pub subscription_lifetime: Duration,
+    /// Keep the streams and their records on disk in this directory (ferrokinesis's durable
+    /// mode: a write-ahead log and snapshots), so that a server started again on it after
+    /// [`Kinesis::stop`] finds them. Default: in memory.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for KinesisOptions {
@@ -43,6 +47,7 @@ impl Default for KinesisOptions {
             transition_delay: Duration::from_millis(10),
             iterator_ttl: Duration::from_secs(300),
             subscription_lifetime: Duration::from_secs(300),
+            state_dir: None,
         }
     }
 }
@@ -55,7 +60,7 @@ impl Default for KinesisOptions {
 #[derive(Debug)]
 pub struct Kinesis {
     connection: Connection,
-    _server: Option<ServerThread>,
+    server: Option<ServerThread>,
 }
 
 impl Kinesis {
@@ -95,6 +100,11 @@ impl Kinesis {
             enforce_limits: options.enforce_limits,
             iterator_ttl_seconds: options.iterator_ttl.as_secs().max(1),
             subscribe_to_shard_session_ms: u64::try_from(options.subscription_lifetime.as_millis()).unwrap_or(u64::MAX),
+            durable: options.state_dir.clone().map(|state_dir| ferrokinesis::store::DurableStateOptions {
+                state_dir,
+                snapshot_interval_secs: 1,
+                max_retained_bytes: None,
+            }),
             ..Default::default()
         };
         let server = ServerThread::spawn("ferrokinesis", 2, move |listener, stop| {
@@ -104,6 +114,30 @@ impl Kinesis {
             // data, base64 in JSON) needs more. 16 MiB also covers 10 MiB calls. The standalone
             // ferrokinesis binary sets 7 MB the same way.
             let app = app.layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES));
+            // ferrokinesis 0.7 gives a PutRecords call its sequence numbers first and stores the
+            // records later, after other awaits: two calls on one shard can store out of sequence
+            // order, and a reader that sees the later records first moves past the earlier ones,
+            // which it then never reads. Kinesis never does that (a shard's records are readable in
+            // sequence order), so the embedded server takes one put at a time.
+            let puts = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+            let app = app.layer(axum::middleware::from_fn(
+                move |request: axum::extract::Request, next: axum::middleware::Next| {
+                    let puts = puts.clone();
+                    async move {
+                        let is_put = request
+                            .headers()
+                            .get("x-amz-target")
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|t| t.ends_with(".PutRecords") || t.ends_with(".PutRecord"));
+                        if is_put {
+                            let _one_at_a_time = puts.lock().await;
+                            next.run(request).await
+                        } else {
+                            next.run(request).await
+                        }
+                    }
+                },
+            ));
             Ok(async move {
                 // axum's own server: ferrokinesis's `serve_plain_http` needs its `server` feature,
                 // which also builds its CLI, OpenTelemetry export and mirroring.
@@ -118,7 +152,7 @@ impl Kinesis {
         .await
         .map_err(|e| Error::with_source("could not start the embedded Kinesis server (ferrokinesis)", e))?;
         let connection = Connection::local(server.url(), Origin::Embedded);
-        Ok(Self { connection, _server: Some(server) })
+        Ok(Self { connection, server: Some(server) })
     }
 
     /// A handle on a local server at `endpoint_url` that something else runs (another process
@@ -129,7 +163,7 @@ impl Kinesis {
 
     /// A handle on an endpoint that something else runs.
     pub(crate) fn external(connection: Connection) -> Self {
-        Self { connection, _server: None }
+        Self { connection, server: None }
     }
 
     /// The endpoint URL, e.g. `http://127.0.0.1:38211`.
@@ -145,6 +179,15 @@ impl Kinesis {
     /// A client with the SDK's standard retries (3 attempts).
     pub fn client(&self) -> aws_sdk_kinesis::Client {
         aws_sdk_kinesis::Client::from_conf(self.connection.kinesis_config(true))
+    }
+
+    /// Stops the embedded server and waits until it has ended (with
+    /// [`KinesisOptions::state_dir`], its state is on disk: a server started again on the same
+    /// directory finds the streams and records). Nothing to do for an endpoint run elsewhere.
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
     }
 
     /// A client that makes one attempt per call, so that throttling and other errors reach the

@@ -141,8 +141,10 @@ impl Rule {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
+    /// Where requests go; [`FaultProxy::set_upstream`] moves it (a restarted server).
+    upstream: Mutex<SocketAddr>,
     rules: Mutex<Vec<Arc<Rule>>>,
     /// Requests arriving in [start, end) get no answer until `end`, then a reset.
     black_hole: Mutex<Option<(Instant, Instant)>>,
@@ -167,6 +169,9 @@ pub struct FaultProxy {
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
+/// A client connection's own connection to the server, and the address it goes to.
+type Upstream = (SocketAddr, hyper::client::conn::http1::SendRequest<ProxyBody>);
+
 /// Why the proxy closed a connection without answering.
 #[derive(Debug)]
 struct Injected;
@@ -185,16 +190,18 @@ impl FaultProxy {
     /// # Errors
     /// When the URL is not `http://HOST:PORT` of an IP address, or the proxy cannot start.
     pub async fn start(upstream_url: &str) -> Result<Self> {
-        let upstream: SocketAddr = upstream_url
-            .strip_prefix("http://")
-            .and_then(|rest| rest.trim_end_matches('/').parse().ok())
-            .ok_or_else(|| Error::msg(format!("the fault proxy needs http://IP:PORT, not {upstream_url}")))?;
-        let state = Arc::new(State::default());
+        let state = Arc::new(State {
+            upstream: Mutex::new(socket_address(upstream_url)?),
+            rules: Mutex::default(),
+            black_hole: Mutex::default(),
+            requests: Mutex::default(),
+            black_holed: AtomicU64::new(0),
+        });
         let shared = state.clone();
         let server = ServerThread::spawn("fault-proxy", 2, move |listener, stop| {
             Ok(async move {
                 tokio::select! {
-                    () = accept_loop(listener, upstream, shared) => Ok(()),
+                    () = accept_loop(listener, shared) => Ok(()),
                     _ = stop => Ok(()),
                 }
             })
@@ -207,6 +214,16 @@ impl FaultProxy {
     /// The proxy's URL: give it to clients instead of the server's.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Sends requests to `upstream_url` from now on: a server restarted on another port. Open
+    /// connections to the old one fail (their clients see a reset) and reconnect.
+    ///
+    /// # Errors
+    /// When the URL is not `http://IP:PORT`.
+    pub fn set_upstream(&self, upstream_url: &str) -> Result<()> {
+        *self.state.upstream.lock().unwrap_or_else(|p| p.into_inner()) = socket_address(upstream_url)?;
+        Ok(())
     }
 
     /// Adds a rule (rules are tried in the order they were added; the first that fires wins).
@@ -245,7 +262,13 @@ impl FaultProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: Arc<State>) {
+fn socket_address(url: &str) -> Result<SocketAddr> {
+    url.strip_prefix("http://")
+        .and_then(|rest| rest.trim_end_matches('/').parse().ok())
+        .ok_or_else(|| Error::msg(format!("the fault proxy needs http://IP:PORT, not {url}")))
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         // A zero linger turns the close after an injected fault into a reset (RST), as a
@@ -255,11 +278,10 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: Arc<Sta
         let state = state.clone();
         tokio::spawn(async move {
             // One upstream connection per client connection: HTTP/1.1 requests on it are sequential.
-            let upstream_conn: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ProxyBody>>>> =
-                Arc::default();
+            let upstream_conn: Arc<tokio::sync::Mutex<Option<Upstream>>> = Arc::default();
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let (state, upstream_conn) = (state.clone(), upstream_conn.clone());
-                async move { handle(request, upstream, &state, &upstream_conn).await }
+                async move { handle(request, &state, &upstream_conn).await }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
@@ -285,9 +307,8 @@ fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 
 async fn handle(
     request: Request<Incoming>,
-    upstream: SocketAddr,
     state: &State,
-    upstream_conn: &tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ProxyBody>>>,
+    upstream_conn: &tokio::sync::Mutex<Option<Upstream>>,
 ) -> std::result::Result<Response<ProxyBody>, Injected> {
     let operation = operation(&request);
     *state.requests.lock().unwrap_or_else(|p| p.into_inner()).entry(operation.clone()).or_default() += 1;
@@ -335,7 +356,7 @@ async fn handle(
                 Some((forwarded, failed)) => {
                     let mut request = Request::from_parts(parts, full(forwarded));
                     request.headers_mut().remove("content-length");
-                    let response = forward(request, upstream, upstream_conn).await?;
+                    let response = forward(request, state, upstream_conn).await?;
                     return merge_put_records(response, &failed).await;
                 }
                 None => full(bytes),
@@ -343,7 +364,7 @@ async fn handle(
         }
         _ => body.boxed(),
     };
-    let response = forward(Request::from_parts(parts, body), upstream, upstream_conn).await?;
+    let response = forward(Request::from_parts(parts, body), state, upstream_conn).await?;
     match fault {
         Some(Fault::Delay(delay)) => {
             tokio::time::sleep(delay).await;
@@ -360,11 +381,12 @@ async fn handle(
 
 async fn forward(
     request: Request<ProxyBody>,
-    upstream: SocketAddr,
-    upstream_conn: &tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ProxyBody>>>,
+    state: &State,
+    upstream_conn: &tokio::sync::Mutex<Option<Upstream>>,
 ) -> std::result::Result<Response<ProxyBody>, Injected> {
     let mut conn = upstream_conn.lock().await;
-    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+    let upstream = *state.upstream.lock().unwrap_or_else(|p| p.into_inner());
+    if conn.as_ref().is_none_or(|(to, sender)| *to != upstream || sender.is_closed()) {
         let stream = TcpStream::connect(upstream).await.map_err(|_| Injected)?;
         let _ = stream.set_nodelay(true);
         let (sender, connection) =
@@ -372,9 +394,9 @@ async fn forward(
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        *conn = Some(sender);
+        *conn = Some((upstream, sender));
     }
-    let sender = conn.as_mut().ok_or(Injected)?;
+    let (_, sender) = conn.as_mut().ok_or(Injected)?;
     sender.ready().await.map_err(|_| Injected)?;
     let response = sender.send_request(request).await.map_err(|_| Injected)?;
     Ok(response.map(BodyExt::boxed))

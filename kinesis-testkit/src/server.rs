@@ -20,6 +20,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) struct ServerThread {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ServerThread {
@@ -41,13 +42,13 @@ impl ServerThread {
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(), String>>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread_name = name.to_owned();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("{name}-server"))
             .spawn(move || run(&thread_name, worker_threads, listener, setup, ready_tx, stop_rx))
             .map_err(|e| Error::with_source(format!("{name}: could not start the server thread"), e))?;
 
         match ready_rx.await {
-            Ok(Ok(())) => Ok(Self { addr, stop: Some(stop_tx) }),
+            Ok(Ok(())) => Ok(Self { addr, stop: Some(stop_tx), thread: Some(thread) }),
             Ok(Err(message)) => Err(Error::msg(format!("{name}: the embedded server did not start: {message}"))),
             Err(_) => Err(Error::msg(format!("{name}: the embedded server thread ended before it was ready"))),
         }
@@ -56,6 +57,17 @@ impl ServerThread {
     /// `http://127.0.0.1:<port>`.
     pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Stops the server and waits until its thread has ended (its state is written, its port
+    /// closed), as a process that exits would.
+    pub(crate) async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
 }
 
