@@ -32,6 +32,8 @@
 //! unless given), and checks that every record is in a file. With `--stream`, it sinks that
 //! stream until Ctrl-C, or until `--idle-exit` seconds without a record once its shards are read.
 
+mod support;
+
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::error::Error as _;
 use std::fs::{self, File};
@@ -44,12 +46,14 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use futures_util::StreamExt;
 use kinesis::consumer::{
-    Batches, CheckpointError, Checkpointer, ConfigError, InitialPosition, Record, Scheduler, SchedulerConfig,
-    SchedulerError, ShardBatch,
+    Batches, CheckpointError, Checkpointer, ConfigError, InitialPosition, Record, SchedulerConfig, SchedulerError,
+    ShardBatch,
 };
 use kinesis::producer::{BuildError, Producer, PutError, UserRecord};
 use kinesis_testkit::TestBed;
 use tokio::time::Instant;
+
+use support::Idle;
 
 /// Reads a Kinesis stream into rotated newline-delimited files, Firehose style.
 #[derive(Parser, Debug)]
@@ -616,33 +620,4 @@ async fn remove_temp_files(shard_dir: &Path) {
         }
     })
     .await;
-}
-
-/// The `--idle-exit` rule: once the worker has held a lease, and every shard it holds has been
-/// read, no record for the given time.
-struct Idle {
-    limit: Option<Duration>,
-    held_once: bool,
-    records: u64,
-    quiet_since: Instant,
-}
-
-impl Idle {
-    fn new(limit: Option<Duration>) -> Self {
-        Idle { limit, held_once: false, records: 0, quiet_since: Instant::now() }
-    }
-
-    /// Whether it is time to stop.
-    fn poll(&mut self, scheduler: &Scheduler) -> bool {
-        let Some(limit) = self.limit else { return false };
-        let held = scheduler.held_leases();
-        let metrics = scheduler.metrics();
-        self.held_once |= !held.is_empty();
-        let read = held.iter().all(|shard| metrics.millis_behind_latest.contains_key(shard));
-        if !self.held_once || !read || metrics.records_processed != self.records {
-            self.records = metrics.records_processed;
-            self.quiet_since = Instant::now();
-        }
-        self.quiet_since.elapsed() >= limit
-    }
 }

@@ -37,6 +37,8 @@
 //! With `--stream` it runs until Ctrl-C, or until `--idle-exit` seconds without a record once its
 //! shards are read.
 
+mod support;
+
 use std::collections::{BTreeMap, HashMap};
 use std::error::Error as _;
 use std::io::Write;
@@ -56,7 +58,8 @@ use kinesis::producer::{BuildError, Producer, PutError, UserRecord};
 use kinesis_testkit::TestBed;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::time::Instant;
+
+use support::Idle;
 
 /// Lambda-style batch processing of a Kinesis stream.
 #[derive(Parser, Debug)]
@@ -668,34 +671,5 @@ async fn wait(scheduler: &Scheduler, settings: &Settings, idle_exit: Option<Dura
                 }
             }
         }
-    }
-}
-
-/// The `--idle-exit` rule: once the worker has held a lease, and every shard it holds has been
-/// read, no record for the given time.
-struct Idle {
-    limit: Option<Duration>,
-    held_once: bool,
-    records: u64,
-    quiet_since: Instant,
-}
-
-impl Idle {
-    fn new(limit: Option<Duration>) -> Self {
-        Idle { limit, held_once: false, records: 0, quiet_since: Instant::now() }
-    }
-
-    /// Whether it is time to stop.
-    fn poll(&mut self, scheduler: &Scheduler) -> bool {
-        let Some(limit) = self.limit else { return false };
-        let held = scheduler.held_leases();
-        let metrics = scheduler.metrics();
-        self.held_once |= !held.is_empty();
-        let read = held.iter().all(|shard| metrics.millis_behind_latest.contains_key(shard));
-        if !self.held_once || !read || metrics.records_processed != self.records {
-            self.records = metrics.records_processed;
-            self.quiet_since = Instant::now();
-        }
-        self.quiet_since.elapsed() >= limit
     }
 }

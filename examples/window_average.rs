@@ -32,6 +32,8 @@
 //! `--stream` it runs until Ctrl-C, or until `--idle-exit` seconds without a record once its
 //! shards are read.
 
+mod support;
+
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::error::Error as _;
@@ -48,7 +50,8 @@ use kinesis::consumer::{
 use kinesis::producer::{BuildError, Producer, ProducerConfig, PutError, UserRecord};
 use kinesis_testkit::TestBed;
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
+
+use support::Idle;
 
 /// Tumbling-window average temperature per sensor, from one Kinesis stream to another.
 #[derive(Parser, Debug)]
@@ -537,33 +540,4 @@ async fn check_demo(bed: &TestBed, output: &str, expected: &Expected) -> Result<
         return Err(AverageError::Demo(format!("windows differ from the expected averages, e.g. {:?}", wrong.first())));
     }
     Ok(())
-}
-
-/// The `--idle-exit` rule: once the worker has held a lease, and every shard it holds has been
-/// read, no record for the given time.
-struct Idle {
-    limit: Option<Duration>,
-    held_once: bool,
-    records: u64,
-    quiet_since: Instant,
-}
-
-impl Idle {
-    fn new(limit: Option<Duration>) -> Self {
-        Idle { limit, held_once: false, records: 0, quiet_since: Instant::now() }
-    }
-
-    /// Whether it is time to stop.
-    fn poll(&mut self, scheduler: &Scheduler) -> bool {
-        let Some(limit) = self.limit else { return false };
-        let held = scheduler.held_leases();
-        let metrics = scheduler.metrics();
-        self.held_once |= !held.is_empty();
-        let read = held.iter().all(|shard| metrics.millis_behind_latest.contains_key(shard));
-        if !self.held_once || !read || metrics.records_processed != self.records {
-            self.records = metrics.records_processed;
-            self.quiet_since = Instant::now();
-        }
-        self.quiet_since.elapsed() >= limit
-    }
 }
