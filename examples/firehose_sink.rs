@@ -35,7 +35,6 @@
 mod support;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::error::Error as _;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -43,17 +42,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use futures_util::StreamExt;
 use kinesis::consumer::{
-    Batches, CheckpointError, Checkpointer, ConfigError, InitialPosition, Record, SchedulerConfig, SchedulerError,
-    ShardBatch,
+    Batches, CheckpointError, Checkpointer, ConfigError, Record, SchedulerConfig, SchedulerError, ShardBatch,
 };
 use kinesis::producer::{BuildError, Producer, PutError, UserRecord};
 use kinesis_testkit::TestBed;
 use tokio::time::Instant;
 
-use support::Idle;
+use support::{Idle, StartFrom, exit_code, idle_limit};
 
 /// Reads a Kinesis stream into rotated newline-delimited files, Firehose style.
 #[derive(Parser, Debug)]
@@ -94,15 +92,6 @@ struct Args {
     records: usize,
 }
 
-/// Where shards never read before start.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum StartFrom {
-    /// The oldest record in the shard.
-    TrimHorizon,
-    /// Only records written from now on.
-    Latest,
-}
-
 /// What can stop the sink.
 #[derive(Debug, thiserror::Error)]
 enum SinkError {
@@ -141,19 +130,7 @@ struct Settings {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Args::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            let mut message = error.to_string();
-            let mut source = error.source();
-            while let Some(cause) = source {
-                message = format!("{message}: {cause}");
-                source = cause.source();
-            }
-            eprintln!("firehose_sink: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("firehose_sink", run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> Result<(), SinkError> {
@@ -180,13 +157,7 @@ async fn run(args: Args) -> Result<(), SinkError> {
             if demo { 2_000 } else { 60_000 },
         )?),
     };
-    let idle_exit = match args.idle_exit.or(demo.then_some(2.0)) {
-        Some(secs) => Some(
-            Duration::try_from_secs_f64(secs)
-                .map_err(|_| SinkError::Usage(format!("--idle-exit {secs}: not a number of seconds")))?,
-        ),
-        None => None,
-    };
+    let idle_exit = idle_limit(args.idle_exit.or(demo.then_some(2.0))).map_err(SinkError::Usage)?;
 
     let bed = TestBed::start().await.map_err(SinkError::TestBed)?;
     println!("Kinesis at {}, DynamoDB at {}", bed.kinesis.endpoint_url(), bed.dynamodb.endpoint_url());
@@ -201,10 +172,7 @@ async fn run(args: Args) -> Result<(), SinkError> {
     };
     let table = args.table.clone().unwrap_or_else(|| format!("firehose-sink-{stream}"));
     let mut config = SchedulerConfig::new(&stream, &table);
-    config.initial_position = match args.from {
-        StartFrom::TrimHorizon => InitialPosition::TrimHorizon,
-        StartFrom::Latest => InitialPosition::Latest,
-    };
+    config.initial_position = args.from.position();
     config.failover = Duration::from_millis(args.failover_ms);
     // An idle shard is read twice a second (the KCL's 1.5 s saves calls; records come sooner).
     config.polling.idle_time_between_reads = Duration::from_millis(500);

@@ -40,7 +40,6 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::error::Error as _;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,17 +48,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use kinesis::consumer::{
-    Batch, CheckpointError, Checkpointer, ConfigError, InitialPosition, Processor, Record, Scheduler, SchedulerConfig,
-    SchedulerError,
+    Batch, CheckpointError, Checkpointer, ConfigError, Processor, Record, Scheduler, SchedulerConfig, SchedulerError,
 };
 use kinesis::producer::{BuildError, Producer, PutError, UserRecord};
 use kinesis_testkit::TestBed;
 use serde::Deserialize;
 use serde_json::json;
 
-use support::Idle;
+use support::{Idle, StartFrom, exit_code, idle_limit};
 
 /// Lambda-style batch processing of a Kinesis stream.
 #[derive(Parser, Debug)]
@@ -101,15 +99,6 @@ struct Args {
     /// The lease failover time: a crashed worker's shards are taken over after about this long.
     #[arg(long, default_value_t = 10_000)]
     failover_ms: u64,
-}
-
-/// Where shards never read before start.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum StartFrom {
-    /// The oldest record in the shard.
-    TrimHorizon,
-    /// Only records written from now on.
-    Latest,
 }
 
 /// What can stop the example.
@@ -456,19 +445,7 @@ impl Processor for EventSource {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Args::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            let mut message = error.to_string();
-            let mut source = error.source();
-            while let Some(cause) = source {
-                message = format!("{message}: {cause}");
-                source = cause.source();
-            }
-            eprintln!("lambda_style: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("lambda_style", run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> Result<(), LambdaError> {
@@ -478,13 +455,7 @@ async fn run(args: Args) -> Result<(), LambdaError> {
         return Err(LambdaError::Usage(format!("--batch-size {batch_size}: must be 1 to 10,000")));
     }
     let batch_window = Duration::from_millis(args.batch_window_ms.unwrap_or(if demo { 500 } else { 0 }));
-    let idle_exit = match args.idle_exit.or(demo.then_some(2.0)) {
-        Some(secs) => Some(
-            Duration::try_from_secs_f64(secs)
-                .map_err(|_| LambdaError::Usage(format!("--idle-exit {secs}: not a number of seconds")))?,
-        ),
-        None => None,
-    };
+    let idle_exit = idle_limit(args.idle_exit.or(demo.then_some(2.0))).map_err(LambdaError::Usage)?;
     let on_failure = match &args.on_failure {
         None => Destination::Stderr,
         Some(path) => {
@@ -518,10 +489,7 @@ async fn run(args: Args) -> Result<(), LambdaError> {
     };
     let table = args.table.clone().unwrap_or_else(|| format!("lambda-style-{stream}"));
     let mut config = SchedulerConfig::new(&stream, &table);
-    config.initial_position = match args.from {
-        StartFrom::TrimHorizon => InitialPosition::TrimHorizon,
-        StartFrom::Latest => InitialPosition::Latest,
-    };
+    config.initial_position = args.from.position();
     config.failover = Duration::from_millis(args.failover_ms);
     config.max_batch_records = batch_size;
     config.max_batch_wait = batch_window;

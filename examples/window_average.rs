@@ -36,22 +36,21 @@ mod support;
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
-use std::error::Error as _;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use kinesis::consumer::{
-    Batch, CheckpointError, Checkpointer, ConfigError, InitialPosition, Initialization, Position, Processor, Scheduler,
-    SchedulerConfig, SchedulerError, cmp_sequence_numbers,
+    Batch, CheckpointError, Checkpointer, ConfigError, Initialization, Position, Processor, Scheduler, SchedulerConfig,
+    SchedulerError, cmp_sequence_numbers,
 };
 use kinesis::producer::{BuildError, Producer, ProducerConfig, PutError, UserRecord};
 use kinesis_testkit::TestBed;
 use serde::{Deserialize, Serialize};
 
-use support::Idle;
+use support::{Idle, StartFrom, exit_code, idle_limit};
 
 /// Tumbling-window average temperature per sensor, from one Kinesis stream to another.
 #[derive(Parser, Debug)]
@@ -79,15 +78,6 @@ struct Args {
     /// The lease failover time: a crashed worker's shards are taken over after about this long.
     #[arg(long, default_value_t = 10_000)]
     failover_ms: u64,
-}
-
-/// Where shards never read before start.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum StartFrom {
-    /// The oldest record in the shard.
-    TrimHorizon,
-    /// Only records written from now on.
-    Latest,
 }
 
 /// What can stop the example.
@@ -351,19 +341,7 @@ fn clock(epoch_ms: i64) -> String {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Args::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            let mut message = error.to_string();
-            let mut source = error.source();
-            while let Some(cause) = source {
-                message = format!("{message}: {cause}");
-                source = cause.source();
-            }
-            eprintln!("window_average: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("window_average", run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> Result<(), AverageError> {
@@ -371,13 +349,7 @@ async fn run(args: Args) -> Result<(), AverageError> {
         return Err(AverageError::Usage("--window-ms must be positive".into()));
     }
     let window_ms = i64::from(args.window_ms);
-    let idle_exit = match args.idle_exit.or(args.stream.is_none().then_some(2.0)) {
-        Some(secs) => Some(
-            Duration::try_from_secs_f64(secs)
-                .map_err(|_| AverageError::Usage(format!("--idle-exit {secs}: not a number of seconds")))?,
-        ),
-        None => None,
-    };
+    let idle_exit = idle_limit(args.idle_exit.or(args.stream.is_none().then_some(2.0))).map_err(AverageError::Usage)?;
     let existing = match (&args.stream, &args.output) {
         (Some(input), Some(output)) => Some((input.clone(), output.clone())),
         (Some(_), None) => return Err(AverageError::Usage("--output is required with --stream".into())),
@@ -396,10 +368,7 @@ async fn run(args: Args) -> Result<(), AverageError> {
     };
     let table = args.table.clone().unwrap_or_else(|| format!("window-average-{input}"));
     let mut config = SchedulerConfig::new(&input, &table);
-    config.initial_position = match args.from {
-        StartFrom::TrimHorizon => InitialPosition::TrimHorizon,
-        StartFrom::Latest => InitialPosition::Latest,
-    };
+    config.initial_position = args.from.position();
     config.failover = Duration::from_millis(args.failover_ms);
     // An idle shard is read twice a second (the KCL's 1.5 s saves calls; records come sooner).
     config.polling.idle_time_between_reads = Duration::from_millis(500);
