@@ -66,6 +66,19 @@ pub struct ProducerConfig {
     /// read compressed records**; only readers built on this library can. A record whose compressed
     /// form is not smaller is sent as it is.
     pub compression: bool,
+    /// How often, at most, a ListShards confirms the shards that aggregates were stored on.
+    /// Default 50 ms.
+    ///
+    /// An aggregate is readable only on a shard whose hash-key range holds all its records, and
+    /// PutRecords answers with a shard id only; a stream deleted and created again under the same
+    /// name reuses the ids over other ranges. So the receipts of an aggregate whose records do
+    /// not share one hash key resolve once a listing made after it was stored shows its shard
+    /// with a range that holds them all; otherwise its records are sent again. One listing
+    /// confirms every aggregate stored before it started; at most one is in flight. This adds
+    /// up to this interval plus a ListShards round trip to such receipts (not to throughput),
+    /// and makes at most 1 / interval ListShards calls a second (the service allows 1,000 a
+    /// second per stream). In ordering mode the listing does not wait for the interval.
+    pub shard_map_confirm_interval: Duration,
 }
 
 impl Default for ProducerConfig {
@@ -88,6 +101,7 @@ impl Default for ProducerConfig {
             backoff_max: Duration::from_secs(5),
             ordering: false,
             compression: false,
+            shard_map_confirm_interval: Duration::from_millis(50),
         }
     }
 }

@@ -18,17 +18,19 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use hashbrown::HashMap;
-use kinesis_aggregation::{Aggregator, AggregatorConfig, ShardRanges, UserRecord};
+use kinesis_aggregation::{Aggregator, AggregatorConfig, HashKeyRange, ShardRanges, UserRecord};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::batch::Batch;
 use crate::config::ProducerConfig;
+use crate::confirm::{Confirmations, Parked, Verdict, judge};
 use crate::entry::Entry;
 use crate::error::{DeliveryError, ErrorKind};
 use crate::metrics::Metrics;
@@ -92,6 +94,9 @@ pub(crate) enum Command {
 }
 
 struct ShardState {
+    /// The hash-key range the shard had in the map its records were routed by. A listing that
+    /// gives the shard id another range (the stream was re-created) dissolves the state.
+    range: HashKeyRange,
     aggregator: Aggregator,
     members: Vec<Pending>,
     /// When the aggregate started filling: it is sealed `record_max_buffered_time` later. (Not the
@@ -109,8 +114,8 @@ struct ShardState {
     blocked_until: Option<Instant>,
 }
 
-/// A ListShards answer.
-type ShardList = Result<Vec<ShardDescription>, CallError>;
+/// A ListShards answer, with the number of the listing (see `confirm.rs`).
+type ShardList = (u64, Result<Vec<ShardDescription>, CallError>);
 
 pub(crate) struct Engine {
     config: ProducerConfig,
@@ -144,10 +149,25 @@ pub(crate) struct Engine {
     backoff: ExponentialBuilder,
     responses: (mpsc::Sender<Response>, mpsc::Receiver<Response>),
     shard_lists: (mpsc::Sender<ShardList>, mpsc::Receiver<ShardList>),
+    /// Stored aggregates whose receipts wait for a listing.
+    confirmations: Confirmations,
+    /// The stream's record limit in bytes, once DescribeStreamSummary said it (0: not known);
+    /// shared with the handle, whose `put` checks it.
+    stream_limit: Arc<AtomicUsize>,
+    /// Calls to send again in parts: a call the service refused as invalid, split to find the
+    /// entry it refused (see `on_call_failed`).
+    splits: VecDeque<Vec<Entry>>,
+    /// After a failed listing, the next one waits until then (its backoff).
+    list_retry_at: Option<Instant>,
 }
 
 impl Engine {
-    pub(crate) fn new(config: ProducerConfig, transport: Arc<dyn Transport>, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(
+        config: ProducerConfig,
+        transport: Arc<dyn Transport>,
+        metrics: Arc<Metrics>,
+        stream_limit: Arc<AtomicUsize>,
+    ) -> Self {
         let backoff = ExponentialBuilder::new()
             .with_min_delay(config.backoff_initial)
             .with_max_delay(config.backoff_max)
@@ -180,11 +200,43 @@ impl Engine {
             map_stale: false,
             responses: mpsc::channel(in_flight + 1),
             shard_lists: mpsc::channel(1),
+            confirmations: Confirmations::default(),
+            stream_limit,
+            splits: VecDeque::new(),
+            list_retry_at: None,
         }
+    }
+
+    /// Learns the stream's record limit (DescribeStreamSummary), on a task of its own. Records
+    /// over it then fail at `put`, or when routed if they were buffered before, with the limit
+    /// named, instead of failing a whole PutRecords call.
+    fn learn_stream_limits(&self) {
+        let (transport, limit, configured) =
+            (self.transport.clone(), self.stream_limit.clone(), self.config.max_record_bytes);
+        tokio::spawn(async move {
+            match transport.stream_limits().await {
+                Ok(limits) => {
+                    if let Some(max) = limits.max_record_bytes {
+                        if configured > max {
+                            tracing::warn!(
+                                configured,
+                                stream = max,
+                                "max_record_bytes is over the stream's record limit (MaxRecordSizeInKiB); records over the stream's limit are refused"
+                            );
+                        }
+                        limit.store(max, Relaxed);
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "DescribeStreamSummary failed; the stream's record limit is not known")
+                }
+            }
+        });
     }
 
     /// Runs until shut down (or every handle is dropped) and every record is resolved.
     pub(crate) async fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+        self.learn_stream_limits();
         let mut inbox_open = true;
         loop {
             let now = Instant::now();
@@ -196,7 +248,7 @@ impl Engine {
             tokio::select! {
                 biased;
                 Some(response) = self.responses.1.recv() => self.on_response(response),
-                Some(list) = self.shard_lists.1.recv() => self.on_shard_list(list),
+                Some((number, list)) = self.shard_lists.1.recv() => self.on_shard_list(number, list),
                 command = inbox.recv(), if inbox_open => match command {
                     Some(command) => {
                         let now = Instant::now();
@@ -259,11 +311,19 @@ impl Engine {
             let code = member.last_code();
             return self.fail(member, ErrorKind::Expired, code);
         }
+        let limit = self.stream_limit.load(Relaxed);
+        if limit > 0 && member.size > limit {
+            let message = format!(
+                "the record has {} bytes (partition key + data), over the stream's record limit of {limit} (MaxRecordSizeInKiB)",
+                member.size
+            );
+            return self.fail_with(member, ErrorKind::InvalidInput, Some(RECORD_TOO_LARGE.into()), Some(message));
+        }
         let shard = match &self.map {
-            Some(map) if !self.map_stale => map.lookup(member.hash_key).map(|(_, id)| id.clone()),
+            Some(map) if !self.map_stale => map.lookup(member.hash_key).map(|(range, id)| (*range, id.clone())),
             _ => None,
         };
-        let Some(shard) = shard else {
+        let Some((range, shard)) = shard else {
             // No map yet, an out-of-date one, or a gap in it (mid-reshard): wait, in put order, for
             // the next listing; `step` routes waiting records only once there is a good map.
             if self.map.is_some() {
@@ -273,7 +333,7 @@ impl Engine {
         };
         let config = &self.config;
         if !self.shards.contains_key(&shard) {
-            self.shards.insert(shard.clone(), ShardState::new(config, now));
+            self.shards.insert(shard.clone(), ShardState::new(config, now, range));
         }
         let Some(state) = self.shards.get_mut(&shard) else { return self.wait(member, now) };
         if !config.aggregation {
@@ -388,13 +448,23 @@ impl Engine {
 
     /// Everything time-driven: due retries, the shard map, lingering aggregates, sending.
     fn step(&mut self, now: Instant) {
-        if self.refresh_due.is_some_and(|due| due <= now) && !self.refresh_in_flight {
+        let confirm_due = self
+            .confirmations
+            .listing_due(self.config.shard_map_confirm_interval, now)
+            .is_some_and(|due| due <= now && self.list_retry_at.is_none_or(|at| at <= now));
+        if !self.refresh_in_flight && (self.refresh_due.is_some_and(|due| due <= now) || confirm_due) {
             self.refresh_due = None;
             self.refresh_in_flight = true;
+            let number = self.confirmations.listing_started(now);
             let (transport, tx) = (self.transport.clone(), self.shard_lists.0.clone());
             tokio::spawn(async move {
-                let _ = tx.send(transport.list_shards().await).await;
+                let _ = tx.send((number, transport.list_shards().await)).await;
             });
+        }
+        for parked in self.confirmations.expired(now) {
+            // No listing could confirm it in time (ListShards kept failing): the expired
+            // members fail, the others are sent again.
+            self.unpark_unconfirmed(parked, now);
         }
         if self.map.is_some() && !self.map_stale {
             while let Some(entry) = self.waiting.first_entry() {
@@ -438,6 +508,13 @@ impl Engine {
     /// worth, or an entry that has waited its linger time.
     fn dispatch(&mut self, now: Instant) {
         self.limiter_wake = None;
+        // Parts of a call the service refused as invalid go first, each as a call of its own.
+        while self.in_flight < self.config.max_in_flight_requests {
+            let Some(part) = self.splits.pop_front() else { break };
+            self.in_flight += 1;
+            let (transport, metrics, tx) = (self.transport.clone(), self.metrics.clone(), self.responses.0.clone());
+            sender::spawn(transport, metrics, part, self.config.ordering, tx);
+        }
         while self.in_flight < self.config.max_in_flight_requests && self.ready_count > 0 {
             let worth_it = self.ready_count >= self.config.collection_max_count
                 || self.ready_bytes >= self.config.collection_max_bytes
@@ -577,9 +654,18 @@ impl Engine {
     fn on_response(&mut self, response: Response) {
         self.in_flight -= 1;
         let now = Instant::now();
-        let Response { shards, delivered, map_out_of_date, unresolved, at, duration } = response;
+        let Response { shards, delivered, map_out_of_date, unresolved, to_confirm, at, duration } = response;
         self.outstanding -= delivered;
+        let after = self.confirmations.next_after();
+        for (entry, shard_id, sequence_number) in to_confirm {
+            let parked = Parked { entry, shard_id, sequence_number, after, at, duration };
+            self.confirmations.park(parked, self.config.ordering);
+        }
         for shard in &shards {
+            // Ordering mode: a shard whose aggregate waits for its listing stays busy.
+            if self.config.ordering && self.confirmations.holds_shard(shard) {
+                continue;
+            }
             if let Some(state) = self.shards.get_mut(shard) {
                 state.busy = false;
             }
@@ -588,14 +674,7 @@ impl Engine {
             self.map_out_of_date(now);
         }
         match unresolved {
-            Unresolved::Call(error, entries) => {
-                let code = error.code.clone().unwrap_or_else(|| format!("{:?}", error.kind));
-                self.metrics.error(&code, entries.len() as u64);
-                tracing::debug!(kind = ?error.kind, %code, "PutRecords call failed");
-                for entry in entries {
-                    self.entry_failed(entry, error.kind, &code, at, duration, now);
-                }
-            }
+            Unresolved::Call(error, entries) => self.on_call_failed(error, entries, at, duration, now),
             Unresolved::Entries(entries) => {
                 for (entry, result) in entries {
                     match result {
@@ -628,6 +707,94 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// A whole PutRecords call failed.
+    ///
+    /// - ResourceNotFound: the stream is gone (deleted, perhaps to be created again under the
+    ///   same name, with other shards behind the same ids): the shard map is out of date.
+    /// - A call the service refused as invalid (ValidationException, InvalidArgument): one entry
+    ///   can make the service refuse every entry of a call (a record over the stream's limit).
+    ///   The call is sent again in halves until the entry it refuses is alone; that one fails with
+    ///   the service's message, the others are delivered. An aggregate refused alone is sent
+    ///   again as its records, each plain.
+    fn on_call_failed(
+        &mut self,
+        error: CallError,
+        entries: Vec<Entry>,
+        at: SystemTime,
+        duration: Duration,
+        now: Instant,
+    ) {
+        let code = error.code.clone().unwrap_or_else(|| format!("{:?}", error.kind));
+        self.metrics.error(&code, entries.iter().map(|e| e.members.len() as u64).sum());
+        tracing::debug!(kind = ?error.kind, %code, message = %error.message, entries = entries.len(), "PutRecords call failed");
+        if error.kind == ErrorKind::NotFound {
+            self.map_out_of_date(now);
+        }
+        if error.kind != ErrorKind::InvalidInput {
+            for entry in entries {
+                self.entry_failed(entry, error.kind, &code, at, duration, now);
+            }
+            return;
+        }
+        let mut entries = entries;
+        for entry in &mut entries {
+            for member in &mut entry.members {
+                member.failed_attempt(Attempt { at, duration, error_code: Some(code.clone()) });
+            }
+        }
+        let parts: Vec<Vec<Entry>> = match entries.len() {
+            0 => Vec::new(),
+            1 if entries[0].members.len() > 1 => {
+                let Some(entry) = entries.pop() else { return };
+                let shard = entry.shard.clone();
+                vec![entry.members.into_iter().map(|m| Entry::plain(&self.config, shard.clone(), m)).collect()]
+            }
+            1 => {
+                for entry in entries {
+                    for member in entry.members {
+                        self.fail_with(member, error.kind, Some(code.clone()), Some(error.message.clone()));
+                    }
+                }
+                return;
+            }
+            n => {
+                let second = entries.split_off(n / 2);
+                vec![entries, second]
+            }
+        };
+        for part in parts {
+            if self.config.ordering {
+                for entry in &part {
+                    if let Some(state) = self.shards.get_mut(&entry.shard) {
+                        state.busy = true;
+                    }
+                }
+            }
+            self.splits.push_back(part);
+        }
+    }
+
+    /// A parked aggregate that no listing confirmed before a member's deadline: the expired
+    /// members fail, the others are sent again (they may then be stored twice: at least once).
+    fn unpark_unconfirmed(&mut self, parked: Parked, now: Instant) {
+        let Parked { entry, at, duration, .. } = parked;
+        self.unbusy_if_unparked(&entry.shard);
+        for mut member in entry.members {
+            member.failed_attempt(Attempt { at, duration, error_code: Some(UNCONFIRMED.into()) });
+            self.retry_or_fail(member, ErrorKind::Transient, now);
+        }
+    }
+
+    /// Ordering mode: a shard whose last parked aggregate was judged may send again.
+    fn unbusy_if_unparked(&mut self, shard: &Arc<str>) {
+        if self.config.ordering
+            && !self.confirmations.holds_shard(shard)
+            && let Some(state) = self.shards.get_mut(shard)
+        {
+            state.busy = false;
         }
     }
 
@@ -683,6 +850,11 @@ impl Engine {
     }
 
     fn fail(&mut self, member: Pending, kind: ErrorKind, code: Option<String>) {
+        self.fail_with(member, kind, code, None);
+    }
+
+    /// Fails a record with the service's (or the producer's) message.
+    fn fail_with(&mut self, member: Pending, kind: ErrorKind, code: Option<String>, message: Option<String>) {
         if kind == ErrorKind::Expired {
             self.metrics.user_records_expired.fetch_add(1, Relaxed);
         } else {
@@ -691,7 +863,7 @@ impl Engine {
         let mut member = member;
         let attempts = member.take_attempts();
         let Pending { record, reply, _permits, .. } = member;
-        let error = DeliveryError::new(kind, code, record, attempts);
+        let error = DeliveryError::new(kind, code, record, attempts).with_message(message);
         self.outstanding -= 1;
         let _ = reply.send(Err(error));
         drop(_permits);
@@ -705,47 +877,100 @@ impl Engine {
         }
     }
 
-    fn on_shard_list(&mut self, list: ShardList) {
+    fn on_shard_list(&mut self, number: u64, list: Result<Vec<ShardDescription>, CallError>) {
         self.refresh_in_flight = false;
         let now = Instant::now();
         let shards = match list {
             Ok(shards) => shards,
             Err(error) => {
                 tracing::warn!(%error, "ListShards failed; retrying with backoff");
+                if error.kind == ErrorKind::NotFound {
+                    // Stored, but the stream they were stored in is gone: no reader will see them.
+                    for parked in self.confirmations.take_all() {
+                        let Parked { entry, at, duration, .. } = parked;
+                        self.unbusy_if_unparked(&entry.shard);
+                        let message = format!(
+                            "stored on {}, but the stream was deleted before its shard map could be confirmed: {}",
+                            entry.shard, error.message
+                        );
+                        for mut member in entry.members {
+                            member.failed_attempt(Attempt { at, duration, error_code: error.code.clone() });
+                            self.fail_with(member, ErrorKind::NotFound, error.code.clone(), Some(message.clone()));
+                        }
+                    }
+                }
                 if !error.kind.is_retryable() {
                     self.metrics.error(error.code.as_deref().unwrap_or("ListShards"), self.waiting.len() as u64);
                     self.fail_waiting(&error);
                 }
                 let delay = self.refresh_backoff.next().unwrap_or(self.config.backoff_max);
                 self.refresh_due = Some(now + delay);
+                self.list_retry_at = Some(now + delay);
                 return;
             }
         };
+        self.list_retry_at = None;
+        // Records to route again by this listing, oldest first: the members of aggregates that no
+        // reader keeps, then what was buffered for shards whose id now names another range.
+        let mut reroute: Vec<Pending> = Vec::new();
+        for parked in self.confirmations.judged_by(number) {
+            let Parked { entry, shard_id, sequence_number, at, duration, .. } = parked;
+            self.unbusy_if_unparked(&entry.shard);
+            match judge(entry.key_span, &shard_id, &shards) {
+                Verdict::Readable => {
+                    self.outstanding -=
+                        sender::deliver(&self.metrics, entry, (shard_id, sequence_number), at, duration, now);
+                }
+                Verdict::Unreadable => {
+                    // The shard id names another range than the one the aggregate was built
+                    // for (the stream was deleted and created again): a reader drops it whole.
+                    tracing::warn!(shard_id = %shard_id, records = entry.members.len(),
+                        "an aggregate was stored on a shard whose range no longer holds its records (was the stream re-created?); sending them again");
+                    self.metrics.error(STALE_SHARD_MAP, entry.members.len() as u64);
+                    for mut member in entry.members {
+                        member.failed_attempt(Attempt { at, duration, error_code: Some(STALE_SHARD_MAP.into()) });
+                        reroute.push(member);
+                    }
+                }
+            }
+        }
         let open: Vec<_> =
             shards.into_iter().filter(|s| s.open).map(|s| (s.range, Arc::<str>::from(s.shard_id.as_str()))).collect();
         match ShardRanges::new(open) {
             Ok(map) if map.covers_all() => {
                 self.refresh_backoff = self.backoff.build();
                 self.map_stale = false;
-                // Records held for shards that are gone go back through routing, oldest first:
-                // the sealed entries, then the aggregate being filled.
-                let gone: Vec<Arc<str>> =
-                    self.shards.keys().filter(|id| !map.iter().any(|(_, open)| open == *id)).cloned().collect();
+                // Shards closed since, or whose id now names another range: what was buffered
+                // for them goes back through routing, oldest first (the sealed entries, then the
+                // aggregate being filled).
+                let stale: Vec<Arc<str>> = self
+                    .shards
+                    .iter()
+                    .filter(|(id, state)| !map.iter().any(|(range, open)| open == *id && *range == state.range))
+                    .map(|(id, _)| id.clone())
+                    .collect();
                 self.map = Some(map);
-                for shard in gone {
+                for shard in stale {
                     let Some(state) = self.shards.remove(&shard) else { continue };
+                    if let Some(at) = self.active.iter().position(|id| *id == shard) {
+                        self.active.remove(at);
+                    }
                     self.ready_count -= state.ready.len();
                     for entry in state.ready.into_entries() {
                         self.ready_bytes -= entry.size;
-                        self.dissolve(entry, now);
+                        reroute.extend(self.fail_expired(entry.members, now));
                     }
-                    for member in state.members {
-                        self.route(member, now);
-                    }
+                    reroute.extend(state.members);
+                }
+                for member in reroute {
+                    self.route(member, now);
                 }
             }
             _ => {
                 // Mid-reshard the open shards may not cover the space yet: list again shortly.
+                for member in reroute {
+                    self.retry_or_fail(member, ErrorKind::Transient, now);
+                }
                 let delay = self.refresh_backoff.next().unwrap_or(self.config.backoff_max);
                 self.refresh_due = Some(now + delay);
             }
@@ -757,6 +982,17 @@ impl Engine {
         let mut wake = now + Duration::from_secs(1);
         if let Some(due) = self.refresh_due {
             wake = wake.min(due);
+        }
+        if !self.refresh_in_flight
+            && let Some(due) = self.confirmations.listing_due(self.config.shard_map_confirm_interval, now)
+        {
+            wake = wake.min(self.list_retry_at.map_or(due, |at| at.max(due)));
+        }
+        if let Some(deadline) = self.confirmations.earliest_deadline() {
+            wake = wake.min(deadline);
+        }
+        if !self.splits.is_empty() && self.in_flight < self.config.max_in_flight_requests {
+            wake = now;
         }
         if self.map.is_some() && !self.map_stale {
             if let Some(((at, _), _)) = self.waiting.first_key_value() {
@@ -785,8 +1021,9 @@ impl Engine {
 }
 
 impl ShardState {
-    fn new(config: &ProducerConfig, now: Instant) -> Self {
+    fn new(config: &ProducerConfig, now: Instant, range: HashKeyRange) -> Self {
         ShardState {
+            range,
             aggregator: Aggregator::with_config(AggregatorConfig::with_max_bytes(config.aggregation_max_bytes)),
             members: Vec::new(),
             aggregate_started: None,
@@ -826,8 +1063,15 @@ fn retry_delay(kind: ErrorKind, backoff: Duration) -> Duration {
     }
 }
 
-/// The attempt code of an aggregate that landed on a shard it was not built for.
+/// The attempt code of an aggregate that landed on a shard it was not built for, or on a shard
+/// whose id names another range than the one it was built for.
 pub(crate) const STALE_SHARD_MAP: &str = "StaleShardMap";
+
+/// The attempt code of an aggregate stored, but not confirmed by a listing before its deadline.
+pub(crate) const UNCONFIRMED: &str = "ShardMapUnconfirmed";
+
+/// The code of a record over the stream's record limit, found before it was sent.
+pub(crate) const RECORD_TOO_LARGE: &str = "RecordTooLarge";
 
 /// The largest user record (partition key + data) that can be sent: the stream's record limit.
 pub(crate) fn record_size(record: &UserRecord) -> usize {

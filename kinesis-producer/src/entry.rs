@@ -36,6 +36,9 @@ pub(crate) struct Entry {
     pub(crate) deadline: Instant,
     /// When the oldest member was put.
     pub(crate) oldest: Instant,
+    /// The lowest and highest hash key of the members: a reader keeps the Kinesis record on a
+    /// shard whose range holds both.
+    pub(crate) key_span: (u128, u128),
 }
 
 impl crate::ready::Aged for Entry {
@@ -63,6 +66,7 @@ impl Entry {
             due: member.enqueued + config.record_max_buffered_time,
             deadline: member.deadline,
             oldest: member.enqueued,
+            key_span: (member.hash_key, member.hash_key),
             members: vec![member],
             aggregated: false,
         }
@@ -91,6 +95,7 @@ impl Entry {
         };
         let deadline = members.iter().map(|m| m.deadline).min().unwrap_or(started);
         let oldest = members.iter().map(|m| m.enqueued).min().unwrap_or(started);
+        let key_span = members.iter().fold((u128::MAX, 0), |(lo, hi), m| (lo.min(m.hash_key), hi.max(m.hash_key)));
         Some(Entry {
             shard: shard.clone(),
             payload,
@@ -100,7 +105,14 @@ impl Entry {
             due: started + config.record_max_buffered_time,
             deadline,
             oldest,
+            key_span,
         })
+    }
+
+    /// Whether a reader keeps this Kinesis record on any shard that takes it: a plain record, or
+    /// an aggregate whose members share one hash key.
+    pub(crate) fn readable_anywhere(&self) -> bool {
+        !self.aggregated || self.key_span.0 == self.key_span.1
     }
 
     /// The PutRecords entry. An aggregate is encoded the first time.
@@ -130,4 +142,56 @@ fn compressed(config: &ProducerConfig, mut kinesis: KinesisRecord) -> KinesisRec
         }
     }
     kinesis
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use kinesis_aggregation::{Aggregator, UserRecord};
+    use tokio::sync::{Semaphore, oneshot};
+    use tokio::time::Instant;
+
+    use super::Entry;
+    use crate::config::ProducerConfig;
+    use crate::engine::Pending;
+
+    /// A buffered record for unit tests (its receipt is dropped).
+    pub(crate) fn pending(key: &str) -> Pending {
+        let record = UserRecord::new(key.to_owned(), "data");
+        let permits = Arc::new(Semaphore::new(2));
+        let (reply, _) = oneshot::channel();
+        Pending {
+            hash_key: record.hash_key().0,
+            size: record.partition_key.len() + record.data.len(),
+            record,
+            reply,
+            enqueued: Instant::now(),
+            deadline: Instant::now() + Duration::from_secs(30),
+            retry: None,
+            _permits: (permits.clone().try_acquire_owned().unwrap(), permits.try_acquire_owned().unwrap()),
+        }
+    }
+
+    /// An entry of `n` records with keys `key-0`.. (aggregated when `n` > 1).
+    pub(crate) fn entry(n: usize) -> Entry {
+        let config = ProducerConfig::default();
+        let mut aggregator = Aggregator::new();
+        let members: Vec<Pending> = (0..n).map(|i| pending(&format!("key-{i}"))).collect();
+        for member in &members {
+            assert!(aggregator.try_push_ref(&member.record).unwrap());
+        }
+        Entry::pack(&config, &Arc::from("shardId-000000000000"), &mut aggregator, members, Instant::now()).unwrap()
+    }
+
+    #[test]
+    fn an_entry_knows_the_span_of_its_members_hash_keys() {
+        let one = entry(1);
+        assert!(one.readable_anywhere() && !one.aggregated);
+        let many = entry(5);
+        let keys: Vec<u128> = many.members.iter().map(|m| m.hash_key).collect();
+        assert_eq!(many.key_span, (*keys.iter().min().unwrap(), *keys.iter().max().unwrap()));
+        assert!(many.aggregated && !many.readable_anywhere());
+    }
 }

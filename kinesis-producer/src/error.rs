@@ -110,6 +110,7 @@ impl PutError {
 pub struct DeliveryError {
     kind: ErrorKind,
     code: Option<String>,
+    message: Option<String>,
     record: Box<UserRecord>,
     attempts: crate::receipt::Attempts,
 }
@@ -121,7 +122,18 @@ impl DeliveryError {
         record: UserRecord,
         attempts: crate::receipt::Attempts,
     ) -> Self {
-        DeliveryError { kind, code, record: Box::new(record), attempts }
+        DeliveryError { kind, code, message: None, record: Box::new(record), attempts }
+    }
+
+    pub(crate) fn with_message(mut self, message: Option<String>) -> Self {
+        self.message = message;
+        self
+    }
+
+    /// What the service (or the producer) said about the failure, when there is more than the
+    /// code: a ValidationException's text names the limit the record broke.
+    pub fn message(&self) -> Option<&str> {
+        self.message.as_deref()
     }
 
     /// Why: [`ErrorKind::Expired`] when the time to live ran out, or the kind of a fatal error.

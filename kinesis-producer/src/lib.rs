@@ -27,6 +27,7 @@
 
 mod batch;
 mod config;
+mod confirm;
 mod engine;
 mod entry;
 mod error;
@@ -48,4 +49,4 @@ pub use memory::{Faults, MemoryTransport, StoredRecord};
 pub use metrics::MetricsSnapshot;
 pub use producer::{Producer, ProducerBuilder};
 pub use receipt::{Attempt, Attempts, Receipt, ReceiptFuture};
-pub use transport::{CallError, EntryResult, KinesisTransport, PutEntry, ShardDescription, Transport};
+pub use transport::{CallError, EntryResult, KinesisTransport, PutEntry, ShardDescription, StreamLimits, Transport};

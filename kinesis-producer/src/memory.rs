@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use kinesis_aggregation::{HashKey, HashKeyRange};
 
 use crate::error::ErrorKind;
-use crate::transport::{BoxFuture, CallError, EntryResult, PutEntry, ShardDescription, Transport};
+use crate::transport::{BoxFuture, CallError, EntryResult, PutEntry, ShardDescription, StreamLimits, Transport};
 
 /// The per-record error code of a write over a shard's limit.
 const THROTTLED: &str = "ProvisionedThroughputExceededException";
@@ -21,6 +21,9 @@ pub struct StoredRecord {
     pub sequence_number: String,
     /// The entry as sent.
     pub entry: PutEntry,
+    /// Which stream of that name stored it: 0 for the first, one more each time it was created
+    /// again ([`MemoryTransport::recreate`]).
+    pub generation: u32,
 }
 
 /// How the memory stream answers writes.
@@ -61,6 +64,12 @@ struct State {
     /// Per shard: (window start, bytes, records), for `Faults::ShardLimits`.
     windows: std::collections::HashMap<String, (tokio::time::Instant, u64, u64)>,
     keep: bool,
+    /// Deleted: every call fails with ResourceNotFoundException.
+    deleted: bool,
+    generation: u32,
+    /// The record limit (partition key + data) and whether DescribeStreamSummary tells it.
+    record_limit: Option<(usize, bool)>,
+    list_calls: usize,
 }
 
 /// The in-memory stream. Clones share it.
@@ -73,20 +82,37 @@ impl MemoryTransport {
     /// A stream of `shard_count` shards splitting the hash-key space evenly, which keeps what it
     /// stores (see [`MemoryTransport::discarding`]).
     pub fn new(shard_count: u32) -> Self {
-        let count = u128::from(shard_count.max(1));
-        let width = u128::MAX / count;
-        let shards = (0..count)
-            .map(|i| {
-                let start = i * width;
-                let end = if i + 1 == count { u128::MAX } else { (i + 1) * width - 1 };
-                ShardDescription {
-                    shard_id: format!("shardId-{i:012}"),
-                    range: HashKeyRange::new(start, end).expect("start <= end"),
-                    open: true,
-                }
-            })
-            .collect();
+        let shards = even_shards(shard_count);
         MemoryTransport { state: Arc::new(Mutex::new(State { shards, keep: true, ..Default::default() })) }
+    }
+
+    /// Deletes the stream: every call fails with ResourceNotFoundException until
+    /// [`MemoryTransport::recreate`].
+    pub fn delete(&self) {
+        self.lock().deleted = true;
+    }
+
+    /// Creates the stream again under the same name with `shard_count` shards, as DeleteStream
+    /// then CreateStream do: the shard ids start at `shardId-000000000000` again, over the hash
+    /// ranges of the new count. What is stored after this has the next generation.
+    pub fn recreate(&self, shard_count: u32) {
+        let mut state = self.lock();
+        state.shards = even_shards(shard_count);
+        state.deleted = false;
+        state.generation += 1;
+        state.windows.clear();
+    }
+
+    /// The stream's record limit (partition key + data): a call with an entry over it fails
+    /// whole with ValidationException, as Kinesis does. With `reported`, DescribeStreamSummary
+    /// tells the limit (`MaxRecordSizeInKiB`); without, it says nothing, as the emulators do.
+    pub fn set_record_limit(&self, bytes: usize, reported: bool) {
+        self.lock().record_limit = Some((bytes, reported));
+    }
+
+    /// How many ListShards calls were made.
+    pub fn list_calls(&self) -> usize {
+        self.lock().list_calls
     }
 
     /// Splits an open shard at the middle of its range, as SplitShard does: the parent closes and
@@ -157,6 +183,21 @@ impl Transport for MemoryTransport {
     fn put_records(&self, entries: Vec<PutEntry>) -> BoxFuture<Result<Vec<EntryResult>, CallError>> {
         let mut state = self.lock();
         state.calls += 1;
+        if state.deleted {
+            return Box::pin(std::future::ready(Err(not_found())));
+        }
+        if let Some((limit, _)) = state.record_limit
+            && let Some(index) = entries.iter().position(|e| e.partition_key.len() + e.data.len() > limit)
+        {
+            let message = format!(
+                "1 validation error detected: Value at 'records.{}.member.data' failed to satisfy constraint: \
+                 Member must have length less than or equal to {limit}",
+                index + 1
+            );
+            let error = CallError { kind: ErrorKind::InvalidInput, code: Some("ValidationException".into()), message };
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        let generation = state.generation;
         let result = match state.faults.clone() {
             Faults::FailCalls(code) => Err(CallError {
                 kind: ErrorKind::of_code(&code),
@@ -205,7 +246,12 @@ impl Transport for MemoryTransport {
                         sequence_number: sequence_number.clone(),
                     });
                     if state.keep {
-                        state.stored.push(StoredRecord { shard_id: shard.shard_id.clone(), sequence_number, entry });
+                        state.stored.push(StoredRecord {
+                            shard_id: shard.shard_id.clone(),
+                            sequence_number,
+                            entry,
+                            generation,
+                        });
                     }
                 }
                 Ok(results)
@@ -215,7 +261,11 @@ impl Transport for MemoryTransport {
     }
 
     fn list_shards(&self) -> BoxFuture<Result<Vec<ShardDescription>, CallError>> {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.list_calls += 1;
+        if state.deleted {
+            return Box::pin(std::future::ready(Err(not_found())));
+        }
         let result = match &state.list_fault {
             Some(code) => Err(CallError {
                 kind: ErrorKind::of_code(code),
@@ -225,5 +275,44 @@ impl Transport for MemoryTransport {
             None => Ok(state.shards.clone()),
         };
         Box::pin(std::future::ready(result))
+    }
+
+    fn stream_limits(&self) -> BoxFuture<Result<StreamLimits, CallError>> {
+        Box::pin(std::future::ready(self.limits()))
+    }
+}
+
+impl MemoryTransport {
+    fn limits(&self) -> Result<StreamLimits, CallError> {
+        let state = self.lock();
+        if state.deleted {
+            return Err(not_found());
+        }
+        Ok(StreamLimits::with_max_record_bytes(state.record_limit.filter(|(_, reported)| *reported).map(|(b, _)| b)))
+    }
+}
+
+/// `shard_count` shards splitting the hash-key space evenly, as CreateStream makes them.
+fn even_shards(shard_count: u32) -> Vec<ShardDescription> {
+    let count = u128::from(shard_count.max(1));
+    let width = u128::MAX / count;
+    (0..count)
+        .map(|i| {
+            let start = i * width;
+            let end = if i + 1 == count { u128::MAX } else { (i + 1) * width - 1 };
+            ShardDescription {
+                shard_id: format!("shardId-{i:012}"),
+                range: HashKeyRange::new(start, end).expect("start <= end"),
+                open: true,
+            }
+        })
+        .collect()
+}
+
+fn not_found() -> CallError {
+    CallError {
+        kind: ErrorKind::NotFound,
+        code: Some("ResourceNotFoundException".into()),
+        message: "memory stream: the stream does not exist".into(),
     }
 }

@@ -1,7 +1,7 @@
 //! The [`Producer`] handle: a cheap `Clone` over a bounded channel to the pipeline task.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use kinesis_aggregation::{HashKey, UserRecord, validate_partition_key};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -46,7 +46,8 @@ impl ProducerBuilder {
         // The inbox is bounded; buffer space is bounded by the two semaphores below.
         let (tx, rx) = mpsc::channel(16384);
         let transport: Arc<dyn Transport> = Arc::new(Upcast(self.transport));
-        let engine = Engine::new(config.clone(), transport, metrics.clone());
+        let stream_limit = Arc::new(AtomicUsize::new(0));
+        let engine = Engine::new(config.clone(), transport, metrics.clone(), stream_limit.clone());
         #[cfg(feature = "metrics")]
         let (running, stopped) = tokio::sync::watch::channel(());
         tokio::spawn(async move {
@@ -62,6 +63,7 @@ impl ProducerBuilder {
                 config,
                 metrics,
                 closed: AtomicBool::new(false),
+                stream_limit,
                 #[cfg(feature = "metrics")]
                 stopped,
             }),
@@ -80,6 +82,9 @@ impl Transport for Upcast {
     }
     fn list_shards(&self) -> crate::transport::BoxFuture<Result<Vec<crate::ShardDescription>, crate::CallError>> {
         self.0.list_shards()
+    }
+    fn stream_limits(&self) -> crate::transport::BoxFuture<Result<crate::StreamLimits, crate::CallError>> {
+        self.0.stream_limits()
     }
 }
 
@@ -109,6 +114,8 @@ pub(crate) struct Inner {
     config: ProducerConfig,
     pub(crate) metrics: Arc<Metrics>,
     closed: AtomicBool,
+    /// The stream's record limit, once the pipeline learned it (0: not known).
+    stream_limit: Arc<AtomicUsize>,
     /// Changes (closes) when the pipeline task has returned, for the metrics publishers.
     #[cfg(feature = "metrics")]
     pub(crate) stopped: tokio::sync::watch::Receiver<()>,
@@ -195,7 +202,11 @@ impl Producer {
         }
         validate_partition_key(&record.partition_key).map_err(|_| PutErrorReason::InvalidPartitionKey)?;
         let size = record_size(record);
-        let max = self.inner.config.max_record_bytes;
+        // The configured limit, or the stream's own when DescribeStreamSummary said it is lower.
+        let max = match self.inner.stream_limit.load(Relaxed) {
+            0 => self.inner.config.max_record_bytes,
+            stream => stream.min(self.inner.config.max_record_bytes),
+        };
         if size > max {
             return Err(PutErrorReason::TooLarge { size, max });
         }

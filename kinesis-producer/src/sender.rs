@@ -29,6 +29,9 @@ pub(crate) struct Response {
     pub(crate) map_out_of_date: bool,
     /// What the sender could not resolve.
     pub(crate) unresolved: Unresolved,
+    /// Aggregates stored on their predicted shard whose receipts wait for a listing that confirms
+    /// the shard's range (see `confirm.rs`), with where they were stored.
+    pub(crate) to_confirm: Vec<(Entry, Arc<str>, Arc<str>)>,
     /// When the call started.
     pub(crate) at: SystemTime,
     /// How long it took.
@@ -78,6 +81,7 @@ pub(crate) fn spawn(
             delivered: 0,
             map_out_of_date: false,
             unresolved: Unresolved::Entries(Vec::new()),
+            to_confirm: Vec::new(),
             at,
             duration,
         };
@@ -91,15 +95,19 @@ pub(crate) fn spawn(
                 let mut unresolved = Vec::new();
                 for (entry, result) in entries.into_iter().zip(results) {
                     match result {
-                        // A plain record is readable wherever it lands; an aggregate only on the
-                        // shard it was built for (a KCL reader drops it whole elsewhere).
-                        EntryResult::Stored { shard_id, sequence_number }
-                            if *shard_id == *entry.shard || !entry.aggregated =>
-                        {
+                        // A plain record (or an aggregate of one hash key) is readable wherever
+                        // it lands.
+                        EntryResult::Stored { shard_id, sequence_number } if entry.readable_anywhere() => {
                             response.map_out_of_date |= *shard_id != *entry.shard;
                             let place = (Arc::from(shard_id), Arc::from(sequence_number));
                             response.delivered += deliver(&metrics, entry, place, at, duration, now);
                         }
+                        // An aggregate on the shard it was built for: readable if that shard id
+                        // still names the range it was built for, which a listing confirms.
+                        EntryResult::Stored { shard_id, sequence_number } if *shard_id == *entry.shard => {
+                            response.to_confirm.push((entry, Arc::from(shard_id), Arc::from(sequence_number)));
+                        }
+                        // An aggregate elsewhere (a KCL reader drops it whole), or refused.
                         other => unresolved.push((entry, other)),
                     }
                 }
@@ -112,7 +120,7 @@ pub(crate) fn spawn(
 }
 
 /// Resolves the receipts of a stored entry's records; returns how many.
-fn deliver(
+pub(crate) fn deliver(
     metrics: &Metrics,
     entry: Entry,
     (shard_id, sequence_number): (Arc<str>, Arc<str>),

@@ -76,12 +76,33 @@ pub struct ShardDescription {
     pub open: bool,
 }
 
+/// The stream's own limits, where the service says them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamLimits {
+    /// The largest record (partition key + data) the stream takes, in bytes: DescribeStreamSummary's
+    /// `MaxRecordSizeInKiB` x 1024 (1 MiB by default, up to 10 MiB when raised with
+    /// UpdateMaxRecordSize). `None` when the service did not say (older endpoints, emulators).
+    pub max_record_bytes: Option<usize>,
+}
+
+impl StreamLimits {
+    /// Limits with the given record limit, in bytes.
+    pub fn with_max_record_bytes(max_record_bytes: Option<usize>) -> Self {
+        StreamLimits { max_record_bytes }
+    }
+}
+
 /// What the pipeline needs from Kinesis.
 pub trait Transport: Send + Sync + 'static {
     /// One PutRecords call; the results are in the order of the entries.
     fn put_records(&self, entries: Vec<PutEntry>) -> BoxFuture<Result<Vec<EntryResult>, CallError>>;
-    /// Every shard of the stream (all pages).
+    /// Every shard of the stream (all pages), open and closed.
     fn list_shards(&self) -> BoxFuture<Result<Vec<ShardDescription>, CallError>>;
+    /// The stream's limits (DescribeStreamSummary). The default says nothing is known.
+    fn stream_limits(&self) -> BoxFuture<Result<StreamLimits, CallError>> {
+        Box::pin(std::future::ready(Ok(StreamLimits::default())))
+    }
 }
 
 /// The real transport, over the AWS SDK.
@@ -157,6 +178,16 @@ impl Transport for KinesisTransport {
                 });
             }
             Ok(results)
+        })
+    }
+
+    fn stream_limits(&self) -> BoxFuture<Result<StreamLimits, CallError>> {
+        let (client, stream) = (self.client.clone(), self.stream_name.clone());
+        Box::pin(async move {
+            let out = client.describe_stream_summary().stream_name(&stream).send().await.map_err(|e| classify(&e))?;
+            let kib = out.stream_description_summary().and_then(|s| s.max_record_size_in_kib());
+            let max_record_bytes = kib.and_then(|k| usize::try_from(k).ok()).filter(|k| *k > 0).map(|k| k * 1024);
+            Ok(StreamLimits { max_record_bytes })
         })
     }
 

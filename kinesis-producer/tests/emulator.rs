@@ -245,3 +245,157 @@ async fn compressed_records_round_trip_through_kinesis() {
     assert!(raw.iter().all(|r| kinesis_aggregation::compression::is_compressed(&r.data)));
     producer.shutdown().await;
 }
+
+/// What a KCL reader finds in the stream now: data -> (shard, sequence, sub-sequence). An
+/// aggregate with any sub-record outside its shard's range is dropped whole, as the KCL does.
+async fn kcl_view(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> HashMap<Bytes, Vec<(String, String, Option<u64>)>> {
+    let shards = list_all_shards(client, stream).await.expect("ListShards");
+    let ranges: HashMap<String, HashKeyRange> = shards
+        .iter()
+        .map(|s| (s.shard_id.clone(), HashKeyRange::new(s.starting_hash_key, s.ending_hash_key).unwrap()))
+        .collect();
+    let mut found: HashMap<Bytes, Vec<(String, String, Option<u64>)>> = HashMap::new();
+    for record in read_stream(client, stream).await.expect("read the stream") {
+        let out = Deaggregator::with_hash_range(ranges[&record.shard_id])
+            .deaggregate(&record.partition_key, Bytes::from(record.data));
+        if out.dropped() > 0 {
+            continue;
+        }
+        for user in out.records {
+            let at = (record.shard_id.clone(), record.sequence_number.clone(), user.sub_sequence_number());
+            found.entry(user.into_data()).or_default().push(at);
+        }
+    }
+    found
+}
+
+/// Field report A: a stream deleted and created again under the same name with 3 shards instead
+/// of 2. `a-5` and `b-5` (hash keys about 0.03 and 0.33 of the space) were both on the old shard 0;
+/// now only `a-5` is. Both receipts must point where a reader finds the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_stream_is_re_created_every_receipt_points_where_a_reader_finds_the_record() {
+    let kinesis = Kinesis::start().await.expect("start Kinesis");
+    let client = kinesis.client();
+    let stream = kinesis.create_stream(2).await.expect("create a 2-shard stream");
+    let producer = Producer::builder(client.clone(), &stream).build().expect("producer");
+    producer.put(UserRecord::new("first", "0")).await.unwrap().await.expect("delivered: the producer has the map");
+    kinesis_testkit::recreate_stream(&client, &stream, 3).await.expect("re-create the stream with 3 shards");
+    let a = producer.put(UserRecord::new("a-5", "a")).await.unwrap();
+    let b = producer.put(UserRecord::new("b-5", "b")).await.unwrap();
+    producer.flush().await;
+    let receipts = [("a", a.await.expect("a-5 delivered")), ("b", b.await.expect("b-5 delivered"))];
+    let found = kcl_view(&client, &stream).await;
+    for (data, receipt) in &receipts {
+        let at = (receipt.shard_id.to_string(), receipt.sequence_number.to_string(), receipt.aggregated_index);
+        let places = found.get(data.as_bytes()).unwrap_or_else(|| panic!("{data} is not readable"));
+        assert!(places.contains(&at), "{data}: receipt {at:?}, readable at {places:?}");
+    }
+    assert_eq!(&*receipts[1].1.shard_id, "shardId-000000000001");
+    producer.shutdown().await;
+}
+
+/// Field report A under load: a producer puts steadily while the stream is deleted and created
+/// again. Records put while it did not exist fail, typed, handed back; every record acknowledged
+/// is where its receipt says and readable there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_steady_load_across_a_re_creation_every_acknowledged_record_is_readable() {
+    let kinesis = Kinesis::start().await.expect("start Kinesis");
+    let client = kinesis.client();
+    let stream = kinesis.create_stream(2).await.expect("create a 2-shard stream");
+    let producer = Producer::builder(client.clone(), &stream).build().expect("producer");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let putting = {
+        let (producer, stop) = (producer.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut receipts = Vec::new();
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..50 {
+                    let data = format!("steady {i:07}");
+                    let receipt = producer.put(UserRecord::new(format!("key-{}", i % 211), data.clone())).await;
+                    receipts.push((data, receipt.expect("buffered")));
+                    i += 1;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            receipts
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    client.delete_stream().stream_name(&stream).send().await.expect("DeleteStream");
+    while client.describe_stream_summary().stream_name(&stream).send().await.is_ok() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // From here on, a call that stores records stores them in the new stream.
+    let gone_at = std::time::SystemTime::now();
+    client.create_stream().stream_name(&stream).shard_count(3).send().await.expect("CreateStream");
+    kinesis_testkit::wait_until_stream_active(&client, &stream).await.expect("ACTIVE");
+    tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let receipts = putting.await.unwrap();
+    producer.flush().await;
+    let found = kcl_view(&client, &stream).await;
+    let (mut acknowledged, mut failed) = (0, 0);
+    for (data, receipt) in receipts {
+        match receipt.await {
+            Ok(receipt) => {
+                let at = (receipt.shard_id.to_string(), receipt.sequence_number.to_string(), receipt.aggregated_index);
+                // Stored by a call made before the old stream was gone: in the deleted stream, gone
+                // with it. Stored by a later call: readable where the receipt says.
+                let stored_by = receipt.attempts.last().expect("the successful attempt").at;
+                if stored_by >= gone_at {
+                    let places = found
+                        .get(data.as_bytes())
+                        .unwrap_or_else(|| panic!("{data} acknowledged at {at:?}, not readable"));
+                    assert!(places.contains(&at), "{data}: receipt {at:?}, readable at {places:?}");
+                    acknowledged += 1;
+                }
+            }
+            Err(error) => {
+                assert_eq!(error.into_record().data, Bytes::from(data), "a failed record is handed back");
+                failed += 1;
+            }
+        }
+    }
+    assert!(acknowledged > 1_000, "acknowledged and readable after the re-creation: {acknowledged} (failed {failed})");
+    producer.shutdown().await;
+}
+
+/// Field report D: the producer is told 10 MiB records, the stream takes 1 MiB (and ferrokinesis,
+/// like older endpoints, does not say so in DescribeStreamSummary). A 2 MiB record makes the
+/// service refuse its whole call; only that record may fail, with the service's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_the_streams_limit_fails_alone_with_the_services_message() {
+    let kinesis = Kinesis::start().await.expect("start Kinesis");
+    let client = kinesis.client();
+    for small in [1usize, 1_000] {
+        let stream = kinesis.create_stream(2).await.expect("create a 2-shard stream");
+        let config = kinesis_producer::ProducerConfig {
+            max_record_bytes: 10 * 1024 * 1024,
+            collection_max_bytes: 10 * 1024 * 1024,
+            ..Default::default()
+        };
+        let producer = Producer::builder(client.clone(), &stream).config(config).build().expect("producer");
+        let big = producer.put(UserRecord::new("big", vec![1u8; 2 * 1024 * 1024])).await.expect("buffered");
+        let mut receipts = Vec::new();
+        for i in 0..small {
+            receipts
+                .push(producer.put(UserRecord::new(format!("k{i}"), format!("small {i}"))).await.expect("buffered"));
+        }
+        producer.flush().await;
+        let failed = big.await.expect_err("the stream takes 1 MiB records");
+        assert_eq!(failed.kind(), kinesis_producer::ErrorKind::InvalidInput, "{failed:?}");
+        let message = failed.message().unwrap_or_default().to_owned();
+        assert!(message.contains("1048576"), "the service's message names the limit: {message}");
+        assert_eq!(failed.into_record().data.len(), 2 * 1024 * 1024);
+        for receipt in receipts {
+            receipt.await.expect("a record that shared the call is delivered");
+        }
+        let found = read_back(&client, &stream).await;
+        assert_eq!(found.len(), small, "every small record is in the stream");
+        producer.shutdown().await;
+    }
+}

@@ -116,7 +116,8 @@ pub use read::{
     parents_first, read_shard, read_stream,
 };
 pub use resources::{
-    ACTIVE_TIMEOUT, create_stream, create_table, unique_name, wait_until_stream_active, wait_until_table_active,
+    ACTIVE_TIMEOUT, create_stream, create_table, recreate_stream, unique_name, wait_until_stream_active,
+    wait_until_table_active,
 };
 
 /// A [`Kinesis`] and a [`DynamoDb`] endpoint, started together.

@@ -45,6 +45,40 @@ pub async fn create_stream(client: &aws_sdk_kinesis::Client, shard_count: u32) -
     Ok(name)
 }
 
+/// Deletes the stream `name`, waits until it is gone, creates it again under the same name with
+/// `shard_count` shards and waits until it is ACTIVE: what a user does to "empty" a stream, and
+/// what makes shard ids name other hash ranges (they start at `shardId-000000000000` again).
+///
+/// # Errors
+/// When DeleteStream or CreateStream fail, or a state is not reached within [`ACTIVE_TIMEOUT`].
+pub async fn recreate_stream(client: &aws_sdk_kinesis::Client, name: &str, shard_count: u32) -> Result<()> {
+    client
+        .delete_stream()
+        .stream_name(name)
+        .enforce_consumer_deletion(true)
+        .send()
+        .await
+        .map_err(|e| Error::with_source(format!("DeleteStream {name} failed"), e))?;
+    poll_until(&format!("stream {name} to be deleted"), ACTIVE_TIMEOUT, || async {
+        match client.describe_stream_summary().stream_name(name).send().await {
+            Ok(_) => Ok(false),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_not_found_exception()) => Ok(true),
+            Err(e) => Err(Error::with_source(format!("DescribeStreamSummary {name} failed"), e)),
+        }
+    })
+    .await?;
+    let shards = i32::try_from(shard_count)
+        .map_err(|_| Error::msg(format!("shard count {shard_count} does not fit the API's i32")))?;
+    client
+        .create_stream()
+        .stream_name(name)
+        .shard_count(shards)
+        .send()
+        .await
+        .map_err(|e| Error::with_source(format!("CreateStream {name} ({shard_count} shards) failed"), e))?;
+    wait_until_stream_active(client, name).await
+}
+
 /// Polls DescribeStreamSummary until the stream is ACTIVE; use it after CreateStream,
 /// SplitShard, MergeShards or UpdateShardCount.
 ///
