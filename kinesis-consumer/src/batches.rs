@@ -11,21 +11,37 @@
 //!     for record in &item.batch.records {
 //!         println!("{} {}", record.sequence_number, record.data.len());
 //!     }
-//!     item.checkpointer.checkpoint().await.ok();
+//!     item.checkpointer.checkpoint().await.ok(); // finished: the progress may pass it
 //! }
 //! # }
 //! ```
 //!
-//! Batches of one shard come in order. A shard's SHARD_END is checkpointed once every batch of it
-//! was dropped: handling a batch ends when it is dropped.
+//! Batches of one shard come in order; an application may hold several and finish them in any
+//! order. A batch is **finished** when its checkpointer's [`Checkpointer::checkpoint`] is called
+//! (which records the progress as far as every earlier batch of the shard is finished too), or
+//! when [`ShardBatch::finish`] is called (no write; a later checkpoint covers it). No checkpoint
+//! ever passes a record of a batch that is not finished:
+//! - `checkpoint()` on a batch whose earlier batches are not finished returns `Ok` and writes
+//!   nothing yet; the checkpoint of the batch that completes the run writes over all of them;
+//! - `checkpoint_at` / `checkpoint_record` are refused (`InvalidPosition`) while an earlier batch
+//!   is not finished;
+//! - SHARD_END is written once every batch of an ended shard is finished.
+//!
+//! A batch dropped without being finished is **abandoned** (a batch dropped unread is not a batch
+//! handled): nothing passes it, the shard's lease is released, and its records are delivered
+//! again from the last checkpoint (by this worker or another). Batches left unread in the stream
+//! when it is shut down or dropped are abandoned the same way: nothing of them is checkpointed.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+
+use std::sync::Arc;
 
 use crate::checkpointer::Checkpointer;
 use crate::error::{ConfigError, SchedulerError};
+use crate::handed_out::HandedOut;
 use crate::processor::Processor;
 use crate::record::Batch;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -36,9 +52,31 @@ use crate::scheduler::{Scheduler, SchedulerConfig};
 pub struct ShardBatch {
     /// The records.
     pub batch: Batch,
-    /// Records this batch's progress: [`Checkpointer::checkpoint`] records its end.
+    /// Records this batch's progress: [`Checkpointer::checkpoint`] finishes the batch and records
+    /// its end (once every earlier batch of the shard is finished).
     pub checkpointer: Checkpointer,
-    _handled: oneshot::Sender<()>,
+    guard: Guard,
+}
+
+impl ShardBatch {
+    /// Marks the batch finished without writing a checkpoint: a later checkpoint (or SHARD_END)
+    /// may pass its records.
+    pub fn finish(self) {
+        self.guard.handed.finish(self.guard.id);
+    }
+}
+
+/// Reports a batch dropped: abandoned unless it was finished.
+#[derive(Debug)]
+struct Guard {
+    handed: Arc<HandedOut>,
+    id: u64,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.handed.dropped(self.id);
+    }
 }
 
 /// A worker whose batches are read as a `Stream`.
@@ -61,8 +99,10 @@ impl Batches {
         capacity: usize,
     ) -> Result<Batches, ConfigError> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let scheduler =
-            Scheduler::start(kinesis, dynamodb, config, move |_: &str| Forward { tx: tx.clone(), last: None })?;
+        let scheduler = Scheduler::start(kinesis, dynamodb, config, move |_: &str| Forward {
+            tx: tx.clone(),
+            handed: Arc::new(HandedOut::default()),
+        })?;
         Ok(Batches { rx: Some(rx), scheduler })
     }
 
@@ -93,23 +133,48 @@ impl futures_util::Stream for Batches {
     }
 }
 
-/// The processor behind the stream: forwards batches, and checkpoints SHARD_END once the last
-/// one was handled.
+/// The processor behind the stream: forwards batches, and checkpoints SHARD_END once every one
+/// was finished.
 struct Forward {
     tx: mpsc::Sender<ShardBatch>,
-    last: Option<oneshot::Receiver<()>>,
+    /// This hold's batches handed out.
+    handed: Arc<HandedOut>,
+}
+
+impl Forward {
+    /// A batch was abandoned: its records must come again, so this hold of the lease ends.
+    fn abandoned(&self, checkpointer: &Checkpointer) -> bool {
+        let abandoned = self.handed.abandoned();
+        if abandoned > 0 {
+            tracing::warn!(
+                shard_id = checkpointer.shard_id(),
+                abandoned,
+                "a batch was dropped without being finished (checkpoint() or finish()); nothing passes it: \
+                 the shard is read again from its last checkpoint"
+            );
+            checkpointer.restart();
+        }
+        abandoned > 0
+    }
 }
 
 impl Processor for Forward {
     async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
-        let (handled, done) = oneshot::channel();
-        self.last = Some(done);
-        let _ = self.tx.send(ShardBatch { batch, checkpointer: checkpointer.clone(), _handled: handled }).await;
+        if self.abandoned(checkpointer) {
+            return;
+        }
+        let Some(end) = checkpointer.batch_end() else { return };
+        let id = self.handed.hand_out(end);
+        let guard = Guard { handed: self.handed.clone(), id };
+        let item = ShardBatch { batch, checkpointer: checkpointer.for_batch(self.handed.clone(), id), guard };
+        // A stream that is gone drops the batch: abandoned.
+        let _ = self.tx.send(item).await;
     }
 
     async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) {
-        if let Some(done) = self.last.take() {
-            let _ = done.await;
+        if !self.handed.settled().await {
+            self.abandoned(checkpointer);
+            return;
         }
         if let Err(error) = checkpointer.checkpoint().await {
             tracing::warn!(shard_id = checkpointer.shard_id(), %error, "checkpointing SHARD_END failed");

@@ -3,19 +3,85 @@
 //! Every checkpoint is a write fenced on the lease counter and the owner. Once the lease is lost
 //! it returns [`CheckpointError::LeaseLost`] and writes nothing, so the new owner's progress is
 //! never overwritten. It is a cheap `Clone`: a clone keeps the batch it was made for, so it can
-//! be used after the processing call returns (the [`crate::Batches`] stream does).
+//! be used after the processing call returns (the [`crate::Batches`] stream does). Clones share
+//! what was delivered on the lease, so any of them checks a position against all of it.
+//!
+//! What may be recorded (the KCL's rules, and stricter where the KCL lets a shard wedge):
+//! - a position delivered on this hold of the lease, or the checkpoint already stored: a sequence
+//!   number of another shard is refused (Kinesis would refuse every GetShardIterator at it);
+//! - never a position before the checkpoint already stored;
+//! - never anything after SHARD_END: it is final;
+//! - once the shard was read to its end, the last record's position *is* the shard's end, and is
+//!   recorded as SHARD_END, as the KCL does (so a processor ported from it ends its shard).
 
 use std::cmp::Ordering;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
 
 use crate::error::CheckpointError;
+use crate::handed_out::HandedOut;
 use crate::held::HeldLease;
 use crate::lease::{Checkpoint, Position};
 use crate::lease_table::{LeaseTable, Outcome};
 use crate::metrics::Metrics;
-use crate::record::{Record, cmp_positions};
+use crate::record::{Record, cmp_positions, cmp_sequence_numbers};
+
+/// The most Kinesis records remembered as delivered since the last checkpoint. A processor that
+/// never checkpoints keeps at most this many (a few tens of MB); beyond it, the oldest cannot be
+/// checkpointed at any more (the checkpoint is refused, never written wrong).
+const MAX_REMEMBERED: usize = 1_000_000;
+
+/// What was delivered on one hold of a lease, shared by a checkpointer and its clones.
+#[derive(Debug, Default)]
+struct Delivered {
+    /// Kinesis records delivered and not yet behind the stored checkpoint, in order: sequence
+    /// number and the highest sub-sequence number delivered of it.
+    positions: VecDeque<(Arc<str>, u64)>,
+    /// The newest position delivered.
+    last: Option<(Arc<str>, u64)>,
+    /// The shard was read to its end and `last` is its last record.
+    ended: bool,
+}
+
+impl Delivered {
+    fn push(&mut self, record: &Record) {
+        let position = (record.sequence_number.clone(), record.sub_sequence_number);
+        match self.positions.back_mut() {
+            Some((seq, sub)) if *seq == record.sequence_number => *sub = (*sub).max(record.sub_sequence_number),
+            _ => {
+                if self.positions.len() >= MAX_REMEMBERED {
+                    self.positions.pop_front();
+                }
+                self.positions.push_back(position.clone());
+            }
+        }
+        self.last = Some(position);
+    }
+
+    /// Whether (sequence, sub-sequence) was delivered.
+    fn contains(&self, sequence: &str, sub: u64) -> bool {
+        let at = self.positions.partition_point(|(seq, _)| cmp_sequence_numbers(seq, sequence) == Ordering::Less);
+        matches!(self.positions.get(at), Some((seq, highest)) if cmp_sequence_numbers(seq, sequence) == Ordering::Equal && sub <= *highest)
+    }
+
+    /// Forgets what is before a written checkpoint.
+    fn written(&mut self, sequence: &str) {
+        while self.positions.front().is_some_and(|(seq, _)| cmp_sequence_numbers(seq, sequence) == Ordering::Less) {
+            self.positions.pop_front();
+        }
+    }
+
+    /// Whether `position` is the shard's end: it was read to its end and this is its last record.
+    fn is_end(&self, sequence: &str, sub: u64) -> bool {
+        self.ended
+            && self
+                .last
+                .as_ref()
+                .is_some_and(|(seq, last_sub)| cmp_positions((seq, *last_sub), (sequence, sub)).is_eq())
+    }
+}
 
 /// Records checkpoints for one shard.
 #[derive(Clone, Debug)]
@@ -25,13 +91,30 @@ pub struct Checkpointer {
     metrics: Arc<Metrics>,
     /// What [`Checkpointer::checkpoint`] records: the end of the batch, or SHARD_END.
     end: Option<Checkpoint>,
-    /// The newest (sequence, sub-sequence) delivered to the processor.
-    largest: Option<(Arc<str>, u64)>,
+    delivered: Arc<Mutex<Delivered>>,
+    /// The [`crate::Batches`] stream: this clone's batch among the shard's batches handed out.
+    batch: Option<(Arc<HandedOut>, u64)>,
 }
 
 impl Checkpointer {
     pub(crate) fn new(held: Arc<HeldLease>, table: LeaseTable, metrics: Arc<Metrics>) -> Self {
-        Checkpointer { held, table, metrics, end: None, largest: None }
+        Checkpointer { held, table, metrics, end: None, delivered: Arc::default(), batch: None }
+    }
+
+    /// A clone for one batch handed out by the [`crate::Batches`] stream.
+    pub(crate) fn for_batch(&self, handed: Arc<HandedOut>, id: u64) -> Checkpointer {
+        Checkpointer { batch: Some((handed, id)), ..self.clone() }
+    }
+
+    /// The end of the batch this checkpointer was made for.
+    pub(crate) fn batch_end(&self) -> Option<Checkpoint> {
+        self.end.clone()
+    }
+
+    /// Ends this hold of the lease: the consumer stops and releases it, and the shard is read
+    /// again from its last checkpoint (here or by another worker).
+    pub(crate) fn restart(&self) {
+        self.held.request_restart();
     }
 
     /// The shard.
@@ -39,10 +122,18 @@ impl Checkpointer {
         self.held.key()
     }
 
+    fn delivered(&self) -> std::sync::MutexGuard<'_, Delivered> {
+        self.delivered.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Notes the batch about to be handed over.
     pub(crate) fn delivering(&mut self, records: &[Record]) {
         if let Some(last) = records.last() {
-            self.largest = Some((last.sequence_number.clone(), last.sub_sequence_number));
+            let mut delivered = self.delivered();
+            for record in records {
+                delivered.push(record);
+            }
+            drop(delivered);
             self.end = Some(Checkpoint {
                 position: Position::Sequence(last.sequence_number.to_string()),
                 sub_sequence: last.sub_sequence_number,
@@ -50,22 +141,46 @@ impl Checkpointer {
         }
     }
 
-    /// The shard is read to its end: [`Checkpointer::checkpoint`] now records SHARD_END.
+    /// The shard is read to its end: [`Checkpointer::checkpoint`] now records SHARD_END, and so
+    /// does a checkpoint at the last record (from any clone).
     pub(crate) fn at_shard_end(&mut self) {
+        self.delivered().ended = true;
         self.end = Some(Checkpoint::at(Position::ShardEnd));
     }
 
     /// Records the end of the batch (in `shard_ended`: SHARD_END). Does nothing before any
-    /// record was delivered.
+    /// record was delivered. Once the shard was read to its end, the end of its last batch is
+    /// SHARD_END.
     ///
     /// # Errors
-    /// [`CheckpointError::LeaseLost`] when the lease is no longer held (nothing is written);
-    /// [`CheckpointError::Table`] when the write failed (try again).
+    /// [`CheckpointError::LeaseLost`] when another worker holds the lease (this checkpoint is not
+    /// written); [`CheckpointError::Table`] when the write failed (try again: it may or may not
+    /// have been applied, and writing the same checkpoint again is harmless);
+    /// [`CheckpointError::InvalidPosition`] after SHARD_END.
     ///
-    /// Not cancel-safe: cancelled while the write is in flight, the checkpoint may be written
-    /// while this worker does not learn the new lease counter, and then sees the lease as lost.
+    /// Not cancel-safe: cancelled while the write is in flight, the checkpoint may or may not be
+    /// written; the next write finds out and goes on (see [`LeaseTable::renew`]).
     pub async fn checkpoint(&mut self) -> Result<(), CheckpointError> {
+        if let Some((handed, id)) = &self.batch {
+            // A batch of the stream adapter: finished now; the checkpoint goes as far as every
+            // batch before it is finished too (perhaps not at all yet).
+            let Some(progress) = handed.finish(*id) else { return Ok(()) };
+            return match progress {
+                Checkpoint { position: Position::Sequence(seq), sub_sequence }
+                    if self.delivered().is_end(&seq, sub_sequence) =>
+                {
+                    self.write(Checkpoint::at(Position::ShardEnd)).await
+                }
+                progress => self.write(progress).await,
+            };
+        }
         match self.end.clone() {
+            Some(Checkpoint { position: Position::Sequence(seq), sub_sequence }) => {
+                if self.delivered().is_end(&seq, sub_sequence) {
+                    return self.write(Checkpoint::at(Position::ShardEnd)).await;
+                }
+                self.write(Checkpoint { position: Position::Sequence(seq), sub_sequence }).await
+            }
             Some(end) => self.write(end).await,
             None => Ok(()),
         }
@@ -79,13 +194,15 @@ impl Checkpointer {
         self.checkpoint_at(&record.sequence_number, record.sub_sequence_number).await
     }
 
-    /// Records a given position: the shard resumes after (sequence, sub-sequence).
+    /// Records a given position: the shard resumes after (sequence, sub-sequence). At the last
+    /// record of a shard read to its end, records SHARD_END (as the KCL does).
     ///
     /// # Errors
-    /// [`CheckpointError::InvalidPosition`] when the position is not a sequence number, is after
-    /// the newest record delivered, or before the checkpoint already recorded;
-    /// [`CheckpointError::LeaseLost`] and [`CheckpointError::Table`] as for
-    /// [`Checkpointer::checkpoint`].
+    /// [`CheckpointError::InvalidPosition`] when the position is not a sequence number, was not
+    /// delivered on this lease (a sequence number of another shard, or after the newest record
+    /// delivered) and is not the checkpoint already stored, is before the checkpoint already
+    /// stored, or comes after SHARD_END; [`CheckpointError::LeaseLost`] and
+    /// [`CheckpointError::Table`] as for [`Checkpointer::checkpoint`].
     pub async fn checkpoint_at(
         &mut self,
         sequence_number: &str,
@@ -99,10 +216,38 @@ impl Checkpointer {
         if sequence_number.is_empty() || !sequence_number.bytes().all(|b| b.is_ascii_digit()) {
             return Err(invalid("not a sequence number"));
         }
-        match &self.largest {
-            Some((seq, sub))
-                if cmp_positions((sequence_number, sub_sequence_number), (seq, *sub)) != Ordering::Greater => {}
-            _ => return Err(invalid("after the newest record delivered")),
+        if let Some((handed, id)) = &self.batch
+            && !handed.earlier_finished(*id)
+        {
+            return Err(invalid(
+                "an earlier batch of this shard is not finished (the checkpoint would pass its records)",
+            ));
+        }
+        let position = (sequence_number, sub_sequence_number);
+        let (delivered, is_end, after_last) = {
+            let delivered = self.delivered();
+            let after_last =
+                delivered.last.as_ref().is_none_or(|(seq, sub)| cmp_positions(position, (seq, *sub)).is_gt());
+            (
+                delivered.contains(sequence_number, sub_sequence_number),
+                delivered.is_end(sequence_number, sub_sequence_number),
+                after_last,
+            )
+        };
+        if is_end {
+            return self.write(Checkpoint::at(Position::ShardEnd)).await;
+        }
+        let stored = {
+            let lease = self.held.lease().await;
+            matches!(&lease.checkpoint.position, Position::Sequence(seq)
+                if cmp_positions((seq, lease.checkpoint.sub_sequence), position).is_eq())
+        };
+        if !delivered && !stored {
+            return Err(invalid(if after_last {
+                "after the newest record delivered"
+            } else {
+                "not a record delivered on this lease (a sequence number of another shard?)"
+            }));
         }
         let checkpoint =
             Checkpoint { position: Position::Sequence(sequence_number.to_owned()), sub_sequence: sub_sequence_number };
@@ -115,6 +260,16 @@ impl Checkpointer {
         if self.held.is_lost() {
             Metrics::add(&self.metrics.checkpoint_failures, 1);
             return Err(CheckpointError::LeaseLost { shard_id });
+        }
+        if lease.checkpoint.position == Position::ShardEnd {
+            return match checkpoint.position {
+                Position::ShardEnd => Ok(()),
+                _ => Err(CheckpointError::InvalidPosition {
+                    shard_id,
+                    position: format!("{}/{}", checkpoint.position.as_str(), checkpoint.sub_sequence),
+                    reason: "the shard is checkpointed at SHARD_END, which is final",
+                }),
+            };
         }
         if let (Position::Sequence(current), Position::Sequence(new)) =
             (&lease.checkpoint.position, &checkpoint.position)
@@ -131,6 +286,9 @@ impl Checkpointer {
             Ok(Outcome::Done(written)) => {
                 *lease = *written;
                 self.held.written(sent);
+                if let Position::Sequence(seq) = &checkpoint.position {
+                    self.delivered().written(seq);
+                }
                 Metrics::add(&self.metrics.checkpoints, 1);
                 tracing::debug!(shard_id = %shard_id, checkpoint = checkpoint.position.as_str(), sub = checkpoint.sub_sequence, "checkpoint");
                 Ok(())
@@ -145,5 +303,32 @@ impl Checkpointer {
                 Err(CheckpointError::Table { shard_id, source })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: &str, sub: u64) -> Record {
+        Record::new(seq, sub, "k", "d")
+    }
+
+    #[test]
+    fn only_delivered_positions_are_known_and_the_end_is_the_last_one() {
+        let mut delivered = Delivered::default();
+        for r in [record("100", 0), record("200", 0), record("200", 1), record("200", 2), record("350", 0)] {
+            delivered.push(&r);
+        }
+        assert!(delivered.contains("100", 0) && delivered.contains("200", 2) && delivered.contains("350", 0));
+        assert!(!delivered.contains("200", 3), "past the aggregate's last sub-record");
+        assert!(!delivered.contains("300", 0), "between two delivered records: another shard's number");
+        assert!(!delivered.contains("99", 0) && !delivered.contains("351", 0));
+        assert!(!delivered.is_end("350", 0), "not read to the end yet");
+        delivered.ended = true;
+        assert!(delivered.is_end("350", 0) && !delivered.is_end("200", 2));
+        delivered.written("200");
+        assert!(!delivered.contains("100", 0), "forgotten once a later checkpoint is written");
+        assert!(delivered.contains("200", 1), "the checkpoint's own record stays (a later sub-record may follow)");
     }
 }

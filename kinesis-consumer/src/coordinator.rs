@@ -86,7 +86,7 @@ impl LeaseCoordinator {
     pub(crate) fn with_metrics(table: LeaseTable, config: CoordinatorConfig, metrics: Arc<Metrics>) -> Self {
         LeaseCoordinator {
             inner: Arc::new(Inner {
-                table,
+                table: table.for_new_instance(),
                 config,
                 held: Mutex::new(BTreeMap::new()),
                 observations: Mutex::new(Observations::default()),

@@ -84,9 +84,13 @@ impl KinesisError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CheckpointError {
-    /// The lease is no longer this worker's: another worker took it, or it could not be renewed
-    /// in time. Nothing was written; the new owner's progress stands. Stop processing the shard.
-    #[error("the lease of shard {shard_id} is lost; the checkpoint was not written")]
+    /// The lease is no longer this worker's: another worker took it, its row is gone, or it
+    /// could not be renewed in time. This checkpoint was not written; the new owner's progress
+    /// stands. Stop processing the shard. (An earlier checkpoint that failed with
+    /// [`CheckpointError::Table`] may have been written: a lost answer is not a lost write. A
+    /// write whose answer was lost is no reason for this error: the next write finds the row
+    /// still names this worker, and goes on.)
+    #[error("the lease of shard {shard_id} is no longer this worker's; this checkpoint was not written")]
     LeaseLost {
         /// The shard.
         shard_id: String,

@@ -9,9 +9,13 @@
 //!   ends (after 5 minutes) or fails, a new one starts AFTER the last continuation sequence number,
 //!   so nothing is read twice or skipped. ResourceInUse (another subscription still open) and
 //!   LimitExceeded back off.
-//! - **Shard end**: an event with ChildShards (and nothing more after it), as polling's end; for a
-//!   server that never sends ChildShards, a closed shard is also recognised after a quiet spell by
-//!   one GetRecords after the continuation point.
+//! - **Shard end**: the service's end signal only, an event without a continuation sequence
+//!   number (the last event of a closed shard), after every record before it. ChildShards alone
+//!   is no end: a server may attach them to every event of a closed shard while records remain
+//!   (the KCL also ends on the missing continuation). For a server that never sends the signal, a
+//!   closed shard is also recognised after a quiet spell by one GetRecords after the continuation
+//!   point. A shard the stream no longer lists (ResourceNotFound) is ended, as with polling; a
+//!   checkpoint the service refuses is read past from TRIM_HORIZON, as with polling.
 //! - **Back-pressure**: the event stream's own flow control. The fetcher stops reading events while
 //!   the bounded channel to the processor is full; the server then waits on the connection.
 
@@ -26,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::error::{ErrorKind, KinesisError};
-use crate::fetcher::{Fetch, backoff};
+use crate::fetcher::{Fetch, backoff, gone_or_failed, refused_checkpoint};
 use crate::kinesis::{KinesisApi, StartAt};
 use crate::metrics::Metrics;
 use crate::record::{Unpacker, cmp_sequence_numbers};
@@ -195,6 +199,9 @@ pub(crate) struct FanOutFetcher {
     pub unpacker: Unpacker,
     /// The sequence number of the last Kinesis record read.
     pub last_read: Option<String>,
+    /// When records last came (across subscriptions): after `end_check_after` without any, one
+    /// GetRecords checks whether the shard is closed and read to its end.
+    pub last_records: Instant,
 }
 
 fn starting_position(at: &StartAt) -> StartingPosition {
@@ -242,6 +249,14 @@ impl FanOutFetcher {
                 Ok(out) => out,
                 Err(e) => {
                     let e = error("SubscribeToShard", e);
+                    if refused_checkpoint(&position, &e, &self.shard_id, &self.metrics) {
+                        position = StartAt::TrimHorizon;
+                        continue;
+                    }
+                    if e.kind == ErrorKind::NotFound {
+                        let _ = tx.send(gone_or_failed(&self.api, &self.shard_id, e).await).await;
+                        return;
+                    }
                     if e.kind == ErrorKind::Throttled || e.kind.is_retryable() {
                         let wait = waits.next().unwrap_or(self.config.backoff.1);
                         tracing::debug!(shard_id = %self.shard_id, error = %e, ?wait, "SubscribeToShard refused; trying again");
@@ -278,7 +293,6 @@ impl FanOutFetcher {
         tx: &mpsc::Sender<Fetch>,
         waits: &mut ExponentialBackoff,
     ) -> Ended {
-        let mut last_records = Instant::now();
         let ends_at = self.config.subscription_lifetime.map(|lifetime| Instant::now() + lifetime);
         loop {
             if ends_at.is_some_and(|at| Instant::now() >= at) {
@@ -304,13 +318,17 @@ impl FanOutFetcher {
             *waits = backoff(self.config.backoff);
             self.metrics.behind(&self.shard_id, Some(event.millis_behind_latest()));
             let had_records = !event.records().is_empty();
-            let continuation = event.continuation_sequence_number();
-            let shard_end = !event.child_shards().is_empty() || (continuation.is_empty() && !had_records);
+            let continuation = event.continuation_sequence_number().to_owned();
+            // The service's end signal: no continuation (the last event of a closed shard). A
+            // server that attaches ChildShards to other events too (ferrokinesis does, to every
+            // event of a closed shard) is taken at its word only for an event without records,
+            // and only once a GetRecords after the position confirms the shard is read to its end.
+            let drained_hint = !had_records && !event.child_shards().is_empty();
             // The next subscription starts after the last record read; before any record, after
             // the continuation point (a LATEST start must not move on). Emulators do not all
             // honour a continuation number that is not a record's.
             if self.last_read.is_none() && !continuation.is_empty() {
-                *position = StartAt::AfterSequence(continuation.to_owned());
+                *position = StartAt::AfterSequence(continuation.clone());
             }
             // A server that replays (an unknown starting number read from the start) must not
             // deliver a record twice.
@@ -325,17 +343,21 @@ impl FanOutFetcher {
             let mut records = Vec::with_capacity(kinesis_records.len());
             self.metrics.unpacked(self.unpacker.unpack(kinesis_records, &mut records));
             if !records.is_empty() {
-                last_records = Instant::now();
                 // Waiting here is the back-pressure: no event is read until the processor catches up.
                 if tx.send(Fetch::Records { records, millis_behind_latest: None }).await.is_err() {
                     return Ended::Stop;
                 }
             }
-            if shard_end {
+            if continuation.is_empty() {
                 return Ended::ShardEnd;
             }
-            if !had_records && last_records.elapsed() >= self.config.end_check_after {
-                last_records = Instant::now();
+            if drained_hint && self.read_to_end(position).await {
+                return Ended::ShardEnd;
+            }
+            if had_records {
+                self.last_records = Instant::now();
+            } else if self.last_records.elapsed() >= self.config.end_check_after {
+                self.last_records = Instant::now();
                 if self.read_to_end(position).await {
                     return Ended::ShardEnd;
                 }

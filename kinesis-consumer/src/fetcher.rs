@@ -5,7 +5,15 @@
 //!   200 ms (a shard serves 5 GetRecords calls a second), an empty one after the idle time.
 //! - Read throttling and transient errors: retried with exponential backoff and jitter.
 //! - An expired iterator: a new one after the last sequence number read (or at the start).
-//! - The end of a closed shard: [`Fetch::End`].
+//! - The end of a closed shard: [`Fetch::End`]. So is a shard the stream no longer lists
+//!   (ResourceNotFound from GetShardIterator or GetRecords, and ListShards confirms it: a shard
+//!   closed longer ago than the retention period has expired, and with it every record), as the
+//!   KCL does, so that its children start. A stream that is gone is a failure.
+//! - A checkpoint the service refuses as a starting point (InvalidArgument at AT_SEQUENCE_NUMBER:
+//!   a sequence number of another shard or of an older stream of the same name): counted in
+//!   `unusable_checkpoints`, logged as an error, and the shard is read from TRIM_HORIZON with
+//!   every record at or before the checkpoint's number left out (sequence numbers grow within a
+//!   shard), so it neither wedges nor skips.
 //!
 //! The channel to the consumer is bounded: a slow processor stops the reads.
 
@@ -19,7 +27,7 @@ use tokio::sync::mpsc;
 use crate::error::{ErrorKind, KinesisError};
 use crate::kinesis::{Fetched, KinesisApi, StartAt};
 use crate::metrics::Metrics;
-use crate::record::{Record, Unpacker};
+use crate::record::{Record, Unpacker, cmp_sequence_numbers};
 
 /// Settings of the polling fetcher. Defaults are the KCL's.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +78,9 @@ pub(crate) trait Reader: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<String>, KinesisError>> + Send;
 
     fn get_records(&self, iterator: &str, limit: i32) -> impl Future<Output = Result<Fetched, KinesisError>> + Send;
+
+    /// Whether the stream still lists the shard (`NotFound`: the stream is gone).
+    fn shard_listed(&self, shard_id: &str) -> impl Future<Output = Result<bool, KinesisError>> + Send;
 }
 
 impl Reader for KinesisApi {
@@ -84,6 +95,37 @@ impl Reader for KinesisApi {
     fn get_records(&self, iterator: &str, limit: i32) -> impl Future<Output = Result<Fetched, KinesisError>> + Send {
         KinesisApi::get_records(self, iterator, limit)
     }
+
+    fn shard_listed(&self, shard_id: &str) -> impl Future<Output = Result<bool, KinesisError>> + Send {
+        KinesisApi::shard_listed(self, shard_id)
+    }
+}
+
+/// What ResourceNotFound from a read of one shard means.
+pub(crate) async fn gone_or_failed<R: Reader>(reader: &R, shard_id: &str, error: KinesisError) -> Fetch {
+    match reader.shard_listed(shard_id).await {
+        Ok(false) => {
+            tracing::warn!(shard_id, %error, "the stream no longer lists the shard (expired after its retention period): it is ended");
+            Fetch::End
+        }
+        // Listed (an inconsistency that passes) or the listing failed: hand the error over; the
+        // lease is released and read again.
+        Ok(true) | Err(_) => Fetch::Failed(error),
+    }
+}
+
+/// Whether a refused starting point was a checkpoint, so that the shard is read from its
+/// oldest record instead (the records up to the checkpoint's number left out by the unpacker).
+pub(crate) fn refused_checkpoint(at: &StartAt, error: &KinesisError, shard_id: &str, metrics: &Metrics) -> bool {
+    if error.kind != ErrorKind::Invalid || !matches!(at, StartAt::AtSequence(_) | StartAt::AfterSequence(_)) {
+        return false;
+    }
+    Metrics::add(&metrics.unusable_checkpoints, 1);
+    tracing::error!(shard_id, ?at, %error,
+        "Kinesis refuses the checkpoint as a position in this shard (a sequence number of another shard, or of an \
+         older stream of this name); reading the shard from TRIM_HORIZON, leaving out every record up to the \
+         checkpoint's sequence number");
+    true
 }
 
 pub(crate) struct Fetcher<R = KinesisApi> {
@@ -92,6 +134,9 @@ pub(crate) struct Fetcher<R = KinesisApi> {
     pub config: PollingConfig,
     pub metrics: Arc<Metrics>,
     pub unpacker: Unpacker,
+    /// After a refused starting position, reading from TRIM_HORIZON leaves out the Kinesis
+    /// records before this sequence number (and at it, when `true`).
+    pub skip_through: Option<(String, bool)>,
 }
 
 /// Exponential waits with jitter from `range.0` up to `range.1`, without end (the reads go on while
@@ -124,8 +169,20 @@ impl<R: Reader> Fetcher<R> {
                         last_read = Some(last.sequence_number.clone());
                     }
                     self.metrics.behind(&self.shard_id, page.millis_behind_latest);
-                    let mut records = Vec::with_capacity(page.records.len());
-                    self.metrics.unpacked(self.unpacker.unpack(page.records, &mut records));
+                    let mut page_records = page.records;
+                    if let Some((seq, inclusive)) = &self.skip_through {
+                        // Read from TRIM_HORIZON after a refused position: what is before it was read.
+                        page_records.retain(|r| match cmp_sequence_numbers(&r.sequence_number, seq) {
+                            std::cmp::Ordering::Less => false,
+                            std::cmp::Ordering::Equal => !inclusive,
+                            std::cmp::Ordering::Greater => true,
+                        });
+                        if page_records.last().is_some_and(|r| cmp_sequence_numbers(&r.sequence_number, seq).is_gt()) {
+                            self.skip_through = None;
+                        }
+                    }
+                    let mut records = Vec::with_capacity(page_records.len());
+                    self.metrics.unpacked(self.unpacker.unpack(page_records, &mut records));
                     if !records.is_empty() {
                         let fetch = Fetch::Records { records, millis_behind_latest: page.millis_behind_latest };
                         if tx.send(fetch).await.is_err() {
@@ -149,6 +206,10 @@ impl<R: Reader> Fetcher<R> {
                         None => return,
                     }
                 }
+                Err(e) if e.kind == ErrorKind::NotFound => {
+                    let _ = tx.send(gone_or_failed(&self.api, &self.shard_id, e).await).await;
+                    return;
+                }
                 Err(e) if e.kind.is_retryable() => {
                     if e.kind == ErrorKind::Throttled {
                         Metrics::add(&self.metrics.read_throttles, 1);
@@ -171,20 +232,38 @@ impl<R: Reader> Fetcher<R> {
     /// A shard iterator; without one, the shard's end or the failure is handed over and `None`
     /// returned.
     async fn iterator_or_hand_over(
-        &self,
+        &mut self,
         at: &StartAt,
         backoff: &mut impl Iterator<Item = Duration>,
         tx: &mpsc::Sender<Fetch>,
     ) -> Option<String> {
-        match self.iterator(at, backoff).await {
-            Ok(Some(iterator)) => Some(iterator),
-            Ok(None) => {
-                let _ = tx.send(Fetch::End).await;
-                None
-            }
-            Err(e) => {
-                let _ = tx.send(Fetch::Failed(e)).await;
-                None
+        let mut at = at.clone();
+        loop {
+            match self.iterator(&at, backoff).await {
+                Ok(Some(iterator)) => return Some(iterator),
+                Ok(None) => {
+                    let _ = tx.send(Fetch::End).await;
+                    return None;
+                }
+                Err(e) if refused_checkpoint(&at, &e, &self.shard_id, &self.metrics) => {
+                    // Everything before the refused position is left out: up to the sequence number
+                    // for AT_SEQUENCE_NUMBER (the unpacker drops the sub-records at or before the
+                    // checkpoint), through it for AFTER_SEQUENCE_NUMBER.
+                    self.skip_through = match &at {
+                        StartAt::AtSequence(seq) => Some((seq.clone(), false)),
+                        StartAt::AfterSequence(seq) => Some((seq.clone(), true)),
+                        _ => None,
+                    };
+                    at = StartAt::TrimHorizon;
+                }
+                Err(e) if e.kind == ErrorKind::NotFound => {
+                    let _ = tx.send(gone_or_failed(&self.api, &self.shard_id, e).await).await;
+                    return None;
+                }
+                Err(e) => {
+                    let _ = tx.send(Fetch::Failed(e)).await;
+                    return None;
+                }
             }
         }
     }
@@ -220,13 +299,17 @@ mod tests {
 
     /// Answers GetRecords from a script; records every GetShardIterator asked for.
     #[derive(Default)]
-    struct Scripted {
-        answers: Mutex<VecDeque<Result<Fetched, ErrorKind>>>,
-        iterators: Mutex<Vec<StartAt>>,
+    pub(super) struct Scripted {
+        pub(super) answers: Mutex<VecDeque<Result<Fetched, ErrorKind>>>,
+        /// Errors for the next GetShardIterator calls.
+        pub(super) iterator_errors: Mutex<VecDeque<ErrorKind>>,
+        pub(super) iterators: Mutex<Vec<StartAt>>,
         calls: Mutex<Vec<Instant>>,
+        /// What ListShards says of the shard.
+        pub(super) listed: Mutex<bool>,
     }
 
-    fn page(seqs: &[&str], next: Option<&str>) -> Result<Fetched, ErrorKind> {
+    pub(super) fn page(seqs: &[&str], next: Option<&str>) -> Result<Fetched, ErrorKind> {
         let records = seqs
             .iter()
             .map(|s| {
@@ -244,7 +327,14 @@ mod tests {
     impl Reader for Arc<Scripted> {
         async fn shard_iterator(&self, _shard_id: &str, at: &StartAt) -> Result<Option<String>, KinesisError> {
             self.iterators.lock().unwrap().push(at.clone());
-            Ok(Some("it".into()))
+            match self.iterator_errors.lock().unwrap().pop_front() {
+                Some(kind) => Err(KinesisError::new(kind, "GetShardIterator", Some(format!("{kind:?}")), None)),
+                None => Ok(Some("it".into())),
+            }
+        }
+
+        async fn shard_listed(&self, _shard_id: &str) -> Result<bool, KinesisError> {
+            Ok(*self.listed.lock().unwrap())
         }
 
         async fn get_records(&self, _iterator: &str, _limit: i32) -> Result<Fetched, KinesisError> {
@@ -257,17 +347,18 @@ mod tests {
         }
     }
 
-    fn fetcher(reader: &Arc<Scripted>, metrics: &Arc<Metrics>) -> Fetcher<Arc<Scripted>> {
+    pub(super) fn fetcher(reader: &Arc<Scripted>, metrics: &Arc<Metrics>) -> Fetcher<Arc<Scripted>> {
         Fetcher {
             api: reader.clone(),
             shard_id: "shard".into(),
             config: PollingConfig::default(),
             metrics: metrics.clone(),
             unpacker: Unpacker::new("shard".into(), None, None),
+            skip_through: None,
         }
     }
 
-    async fn drain(mut rx: mpsc::Receiver<Fetch>) -> (Vec<String>, bool) {
+    pub(super) async fn drain(mut rx: mpsc::Receiver<Fetch>) -> (Vec<String>, bool) {
         let mut seqs = Vec::new();
         let mut ended = false;
         while let Some(fetch) = rx.recv().await {
@@ -331,14 +422,67 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_error_retrying_cannot_help_is_handed_over() {
         let reader = Arc::new(Scripted::default());
-        reader.answers.lock().unwrap().push_back(Err(ErrorKind::NotFound));
+        // Access denied, say.
+        reader.answers.lock().unwrap().push_back(Err(ErrorKind::Fatal));
         let metrics = Arc::new(Metrics::default());
         let (tx, mut rx) = mpsc::channel(4);
         tokio::spawn(fetcher(&reader, &metrics).run(StartAt::Latest, tx));
         match rx.recv().await {
-            Some(Fetch::Failed(e)) => assert_eq!(e.kind, ErrorKind::NotFound),
+            Some(Fetch::Failed(e)) => assert_eq!(e.kind, ErrorKind::Fatal),
             other => panic!("{other:?}"),
         }
         assert!(rx.recv().await.is_none());
+    }
+}
+
+#[cfg(test)]
+mod refusals {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use super::tests::*;
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_kinesis_refuses_is_read_past_from_the_oldest_record_not_wedged() {
+        let reader = Arc::new(Scripted::default());
+        reader.iterator_errors.lock().unwrap().push_back(ErrorKind::Invalid);
+        // From TRIM_HORIZON: records before, at and after the checkpoint 200.
+        reader.answers.lock().unwrap().extend([page(&["100", "200", "300"], Some("a")), page(&["400"], None)]);
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(4);
+        let mut fetcher = fetcher(&reader, &metrics);
+        fetcher.unpacker = Unpacker::new("shard".into(), None, Some(("200".into(), 0)));
+        tokio::spawn(fetcher.run(StartAt::AtSequence("200".into()), tx));
+        let (seqs, ended) = drain(rx).await;
+        assert_eq!(seqs, ["300", "400"], "nothing at or before the checkpoint, nothing after it skipped");
+        assert!(ended);
+        assert_eq!(*reader.iterators.lock().unwrap(), [StartAt::AtSequence("200".into()), StartAt::TrimHorizon]);
+        assert_eq!(metrics.unusable_checkpoints.load(Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shard_the_stream_no_longer_lists_is_ended_so_its_children_start() {
+        for (listed, ends) in [(false, true), (true, false)] {
+            let reader = Arc::new(Scripted::default());
+            *reader.listed.lock().unwrap() = listed;
+            reader.iterator_errors.lock().unwrap().push_back(ErrorKind::NotFound);
+            let metrics = Arc::new(Metrics::default());
+            let (tx, mut rx) = mpsc::channel(4);
+            tokio::spawn(fetcher(&reader, &metrics).run(StartAt::TrimHorizon, tx));
+            match rx.recv().await {
+                Some(Fetch::End) => assert!(ends),
+                Some(Fetch::Failed(e)) => assert!(!ends && e.kind == ErrorKind::NotFound),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The same when GetRecords says it.
+        let reader = Arc::new(Scripted::default());
+        reader.answers.lock().unwrap().extend([page(&["1"], Some("a")), Err(ErrorKind::NotFound)]);
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(fetcher(&reader, &metrics).run(StartAt::TrimHorizon, tx));
+        let (seqs, ended) = drain(rx).await;
+        assert_eq!(seqs, ["1"]);
+        assert!(ended);
     }
 }

@@ -23,6 +23,8 @@ pub struct HeldLease {
     validity: Duration,
     lost: CancellationToken,
     not_before: Instant,
+    /// The processor asked to stop and read the shard again from its checkpoint.
+    restart: std::sync::atomic::AtomicBool,
 }
 
 impl HeldLease {
@@ -36,6 +38,7 @@ impl HeldLease {
             validity,
             lost: CancellationToken::new(),
             not_before,
+            restart: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -82,6 +85,17 @@ impl HeldLease {
     /// Whether records may be processed under this lease at `now`.
     pub(crate) fn usable(&self, now: Instant) -> bool {
         !self.is_lost() && now >= self.not_before && now < self.written_at() + self.validity
+    }
+
+    /// Asks the shard's consumer to stop and release the lease, so that the shard is read again
+    /// from its checkpoint.
+    pub(crate) fn request_restart(&self) {
+        self.restart.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a restart was asked for.
+    pub(crate) fn restart_requested(&self) -> bool {
+        self.restart.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// When processing may start.

@@ -122,6 +122,15 @@ impl KinesisApi {
         }
     }
 
+    /// Whether the stream still lists `shard_id` (a shard is listed until it expires, after the
+    /// stream's retention period from its closing).
+    ///
+    /// # Errors
+    /// As ListShards: `NotFound` when the stream is gone.
+    pub(crate) async fn shard_listed(&self, shard_id: &str) -> Result<bool, KinesisError> {
+        Ok(self.list_shards().await?.iter().any(|s| s.shard_id == shard_id))
+    }
+
     /// A shard iterator. `None` when the shard has nothing more at that position (a closed shard
     /// read to its end).
     pub(crate) async fn shard_iterator(&self, shard_id: &str, at: &StartAt) -> Result<Option<String>, KinesisError> {

@@ -97,6 +97,11 @@ pub struct Lease {
     pub child_shard_ids: Vec<String>,
     /// `startingHashKey` and `endingHashKey`.
     pub hash_range: Option<HashKeyRange>,
+    /// `leaseOwnerInstance` (this library's; the KCL leaves it alone): which running instance of
+    /// the owner took the lease, written by every take. A write whose answer was lost moves the
+    /// counter; the next write finds the row still names this owner *and this instance*, and
+    /// goes on, where a second instance running under the same worker id would have taken it.
+    pub owner_instance: Option<String>,
 }
 
 impl Lease {
@@ -112,6 +117,7 @@ impl Lease {
             parent_shard_ids: Vec::new(),
             child_shard_ids: Vec::new(),
             hash_range: None,
+            owner_instance: None,
         }
     }
 
@@ -141,6 +147,9 @@ impl Lease {
         if let Some(range) = self.hash_range {
             item.insert(STARTING_HASH_KEY.into(), s(&range.start.to_string()));
             item.insert(ENDING_HASH_KEY.into(), s(&range.end.to_string()));
+        }
+        if let Some(instance) = &self.owner_instance {
+            item.insert(OWNER_INSTANCE.into(), s(instance));
         }
         item
     }
@@ -208,6 +217,7 @@ impl Lease {
             parent_shard_ids: set(PARENT_SHARD_IDS)?,
             child_shard_ids: set(CHILD_SHARD_IDS)?,
             hash_range,
+            owner_instance: text(OWNER_INSTANCE)?.cloned(),
         }))
     }
 }
@@ -226,6 +236,8 @@ pub(crate) const CHILD_SHARD_IDS: &str = "childShardIds";
 pub(crate) const STARTING_HASH_KEY: &str = "startingHashKey";
 pub(crate) const ENDING_HASH_KEY: &str = "endingHashKey";
 pub(crate) const ENTITY_TYPE: &str = "entityType";
+/// This library's own attribute (see [`Lease::owner_instance`]).
+pub(crate) const OWNER_INSTANCE: &str = "leaseOwnerInstance";
 
 #[cfg(test)]
 mod tests {
@@ -245,6 +257,7 @@ mod tests {
             parent_shard_ids: vec!["shardId-000000000000".into(), "shardId-000000000001".into()],
             child_shard_ids: vec!["shardId-000000000005".into()],
             hash_range: Some(HashKeyRange::new(0, u128::MAX / 2).unwrap()),
+            owner_instance: Some("4f2a".into()),
         }
     }
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue, ScalarAttributeType,
-    TableStatus,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus,
 };
 
 use crate::error::{ErrorKind, LeaseTableError, classify_sdk, kind_of_dynamodb_code};
@@ -24,22 +24,51 @@ use crate::lease::{self, Checkpoint, Lease};
 pub enum Outcome {
     /// The change was made; the lease as it is now (with its new counter).
     Done(Box<Lease>),
-    /// Another worker changed the lease first (its counter or owner moved on): this worker no
-    /// longer holds it.
+    /// Another worker holds the lease now (it took it), or the row is gone: this worker no
+    /// longer holds it, and this change was not made.
     Lost,
 }
 
-/// A lease table.
+/// How many times a write fenced on the counter is made again when the counter moved but the
+/// lease is still this worker's (an earlier write whose answer was lost was applied).
+const SAME_OWNER_RETRIES: usize = 3;
+
+/// What a conditional write found.
+enum Written {
+    Done(Lease),
+    /// The condition failed; the row as it is (`None`: no such row, or not a lease).
+    Conflict(Option<Lease>),
+}
+
+/// A lease table, as one running instance of a worker writes it.
 #[derive(Clone, Debug)]
 pub struct LeaseTable {
     client: aws_sdk_dynamodb::Client,
     name: String,
+    /// Written as `leaseOwnerInstance` by every take (see [`Lease::owner_instance`]).
+    instance: std::sync::Arc<str>,
 }
 
 impl LeaseTable {
     /// The table `name` through `client`.
     pub fn new(client: aws_sdk_dynamodb::Client, name: impl Into<String>) -> Self {
-        LeaseTable { client, name: name.into() }
+        LeaseTable { client, name: name.into(), instance: new_instance() }
+    }
+
+    /// The same table, written by another running instance (a lease coordinator makes its own:
+    /// two coordinators with the same worker id are never mistaken for each other).
+    pub fn for_new_instance(&self) -> Self {
+        LeaseTable { instance: new_instance(), ..self.clone() }
+    }
+
+    /// This instance's id, as takes write it in `leaseOwnerInstance`.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Whether `lease` is held by `owner` as this instance took it.
+    fn held_here(&self, lease: &Lease, owner: &str) -> bool {
+        lease.owner.as_deref() == Some(owner) && lease.owner_instance.as_deref() == Some(&*self.instance)
     }
 
     /// The table's name.
@@ -172,14 +201,63 @@ impl LeaseTable {
         }
     }
 
+    /// Deletes a lease if its counter is still the one seen (a worker holding it then finds it
+    /// gone at its next write). `Ok(false)`: it changed, or is gone already.
+    ///
+    /// # Errors
+    /// When DeleteItem fails for another reason than the condition.
+    pub async fn delete(&self, lease: &Lease) -> Result<bool, LeaseTableError> {
+        let deleted = self
+            .client
+            .delete_item()
+            .table_name(&self.name)
+            .key(lease::LEASE_KEY, AttributeValue::S(lease.key.clone()))
+            .condition_expression("#counter = :seen")
+            .expression_attribute_names("#counter", lease::LEASE_COUNTER)
+            .expression_attribute_values(":seen", AttributeValue::N(lease.counter.to_string()))
+            .send()
+            .await;
+        match deleted {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(classify("DeleteItem", e)),
+        }
+    }
+
     /// Renews a held lease: bumps its counter, if the counter and the owner are still the ones
     /// seen.
     ///
     /// # Errors
     /// When UpdateItem fails for another reason than the condition.
+    ///
+    /// When the counter moved but the row still names this owner, an earlier write of this
+    /// worker was applied without its answer arriving (a timeout, a reset connection): the lease
+    /// is still held, and the renewal is made again at the counter the row has.
     pub async fn renew(&self, lease: &Lease) -> Result<Outcome, LeaseTableError> {
-        let Some(owner) = &lease.owner else { return Ok(Outcome::Lost) };
-        Update::new(lease, "SET #counter = #counter + :one").owned_by(owner).run(self).await
+        self.owned_write(lease, |seen, owner| Update::new(seen, "SET #counter = #counter + :one").owned_by(owner)).await
+    }
+
+    /// A write fenced on the counter and the owner, made again (a few times) at the row's
+    /// counter while the row still names the owner.
+    async fn owned_write(
+        &self,
+        lease: &Lease,
+        update: impl Fn(&Lease, &str) -> Update,
+    ) -> Result<Outcome, LeaseTableError> {
+        let Some(owner) = lease.owner.clone() else { return Ok(Outcome::Lost) };
+        let mut seen = lease.clone();
+        for _ in 0..=SAME_OWNER_RETRIES {
+            match update(&seen, &owner).run(self).await? {
+                Written::Done(lease) => return Ok(Outcome::Done(Box::new(lease))),
+                Written::Conflict(Some(current)) if self.held_here(&current, &owner) => {
+                    tracing::debug!(lease = %current.key, seen = seen.counter, now = current.counter,
+                        "the counter moved under this owner (an answer was lost); writing again");
+                    seen = current;
+                }
+                Written::Conflict(_) => return Ok(Outcome::Lost),
+            }
+        }
+        Ok(Outcome::Lost)
     }
 
     /// Takes a lease (free, expired, or stolen) for `owner`, if its counter is still the one seen.
@@ -187,17 +265,30 @@ impl LeaseTable {
     ///
     /// # Errors
     /// When UpdateItem fails for another reason than the condition.
+    ///
+    /// When the condition fails and the row names `owner` with a higher counter, this take was
+    /// applied and its answer lost: the lease is taken.
     pub async fn take(&self, lease: &Lease, owner: &str) -> Result<Outcome, LeaseTableError> {
-        Update::new(
+        let written = Update::new(
             lease,
-            "SET #counter = #counter + :one, #owner = :new_owner, #switches = if_not_exists(#switches, :zero) + :one",
+            "SET #counter = #counter + :one, #owner = :new_owner, #switches = if_not_exists(#switches, :zero) + :one, \
+             #instance = :instance",
         )
         .value(":new_owner", AttributeValue::S(owner.to_owned()))
+        .value(":instance", AttributeValue::S(self.instance.to_string()))
+        .name("#instance", lease::OWNER_INSTANCE)
         .value(":zero", AttributeValue::N("0".into()))
         .name("#owner", lease::LEASE_OWNER)
         .name("#switches", lease::OWNER_SWITCHES)
         .run(self)
-        .await
+        .await?;
+        Ok(match written {
+            Written::Done(lease) => Outcome::Done(Box::new(lease)),
+            Written::Conflict(Some(current)) if self.held_here(&current, owner) && current.counter > lease.counter => {
+                Outcome::Done(Box::new(current))
+            }
+            Written::Conflict(_) => Outcome::Lost,
+        })
     }
 
     /// Gives a held lease up: removes the owner (so another worker can take it at once) and bumps
@@ -206,8 +297,10 @@ impl LeaseTable {
     /// # Errors
     /// When UpdateItem fails for another reason than the condition.
     pub async fn release(&self, lease: &Lease) -> Result<Outcome, LeaseTableError> {
-        let Some(owner) = &lease.owner else { return Ok(Outcome::Lost) };
-        Update::new(lease, "SET #counter = #counter + :one REMOVE #owner").owned_by(owner).run(self).await
+        self.owned_write(lease, |seen, owner| {
+            Update::new(seen, "SET #counter = #counter + :one REMOVE #owner").owned_by(owner)
+        })
+        .await
     }
 
     /// Records a checkpoint on a held lease: sets it, clears the pending checkpoint and the owner
@@ -216,23 +309,30 @@ impl LeaseTable {
     ///
     /// # Errors
     /// When UpdateItem fails for another reason than the condition.
+    ///
+    /// As with [`LeaseTable::renew`], a write whose counter moved under the same owner is made
+    /// again. A row at SHARD_END is never moved back: that write is `Lost`.
     pub async fn checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint) -> Result<Outcome, LeaseTableError> {
-        let Some(owner) = &lease.owner else { return Ok(Outcome::Lost) };
-        Update::new(
-            lease,
-            "SET #counter = #counter + :one, #checkpoint = :checkpoint, #sub = :sub, #switches = :zero \
-             REMOVE #pending, #pending_sub",
-        )
-        .owned_by(owner)
-        .value(":checkpoint", AttributeValue::S(checkpoint.position.as_str().to_owned()))
-        .value(":sub", AttributeValue::N(checkpoint.sub_sequence.to_string()))
-        .value(":zero", AttributeValue::N("0".into()))
-        .name("#checkpoint", lease::CHECKPOINT)
-        .name("#sub", lease::CHECKPOINT_SUB_SEQUENCE)
-        .name("#switches", lease::OWNER_SWITCHES)
-        .name("#pending", lease::PENDING_CHECKPOINT)
-        .name("#pending_sub", lease::PENDING_CHECKPOINT_SUB_SEQUENCE)
-        .run(self)
+        self.owned_write(lease, |seen, owner| {
+            let mut update = Update::new(
+                seen,
+                "SET #counter = #counter + :one, #checkpoint = :checkpoint, #sub = :sub, #switches = :zero \
+                 REMOVE #pending, #pending_sub",
+            )
+            .owned_by(owner)
+            .value(":checkpoint", AttributeValue::S(checkpoint.position.as_str().to_owned()))
+            .value(":sub", AttributeValue::N(checkpoint.sub_sequence.to_string()))
+            .value(":zero", AttributeValue::N("0".into()))
+            .name("#checkpoint", lease::CHECKPOINT)
+            .name("#sub", lease::CHECKPOINT_SUB_SEQUENCE)
+            .name("#switches", lease::OWNER_SWITCHES)
+            .name("#pending", lease::PENDING_CHECKPOINT)
+            .name("#pending_sub", lease::PENDING_CHECKPOINT_SUB_SEQUENCE);
+            if checkpoint.position != crate::lease::Position::ShardEnd {
+                update = update.not_at_shard_end();
+            }
+            update
+        })
         .await
     }
 }
@@ -269,6 +369,14 @@ impl Update {
         self
     }
 
+    /// The row is not at SHARD_END (which is final).
+    fn not_at_shard_end(mut self) -> Self {
+        self.condition.push_str(" AND #checkpoint <> :shard_end");
+        self.names.insert("#checkpoint".into(), lease::CHECKPOINT.into());
+        self.values.insert(":shard_end".into(), AttributeValue::S("SHARD_END".into()));
+        self
+    }
+
     fn name(mut self, placeholder: &str, attribute: &str) -> Self {
         self.names.insert(placeholder.into(), attribute.into());
         self
@@ -279,7 +387,7 @@ impl Update {
         self
     }
 
-    async fn run(self, table: &LeaseTable) -> Result<Outcome, LeaseTableError> {
+    async fn run(self, table: &LeaseTable) -> Result<Written, LeaseTableError> {
         let updated = table
             .client
             .update_item()
@@ -290,6 +398,7 @@ impl Update {
             .set_expression_attribute_names(Some(self.names))
             .set_expression_attribute_values(Some(self.values))
             .return_values(ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
         match updated {
@@ -298,11 +407,23 @@ impl Update {
                     LeaseTableError::invalid("UpdateItem", "UpdateItem returned no attributes".into())
                 })?;
                 match Lease::from_item(item).map_err(|what| LeaseTableError::invalid("UpdateItem", what))? {
-                    Some(lease) => Ok(Outcome::Done(Box::new(lease))),
+                    Some(lease) => Ok(Written::Done(lease)),
                     None => Err(LeaseTableError::invalid("UpdateItem", "the row is not a lease".into())),
                 }
             }
-            Err(e) if is_condition_failed(&e) => Ok(Outcome::Lost),
+            Err(e) if is_condition_failed(&e) => {
+                // The row as it is, when the service returned it (ALL_OLD): whose it is now.
+                let current = e
+                    .as_service_error()
+                    .and_then(|s| match s {
+                        aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(
+                            c,
+                        ) => c.item(),
+                        _ => None,
+                    })
+                    .and_then(|item| Lease::from_item(item).ok().flatten());
+                Ok(Written::Conflict(current))
+            }
             Err(e) => Err(classify("UpdateItem", e)),
         }
     }
@@ -320,4 +441,9 @@ where
 {
     let (kind, code) = classify_sdk(&error, kind_of_dynamodb_code);
     LeaseTableError::new(kind, operation, code, Some(Box::new(error)))
+}
+
+/// A random id for a running instance.
+fn new_instance() -> std::sync::Arc<str> {
+    format!("{:016x}", fastrand::u64(..)).into()
 }

@@ -30,6 +30,7 @@ mod error;
 pub mod exporter;
 mod fan_out;
 mod fetcher;
+mod handed_out;
 mod held;
 mod kinesis;
 pub mod lease;

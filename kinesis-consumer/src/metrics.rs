@@ -23,6 +23,8 @@ pub(crate) struct Metrics {
     pub expired_iterators: AtomicU64,
     pub sub_records_out_of_range: AtomicU64,
     pub records_before_checkpoint: AtomicU64,
+    pub unusable_checkpoints: AtomicU64,
+    pub stale_leases_replaced: AtomicU64,
     pub corrupt_aggregates: AtomicU64,
     pub shard_syncs: AtomicU64,
     pub subscriptions: AtomicU64,
@@ -76,6 +78,8 @@ impl Metrics {
             expired_iterators: get(&self.expired_iterators),
             sub_records_out_of_range: get(&self.sub_records_out_of_range),
             records_before_checkpoint: get(&self.records_before_checkpoint),
+            unusable_checkpoints: get(&self.unusable_checkpoints),
+            stale_leases_replaced: get(&self.stale_leases_replaced),
             corrupt_aggregates: get(&self.corrupt_aggregates),
             shard_syncs: get(&self.shard_syncs),
             subscriptions: get(&self.subscriptions),
@@ -125,6 +129,14 @@ pub struct MetricsSnapshot {
     pub sub_records_out_of_range: u64,
     /// Records left out on resume because they were at or before the checkpoint.
     pub records_before_checkpoint: u64,
+    /// Checkpoints Kinesis refused as a starting position (InvalidArgument: a sequence number of
+    /// another shard, or of an older stream of the same name). The shard was read from
+    /// TRIM_HORIZON instead, leaving out every record up to the checkpoint's number.
+    pub unusable_checkpoints: u64,
+    /// Leases that belonged to an older stream of the same name (their shard id now names
+    /// another hash range, or a lease at SHARD_END names an open shard), replaced by new ones
+    /// at TRIM_HORIZON.
+    pub stale_leases_replaced: u64,
     /// Records with the aggregate magic that were not valid aggregates (handed over whole).
     pub corrupt_aggregates: u64,
     /// Shard syncs run.

@@ -334,6 +334,12 @@ impl<F: ProcessorFactory> Worker<F> {
         let mut sync =
             tokio::time::interval_at(Instant::now() + self.config.shard_sync_interval, self.config.shard_sync_interval);
         sync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // A sync asked for (a shard ended, a lease row vanished) that failed is tried again with
+        // backoff until it succeeds, not left to the periodic one: children wait for it.
+        let retry_sync = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(retry_sync);
+        let mut sync_wanted = false;
+        let mut sync_backoff = crate::fetcher::backoff((Duration::from_millis(200), Duration::from_secs(10)));
         loop {
             tokio::select! {
                 biased;
@@ -379,8 +385,21 @@ impl<F: ProcessorFactory> Worker<F> {
                         Err(error) => tracing::warn!(%error, "take round failed"),
                     }
                 }
-                _ = sync.tick() => self.sync_logged().await,
-                _ = self.sync_now.notified() => self.sync_logged().await,
+                _ = sync.tick() => {
+                    if self.sync_logged().await {
+                        sync_wanted = false;
+                    }
+                }
+                _ = self.sync_now.notified() => sync_wanted = true,
+                _ = &mut retry_sync, if sync_wanted => {
+                    if self.sync_logged().await {
+                        sync_wanted = false;
+                        sync_backoff = crate::fetcher::backoff((Duration::from_millis(200), Duration::from_secs(10)));
+                    } else {
+                        let wait = sync_backoff.next().unwrap_or(Duration::from_secs(10));
+                        retry_sync.as_mut().reset(Instant::now() + wait);
+                    }
+                }
             }
         }
 
@@ -448,6 +467,23 @@ impl<F: ProcessorFactory> Worker<F> {
         match exit {
             Ok(Exit::LeaseLost) => {
                 self.coordinator.forget_held(held);
+                // The row deleted under this worker, or at SHARD_END (the end was written, then the
+                // lease moved): a sync now gives the shard (or its children) their leases,
+                // instead of the next periodic one.
+                match self.coordinator.table().get(key).await {
+                    Ok(None) => {
+                        tracing::warn!(shard_id = key, "the lease row is gone; syncing the shards now");
+                        self.sync_now.notify_one();
+                    }
+                    Ok(Some(lease)) if lease.checkpoint.position == crate::Position::ShardEnd => {
+                        self.sync_now.notify_one()
+                    }
+                    Ok(Some(_)) => {}
+                    Err(error) => {
+                        tracing::warn!(shard_id = key, %error, "reading a lost lease failed; syncing the shards now");
+                        self.sync_now.notify_one();
+                    }
+                }
             }
             Ok(Exit::ShardEnded) => {
                 // The shard is done: give its lease up (no worker takes a lease at SHARD_END),
@@ -457,6 +493,13 @@ impl<F: ProcessorFactory> Worker<F> {
             }
             Ok(Exit::Shutdown) => {}
             Ok(Exit::Failed) => self.release(held).await,
+            Ok(Exit::Restart) => {
+                tracing::info!(
+                    shard_id = key,
+                    "the processor asked to read the shard again from its checkpoint; the lease is released"
+                );
+                self.release(held).await;
+            }
             Err(e) => {
                 tracing::error!(shard_id = key, error = %e, "a shard's processor panicked; its lease is released");
                 self.release(held).await;
@@ -472,7 +515,8 @@ impl<F: ProcessorFactory> Worker<F> {
     }
 
     async fn sync(&self) -> Result<(), SyncError> {
-        let created = sync_shards(&self.api, self.coordinator.table(), self.config.initial_position).await?;
+        let created =
+            sync_shards(&self.api, self.coordinator.table(), self.config.initial_position, Some(&self.metrics)).await?;
         Metrics::add(&self.metrics.shard_syncs, 1);
         if created > 0 {
             tracing::info!(stream = self.api.stream(), created, "shard sync created leases");
@@ -480,9 +524,14 @@ impl<F: ProcessorFactory> Worker<F> {
         Ok(())
     }
 
-    async fn sync_logged(&self) {
-        if let Err(error) = self.sync().await {
-            tracing::warn!(%error, "shard sync failed");
+    /// Runs a shard sync; whether it succeeded.
+    async fn sync_logged(&self) -> bool {
+        match self.sync().await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "shard sync failed");
+                false
+            }
         }
     }
 

@@ -64,6 +64,9 @@ pub(crate) enum Exit {
     Shutdown,
     /// Reading the shard failed in a way retrying does not help.
     Failed,
+    /// The processor asked to read the shard again from its checkpoint (the stream adapter, after
+    /// a batch was abandoned): the lease is released.
+    Restart,
 }
 
 /// What a shard consumer needs.
@@ -210,6 +213,7 @@ pub(crate) async fn run<P: Processor>(ctx: Context, mut processor: P) -> Exit {
                                 config: ctx.polling.clone(),
                                 metrics: ctx.metrics.clone(),
                                 unpacker,
+                                skip_through: None,
                             };
                             tokio::spawn(fetcher.run(start, tx))
                         }
@@ -223,6 +227,7 @@ pub(crate) async fn run<P: Processor>(ctx: Context, mut processor: P) -> Exit {
                                 metrics: ctx.metrics.clone(),
                                 unpacker,
                                 last_read: None,
+                                last_records: Instant::now(),
                             };
                             tokio::spawn(fetcher.run(start, tx))
                         }
@@ -285,6 +290,9 @@ pub(crate) async fn run<P: Processor>(ctx: Context, mut processor: P) -> Exit {
                             Metrics::add(&ctx.metrics.process_calls, 1);
                             Metrics::add(&ctx.metrics.records_processed, count);
                             Metrics::add(&ctx.metrics.bytes_processed, bytes);
+                            if ctx.held.restart_requested() {
+                                return Exit::Restart;
+                            }
                             ShardConsumerState::Processing
                         }
                     }
@@ -294,6 +302,9 @@ pub(crate) async fn run<P: Processor>(ctx: Context, mut processor: P) -> Exit {
                 fetched = None;
                 checkpointer.at_shard_end();
                 processor.shard_ended(&mut checkpointer).await;
+                if ctx.held.restart_requested() {
+                    return Exit::Restart;
+                }
                 if ctx.held.lease().await.checkpoint.position == Position::ShardEnd {
                     Metrics::add(&ctx.metrics.shards_ended, 1);
                     ctx.metrics.behind(&shard_id, None);

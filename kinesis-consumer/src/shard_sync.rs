@@ -11,6 +11,13 @@
 //!
 //! Leases are written with a conditional create, so workers syncing at the same time write each
 //! lease once. Parents are written before their children.
+//!
+//! A shard id is not an identity across a stream's lifetime: a stream deleted and created again
+//! under the same name numbers its shards from 0 again, over other hash ranges. A lease whose
+//! shard the listing gives another hash range, or a lease at SHARD_END whose shard is open,
+//! belongs to the older stream ([`stale_leases`]): it is deleted (conditionally, so a worker still
+//! holding it loses it at its next write) and created again at TRIM_HORIZON, so that the new
+//! stream is read from its start, and counted in `stale_leases_replaced`.
 
 use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
@@ -68,6 +75,22 @@ pub fn new_leases(shards: &[Shard], existing: &[Lease], initial: InitialPosition
     leases
 }
 
+/// The leases that belong to an older stream of the same name: their shard is listed with another
+/// hash range, or they are at SHARD_END while their shard is open.
+pub fn stale_leases<'a>(shards: &[Shard], existing: &'a [Lease]) -> Vec<&'a Lease> {
+    let by_id: HashMap<&str, &Shard> = shards.iter().map(|s| (s.shard_id.as_str(), s)).collect();
+    existing
+        .iter()
+        .filter(|lease| match by_id.get(lease.key.as_str()) {
+            None => false,
+            Some(shard) => {
+                lease.hash_range.is_some_and(|range| range != shard.hash_range)
+                    || (shard.open && lease.checkpoint.position == Position::ShardEnd)
+            }
+        })
+        .collect()
+}
+
 /// The shards ordered so that each comes after its parents that are listed.
 fn parents_first(shards: &[Shard]) -> Vec<&Shard> {
     let by_id: HashMap<&str, &Shard> = shards.iter().map(|s| (s.shard_id.as_str(), s)).collect();
@@ -112,11 +135,30 @@ pub(crate) async fn sync_shards(
     api: &KinesisApi,
     table: &LeaseTable,
     initial: InitialPosition,
+    metrics: Option<&crate::metrics::Metrics>,
 ) -> Result<usize, SyncError> {
     let shards = api.list_shards().await?;
-    let existing = table.list().await?;
+    let mut existing = table.list().await?;
+    let stale: Vec<Lease> = stale_leases(&shards, &existing).into_iter().cloned().collect();
+    let replaced: HashSet<String> = stale.iter().map(|l| l.key.clone()).collect();
+    if !stale.is_empty() {
+        for lease in &stale {
+            tracing::error!(stream = api.stream(), shard_id = %lease.key, checkpoint = lease.checkpoint.position.as_str(),
+                "the lease belongs to an older stream of this name (its shard now has another hash range, or is open at \
+                 SHARD_END); replacing it with a lease at TRIM_HORIZON");
+            if table.delete(lease).await? {
+                if let Some(metrics) = metrics {
+                    crate::metrics::Metrics::add(&metrics.stale_leases_replaced, 1);
+                }
+            }
+        }
+        existing = table.list().await?;
+    }
     let mut created = 0;
-    for lease in new_leases(&shards, &existing, initial) {
+    for mut lease in new_leases(&shards, &existing, initial) {
+        if replaced.contains(&lease.key) {
+            lease.checkpoint = crate::lease::Checkpoint::at(Position::TrimHorizon);
+        }
         if table.create(&lease).await? {
             tracing::debug!(stream = api.stream(), shard_id = %lease.key, checkpoint = lease.checkpoint.position.as_str(), "lease created");
             created += 1;
@@ -194,6 +236,36 @@ mod tests {
             // m4's parents c2 and p3: p3 is leased, so m4 starts at the horizon too.
             assert_eq!(got, [("c1", "TRIM_HORIZON"), ("c2", "TRIM_HORIZON"), ("m4", "TRIM_HORIZON")]);
         }
+    }
+
+    #[test]
+    fn leases_of_an_older_stream_of_the_same_name_are_stale() {
+        let half = u128::MAX / 2;
+        let mut shards = vec![shard("s0", &[], true), shard("s1", &[], true)];
+        shards[0].hash_range = HashKeyRange::new(0, half).unwrap();
+        shards[1].hash_range = HashKeyRange::new(half + 1, u128::MAX).unwrap();
+        let lease = |key: &str, range: Option<HashKeyRange>, position: Position| {
+            let mut lease = Lease::new(key, position);
+            lease.hash_range = range;
+            lease
+        };
+        let existing = [
+            // Same id, same range: the same shard.
+            lease("s0", Some(shards[0].hash_range), Position::Sequence("5".into())),
+            // Same id, another range: the old stream's shard 1 (of three, say).
+            lease("s1", Some(HashKeyRange::new(u128::MAX / 3, u128::MAX / 3 * 2).unwrap()), Position::TrimHorizon),
+            // No range recorded (a KCL 1.x row): only SHARD_END on an open shard tells.
+            lease("s0-old", None, Position::ShardEnd),
+            // A shard not listed (expired): not this sync's business.
+            lease("gone", Some(HashKeyRange::ALL), Position::ShardEnd),
+        ];
+        let stale: Vec<&str> = stale_leases(&shards, &existing).iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(stale, ["s1"]);
+        let ended = [lease("s0", Some(shards[0].hash_range), Position::ShardEnd)];
+        assert_eq!(stale_leases(&shards, &ended).len(), 1, "an open shard at SHARD_END");
+        let mut closed = shards.clone();
+        closed[0].open = false;
+        assert!(stale_leases(&closed, &ended).is_empty(), "a closed shard at SHARD_END is simply done");
     }
 
     #[test]

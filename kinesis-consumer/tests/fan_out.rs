@@ -189,11 +189,14 @@ async fn split_during_fan_out(client: aws_sdk_kinesis::Client, dynamodb: &Dynamo
     worker.shutdown().await.unwrap();
 }
 
-/// The server ends every subscription after a second.
+/// The server ends every subscription after a second: a feature of the embedded ferrokinesis
+/// (`Kinesis::start_with` fails, saying so, when `AWS_ENDPOINT_URL_KINESIS` names another
+/// server). The same case on any server, with subscriptions the worker ends itself, is the
+/// kinesis-local test below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_that_end_every_second_leave_no_gap_and_no_duplicate() {
     let options = KinesisOptions { subscription_lifetime: Duration::from_secs(1), ..Default::default() };
-    let kinesis = Kinesis::start_with(options).await.expect("start Kinesis (embedded ferrokinesis)");
+    let kinesis = Kinesis::start_with(options).await.expect("the embedded ferrokinesis, which ends subscriptions");
     let dynamodb = DynamoDb::start().await.expect("start DynamoDB (embedded dynoxide)");
     let stream = kinesis.create_stream(2).await.unwrap();
     let config = fan_out(&stream, &unique_name("efo"), "w", "efo");
@@ -212,6 +215,20 @@ async fn subscriptions_that_end_every_second_leave_no_gap_and_no_duplicate_on_ki
         f.subscription_lifetime = Some(Duration::from_secs(1));
     }
     resubscribing(local.client(), &dynamodb, &stream, config).await;
+}
+
+/// The same on whatever Kinesis the test bed gives (the embedded one, or `AWS_ENDPOINT_URL_KINESIS`):
+/// the worker ends its own subscriptions every second, which works on every server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_the_worker_ends_every_second_leave_no_gap_and_no_duplicate() {
+    let kinesis = Kinesis::start().await.expect("start Kinesis");
+    let dynamodb = DynamoDb::start().await.expect("start DynamoDB");
+    let stream = kinesis.create_stream(2).await.unwrap();
+    let mut config = fan_out(&stream, &unique_name("efo"), "w", "efo");
+    if let Retrieval::FanOut(f) = &mut config.retrieval {
+        f.subscription_lifetime = Some(Duration::from_secs(1));
+    }
+    resubscribing(kinesis.client(), &dynamodb, &stream, config).await;
 }
 
 async fn resubscribing(client: aws_sdk_kinesis::Client, dynamodb: &DynamoDb, stream: &str, config: SchedulerConfig) {

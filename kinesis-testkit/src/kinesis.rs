@@ -39,6 +39,29 @@ pub struct KinesisOptions {
     pub state_dir: Option<std::path::PathBuf>,
 }
 
+impl KinesisOptions {
+    /// What of these options only the embedded server can honour (empty: any endpoint will do).
+    /// The shard limit and the transition delay are not among them: another endpoint may have
+    /// other ones, and tests do not depend on them.
+    pub fn embedded_only(&self) -> Vec<&'static str> {
+        let default = KinesisOptions::default();
+        let mut needs = Vec::new();
+        if self.enforce_limits {
+            needs.push("per-shard write throttling (enforce_limits)");
+        }
+        if self.iterator_ttl != default.iterator_ttl {
+            needs.push("a shard iterator lifetime other than 5 minutes (iterator_ttl)");
+        }
+        if self.subscription_lifetime != default.subscription_lifetime {
+            needs.push("a SubscribeToShard lifetime other than 5 minutes (subscription_lifetime)");
+        }
+        if self.state_dir.is_some() {
+            needs.push("streams kept on disk across a restart of the server (state_dir)");
+        }
+        needs
+    }
+}
+
 impl Default for KinesisOptions {
     fn default() -> Self {
         Self {
@@ -72,15 +95,29 @@ impl Kinesis {
         Self::start_with(KinesisOptions::default()).await
     }
 
-    /// Connects to `AWS_ENDPOINT_URL_KINESIS` if it is set (the options are then ignored), or
-    /// starts an embedded ferrokinesis server with `options`.
+    /// Connects to `AWS_ENDPOINT_URL_KINESIS` if it is set, or starts an embedded ferrokinesis
+    /// server with `options`.
+    ///
+    /// Options that only the embedded server can honour ([`KinesisOptions::embedded_only`]:
+    /// write throttling, short iterator or subscription lifetimes, state on disk) cannot be given
+    /// to an endpoint from the environment: then this fails, naming what the caller needs,
+    /// instead of connecting to a server that would make the test mean something else.
     ///
     /// The server accepts request bodies up to 16 MiB, room for a PutRecords call of 10 MiB of data.
     ///
     /// # Errors
-    /// When the embedded server cannot bind a port or start its thread.
+    /// When the embedded server cannot bind a port or start its thread, or when
+    /// `AWS_ENDPOINT_URL_KINESIS` is set and `options` need the embedded server.
     pub async fn start_with(options: KinesisOptions) -> Result<Self> {
         if let Some(url) = env_endpoint(KINESIS_ENDPOINT_VAR) {
+            let needs = options.embedded_only();
+            if !needs.is_empty() {
+                return Err(Error::msg(format!(
+                    "this needs the embedded ferrokinesis for {}, which {url} ({KINESIS_ENDPOINT_VAR}) cannot be told to \
+                     give; unset {KINESIS_ENDPOINT_VAR} to run it",
+                    needs.join(", ")
+                )));
+            }
             return Ok(Self::external(Connection::from_environment(url).await));
         }
         Self::embedded(options).await

@@ -14,7 +14,8 @@
 //! | [`FaultProxy::black_hole`] | no answer at all for T, then a reset | never sees the requests |
 //!
 //! Rules match an operation (the `X-Amz-Target` suffix, `PutRecords`, `UpdateItem`, ...) or every
-//! request, fire on every n-th match, and may stop after a number of firings. Counters tell a test
+//! request, and optionally only requests whose body contains a text (`"SHARD_END"`: the write that
+//! ends a shard); they fire on every n-th match, and may stop after a number of firings. Counters tell a test
 //! how many requests each operation had and how many faults were injected.
 
 use std::collections::BTreeMap;
@@ -89,6 +90,7 @@ impl Fault {
 pub struct Rule {
     fault: Fault,
     operation: Option<String>,
+    containing: Option<String>,
     every: u64,
     limit: Option<u64>,
     matched: AtomicU64,
@@ -98,7 +100,22 @@ pub struct Rule {
 impl Rule {
     /// A rule that injects `fault` into every request.
     pub fn new(fault: Fault) -> Self {
-        Self { fault, operation: None, every: 1, limit: None, matched: AtomicU64::new(0), fired: AtomicU64::new(0) }
+        Self {
+            fault,
+            operation: None,
+            containing: None,
+            every: 1,
+            limit: None,
+            matched: AtomicU64::new(0),
+            fired: AtomicU64::new(0),
+        }
+    }
+
+    /// Only requests whose body contains `text` (the request as the SDK sends it: JSON for
+    /// DynamoDB, and for Kinesis unless it sends CBOR).
+    pub fn containing(mut self, text: impl Into<String>) -> Self {
+        self.containing = Some(text.into());
+        self
     }
 
     /// Only requests for this operation (`PutRecords`, `GetRecords`, `UpdateItem`, ...).
@@ -124,8 +141,13 @@ impl Rule {
         self.fired.load(Ordering::Relaxed)
     }
 
-    fn fires(&self, operation: &str) -> bool {
+    fn fires(&self, operation: &str, body: &[u8]) -> bool {
         if self.operation.as_deref().is_some_and(|o| o != operation) {
+            return false;
+        }
+        if let Some(text) = &self.containing
+            && !body.windows(text.len().max(1)).any(|w| w == text.as_bytes())
+        {
             return false;
         }
         let n = self.matched.fetch_add(1, Ordering::Relaxed) + 1;
@@ -153,9 +175,9 @@ struct State {
 }
 
 impl State {
-    fn pick(&self, operation: &str) -> Option<Fault> {
+    fn pick(&self, operation: &str, body: &[u8]) -> Option<Fault> {
         let rules = self.rules.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        rules.iter().find(|rule| rule.fires(operation)).map(|rule| rule.fault.clone())
+        rules.iter().find(|rule| rule.fires(operation, body)).map(|rule| rule.fault.clone())
     }
 }
 
@@ -324,13 +346,14 @@ async fn handle(
         return Err(Injected);
     }
 
-    let fault = state.pick(&operation);
+    // Requests are small (a PutRecords call is at most a few MiB): read each whole, so that rules
+    // can look into it. (Answers are streamed: SubscribeToShard's goes on for minutes.)
     let (parts, body) = request.into_parts();
+    let bytes = body.collect().await.map_err(|_| Injected)?.to_bytes();
+    let fault = state.pick(&operation, &bytes);
     let body: ProxyBody = match &fault {
         Some(Fault::Reset) => return Err(Injected),
         Some(Fault::Error { status, error_type }) => {
-            // Read the request first, as a server would, then answer the error.
-            let _ = body.collect().await;
             let text = serde_json::json!({"__type": error_type, "message": "injected by the fault proxy"}).to_string();
             let response = Response::builder()
                 .status(*status)
@@ -341,7 +364,6 @@ async fn handle(
             return Ok(response);
         }
         Some(Fault::PartialFailure { every }) if operation == "PutRecords" => {
-            let bytes = body.collect().await.map_err(|_| Injected)?.to_bytes();
             match split_put_records(&bytes, *every) {
                 Some((_, failed)) if failed.len() == records_in(&bytes) => {
                     // Every entry fails: answer without the server (Kinesis refuses an empty call).
@@ -362,7 +384,7 @@ async fn handle(
                 None => full(bytes),
             }
         }
-        _ => body.boxed(),
+        _ => full(bytes),
     };
     let response = forward(Request::from_parts(parts, body), state, upstream_conn).await?;
     match fault {

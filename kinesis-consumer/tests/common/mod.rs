@@ -278,8 +278,10 @@ pub async fn split_first_shard(client: &aws_sdk_kinesis::Client, stream: &str) -
     parent
 }
 
-/// The KCL 2.x lease attributes and their types.
+/// The KCL 2.x lease attributes and their types, and the one attribute of this library's own
+/// (`leaseOwnerInstance`, which the KCL leaves alone).
 pub const KCL_ATTRIBUTES: &[(&str, &str)] = &[
+    ("leaseOwnerInstance", "S"),
     ("leaseKey", "S"),
     ("leaseOwner", "S"),
     ("leaseCounter", "N"),
