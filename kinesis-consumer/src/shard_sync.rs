@@ -146,10 +146,10 @@ pub(crate) async fn sync_shards(
             tracing::error!(stream = api.stream(), shard_id = %lease.key, checkpoint = lease.checkpoint.position.as_str(),
                 "the lease belongs to an older stream of this name (its shard now has another hash range, or is open at \
                  SHARD_END); replacing it with a lease at TRIM_HORIZON");
-            if table.delete(lease).await? {
-                if let Some(metrics) = metrics {
-                    crate::metrics::Metrics::add(&metrics.stale_leases_replaced, 1);
-                }
+            if table.delete(lease).await?
+                && let Some(metrics) = metrics
+            {
+                crate::metrics::Metrics::add(&metrics.stale_leases_replaced, 1);
             }
         }
         existing = table.list().await?;

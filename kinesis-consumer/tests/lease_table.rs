@@ -215,3 +215,60 @@ async fn workers_racing_at_once_for_the_same_expired_leases_make_exactly_one_own
         assert_eq!(stored.counter, lease.counter + 1, "one take, one counter step");
     }
 }
+
+/// A write applied whose answer was lost (the proxy resets the connection after DynamoDB
+/// answered) is not a lost lease: the next write finds the row still names this owner and this
+/// instance, and goes on. A second instance under the same worker id that takes the lease is not
+/// mistaken for this one. A row at SHARD_END is never moved back.
+#[tokio::test]
+async fn a_lost_answer_is_not_a_lost_lease_but_another_instance_of_the_same_worker_is() {
+    use kinesis_testkit::{Fault, FaultProxy, Rule};
+    let dynamodb = DynamoDb::start().await.expect("start DynamoDB");
+    let proxy = FaultProxy::start(dynamodb.endpoint_url()).await.unwrap();
+    let client = DynamoDb::connect(proxy.url()).client_without_retries();
+    let table = LeaseTable::new(client, format!("leases-lost-{}", std::process::id()));
+    table.create_if_missing(Duration::from_secs(30)).await.unwrap();
+    let lease = Lease::new("shardId-000000000000", Position::TrimHorizon);
+    assert!(table.create(&lease).await.unwrap());
+    let held = done(table.take(&lease, "w").await.unwrap());
+    assert_eq!(held.owner_instance.as_deref(), Some(table.instance()));
+
+    // A renewal applied, its answer lost.
+    let rule = proxy.add(Rule::new(Fault::DropResponse).on("UpdateItem").times(1));
+    assert!(table.renew(&held).await.is_err(), "the answer was lost");
+    assert_eq!(rule.fired(), 1);
+    let row = table.get(&lease.key).await.unwrap().unwrap();
+    assert_eq!(row.counter, held.counter + 1, "but the renewal was applied");
+    // The next write, with the counter this instance last knew, goes on.
+    let renewed = done(table.renew(&held).await.unwrap());
+    assert_eq!(renewed.counter, held.counter + 2);
+
+    // A checkpoint applied, its answer lost; writing it again succeeds.
+    let at = Checkpoint { position: Position::Sequence("123".into()), sub_sequence: 0 };
+    proxy.add(Rule::new(Fault::DropResponse).on("UpdateItem").times(1));
+    assert!(table.checkpoint(&renewed, &at).await.is_err());
+    let checkpointed = done(table.checkpoint(&renewed, &at).await.unwrap());
+    assert_eq!(checkpointed.checkpoint, at);
+
+    // SHARD_END, then a checkpoint that would move it back: refused.
+    let ended = done(table.checkpoint(&checkpointed, &Checkpoint::at(Position::ShardEnd)).await.unwrap());
+    assert_eq!(table.checkpoint(&ended, &at).await.unwrap(), Outcome::Lost);
+    assert_eq!(table.get(&lease.key).await.unwrap().unwrap().checkpoint.position, Position::ShardEnd);
+
+    // The same worker id, another instance (a restart while the old process still runs).
+    let lease = Lease::new("shardId-000000000001", Position::TrimHorizon);
+    assert!(table.create(&lease).await.unwrap());
+    let old = done(table.take(&lease, "w").await.unwrap());
+    let other = table.for_new_instance();
+    let seen = other.get(&lease.key).await.unwrap().unwrap();
+    done(other.take(&seen, "w").await.unwrap());
+    assert_eq!(table.renew(&old).await.unwrap(), Outcome::Lost, "the old instance must stop");
+
+    // A take applied, its answer lost: the taker holds it.
+    let lease = Lease::new("shardId-000000000002", Position::TrimHorizon);
+    assert!(table.create(&lease).await.unwrap());
+    proxy.add(Rule::new(Fault::DropResponse).on("UpdateItem").times(1));
+    assert!(table.take(&lease, "w").await.is_err());
+    let taken = done(table.take(&lease, "w").await.unwrap());
+    assert_eq!((taken.owner.as_deref(), taken.counter), (Some("w"), 1));
+}

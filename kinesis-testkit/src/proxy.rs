@@ -507,9 +507,17 @@ mod tests {
     #[test]
     fn rules_fire_on_every_nth_match_up_to_their_limit() {
         let rule = Rule::new(Fault::Reset).on("PutRecords").every(2).times(2);
-        let fired: Vec<bool> = (0..8).map(|_| rule.fires("PutRecords")).collect();
+        let fired: Vec<bool> = (0..8).map(|_| rule.fires("PutRecords", b"")).collect();
         assert_eq!(fired, [false, true, false, true, false, false, false, false]);
-        assert!(!rule.fires("GetRecords"));
+        assert!(!rule.fires("GetRecords", b""));
         assert_eq!(rule.fired(), 2);
+    }
+
+    #[test]
+    fn a_rule_with_a_text_fires_only_on_bodies_that_contain_it() {
+        let rule = Rule::new(Fault::DropResponse).on("UpdateItem").containing("SHARD_END");
+        assert!(!rule.fires("UpdateItem", br#"{":checkpoint":{"S":"4959"}}"#));
+        assert!(rule.fires("UpdateItem", br#"{":checkpoint":{"S":"SHARD_END"}}"#));
+        assert!(!rule.fires("PutItem", b"SHARD_END"));
     }
 }
