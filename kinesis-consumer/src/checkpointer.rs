@@ -43,11 +43,17 @@ struct Delivered {
     last: Option<(Arc<str>, u64)>,
     /// The shard was read to its end and `last` is its last record.
     ended: bool,
+    /// The record the processor reported a failure at, in the current call.
+    failed_at: Option<Record>,
 }
 
 impl Delivered {
     fn push(&mut self, record: &Record) {
         let position = (record.sequence_number.clone(), record.sub_sequence_number);
+        // Delivered again (after a failure reported at an earlier record): already known.
+        if self.last.as_ref().is_some_and(|(seq, sub)| cmp_positions((seq, *sub), (&position.0, position.1)).is_ge()) {
+            return;
+        }
         match self.positions.back_mut() {
             Some((seq, sub)) if *seq == record.sequence_number => *sub = (*sub).max(record.sub_sequence_number),
             _ => {
@@ -184,6 +190,21 @@ impl Checkpointer {
             Some(end) => self.write(end).await,
             None => Ok(()),
         }
+    }
+
+    /// Reports that processing failed at `record` (of the batch being processed): it and every
+    /// later record of the batch were not processed, the earlier ones were. Call it in
+    /// `process_records`, before returning. The worker's [`crate::FailurePolicy`] decides what
+    /// follows: by default the shard is read again from `record` and the batch delivered again,
+    /// with backoff, for as long as it fails; nothing is skipped. A later call in the same batch
+    /// replaces an earlier one.
+    pub fn fail_at(&mut self, record: &Record) {
+        self.delivered().failed_at = Some(record.clone());
+    }
+
+    /// The failure reported in the last call, if any (taken).
+    pub(crate) fn take_failure(&mut self) -> Option<Record> {
+        self.delivered().failed_at.take()
     }
 
     /// Records a checkpoint after one record: the shard resumes after it.

@@ -28,6 +28,7 @@ pub mod coordinator;
 mod error;
 #[cfg(feature = "metrics")]
 pub mod exporter;
+mod failure;
 mod fan_out;
 mod fetcher;
 mod handed_out;
@@ -47,6 +48,7 @@ pub use batches::{Batches, ShardBatch};
 pub use checkpointer::Checkpointer;
 pub use coordinator::{CoordinatorConfig, LeaseCoordinator};
 pub use error::{CheckpointError, ConfigError, ErrorKind, KinesisError, LeaseTableError, SchedulerError};
+pub use failure::{DestinationError, FailedRecords, FailedRecordsFile, FailedRecordsStream, FailurePolicy, OnFailure};
 pub use fan_out::{FanOutConfig, Retrieval};
 pub use fetcher::PollingConfig;
 pub use held::HeldLease;

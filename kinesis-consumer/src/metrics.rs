@@ -25,6 +25,8 @@ pub(crate) struct Metrics {
     pub records_before_checkpoint: AtomicU64,
     pub unusable_checkpoints: AtomicU64,
     pub stale_leases_replaced: AtomicU64,
+    pub processing_failures: AtomicU64,
+    pub records_diverted: AtomicU64,
     pub corrupt_aggregates: AtomicU64,
     pub shard_syncs: AtomicU64,
     pub subscriptions: AtomicU64,
@@ -80,6 +82,8 @@ impl Metrics {
             records_before_checkpoint: get(&self.records_before_checkpoint),
             unusable_checkpoints: get(&self.unusable_checkpoints),
             stale_leases_replaced: get(&self.stale_leases_replaced),
+            processing_failures: get(&self.processing_failures),
+            records_diverted: get(&self.records_diverted),
             corrupt_aggregates: get(&self.corrupt_aggregates),
             shard_syncs: get(&self.shard_syncs),
             subscriptions: get(&self.subscriptions),
@@ -137,6 +141,10 @@ pub struct MetricsSnapshot {
     /// another hash range, or a lease at SHARD_END names an open shard), replaced by new ones
     /// at TRIM_HORIZON.
     pub stale_leases_replaced: u64,
+    /// Failures processors reported (`Checkpointer::fail_at`).
+    pub processing_failures: u64,
+    /// Records handed to the failure policy's destination and skipped.
+    pub records_diverted: u64,
     /// Records with the aggregate magic that were not valid aggregates (handed over whole).
     pub corrupt_aggregates: u64,
     /// Shard syncs run.

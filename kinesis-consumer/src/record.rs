@@ -104,12 +104,20 @@ pub(crate) struct Unpacker {
     deaggregator: Deaggregator,
     /// Resuming: (sequence, sub-sequence) pairs at or before this were processed already.
     resume_after: Option<(String, u64)>,
+    /// With `resume_after`: keep the position itself (reading again *from* a record).
+    keep_resume_position: bool,
 }
 
 impl Unpacker {
     pub(crate) fn new(shard_id: Arc<str>, range: Option<HashKeyRange>, resume_after: Option<(String, u64)>) -> Self {
         let deaggregator = range.map_or_else(Deaggregator::new, Deaggregator::with_hash_range);
-        Unpacker { shard_id, deaggregator, resume_after }
+        Unpacker { shard_id, deaggregator, resume_after, keep_resume_position: false }
+    }
+
+    /// An unpacker that leaves out what is before (sequence, sub-sequence) and keeps the rest:
+    /// reading a shard again from one record.
+    pub(crate) fn starting_at(shard_id: Arc<str>, range: Option<HashKeyRange>, from: (String, u64)) -> Self {
+        Unpacker { keep_resume_position: true, ..Unpacker::new(shard_id, range, Some(from)) }
     }
 
     pub(crate) fn unpack(&mut self, records: Vec<aws_sdk_kinesis::types::Record>, out: &mut Vec<Record>) -> Unpacked {
@@ -132,6 +140,7 @@ impl Unpacker {
                 let sub = user.sub_sequence_number().unwrap_or(0);
                 if let Some((seq, sub_cp)) = &self.resume_after {
                     match cmp_positions((&sequence_number, sub), (seq, *sub_cp)) {
+                        Ordering::Equal if self.keep_resume_position => self.resume_after = None,
                         Ordering::Less | Ordering::Equal => {
                             counts.before_checkpoint += 1;
                             continue;
@@ -215,6 +224,19 @@ mod tests {
         assert!(out[0].aggregated && !out[2].aggregated);
         assert_eq!(out[0].data, Bytes::from_static(b"data-3"));
         assert_eq!(out[0].partition_key, "key-3");
+    }
+
+    #[test]
+    fn reading_again_from_a_sub_record_keeps_it_and_what_follows() {
+        let page = vec![
+            kinesis_record("200", "agg", aggregate(5)),
+            kinesis_record("300", "plain", Bytes::from_static(b"after")),
+        ];
+        let mut unpacker = Unpacker::starting_at("s".into(), None, ("200".into(), 2));
+        let mut out = Vec::new();
+        unpacker.unpack(page, &mut out);
+        let got: Vec<(&str, u64)> = out.iter().map(|r| (&*r.sequence_number, r.sub_sequence_number)).collect();
+        assert_eq!(got, [("200", 2), ("200", 3), ("200", 4), ("300", 0)]);
     }
 
     #[test]

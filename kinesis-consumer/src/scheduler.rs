@@ -70,6 +70,10 @@ pub struct SchedulerConfig {
     pub shutdown_timeout: Duration,
     /// How long to wait for a new lease table to become ACTIVE.
     pub table_create_timeout: Duration,
+    /// What follows a failure a processor reports (`Checkpointer::fail_at`). Default: the
+    /// batch is delivered again from the failed record, with backoff, for ever; nothing is
+    /// skipped.
+    pub failure_policy: crate::failure::FailurePolicy,
 }
 
 impl SchedulerConfig {
@@ -91,6 +95,7 @@ impl SchedulerConfig {
             max_batch_wait: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(30),
             table_create_timeout: Duration::from_secs(120),
+            failure_policy: crate::failure::FailurePolicy::default(),
         }
     }
 
@@ -129,6 +134,9 @@ impl SchedulerConfig {
             {
                 return bad("retrieval.consumer_name", "must be 1 to 128 of a-z A-Z 0-9 _ - .");
             }
+        }
+        if let Err(problem) = self.failure_policy.validate() {
+            return bad("failure_policy", problem);
         }
         if self.shard_sync_interval.is_zero() || self.parent_poll_interval.is_zero() {
             return bad("shard_sync_interval / parent_poll_interval", "must not be zero");
@@ -458,6 +466,7 @@ impl<F: ProcessorFactory> Worker<F> {
             metrics: self.metrics.clone(),
             shutdown: stop.clone(),
             fan_out: None,
+            failure_policy: self.config.failure_policy.clone(),
         }
     }
 

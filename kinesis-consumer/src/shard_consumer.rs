@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpointer::Checkpointer;
+use crate::failure::{FailedRecords, FailurePolicy, Next, Retrying};
 use crate::fan_out::{FanOutConfig, FanOutFetcher};
 use crate::fetcher::{Fetch, Fetcher, PollingConfig};
 use crate::held::HeldLease;
@@ -83,6 +84,8 @@ pub(crate) struct Context {
     pub shutdown: CancellationToken,
     /// Enhanced fan-out: the registered consumer's ARN and the settings. `None`: polling.
     pub fan_out: Option<(Arc<str>, FanOutConfig)>,
+    /// What follows a failure the processor reports.
+    pub failure_policy: FailurePolicy,
 }
 
 /// Aborts a task when dropped.
@@ -142,6 +145,63 @@ impl Context {
     }
 }
 
+impl Context {
+    /// Starts reading the shard at `start` on a task of its own.
+    fn spawn_fetcher(
+        &self,
+        shard_id: &Arc<str>,
+        start: StartAt,
+        unpacker: Unpacker,
+    ) -> (mpsc::Receiver<Fetch>, AbortOnDrop) {
+        let (tx, rx) = mpsc::channel(self.polling.prefetch_pages.max(1));
+        let task = match &self.fan_out {
+            None => {
+                let fetcher = Fetcher {
+                    api: self.api.clone(),
+                    shard_id: shard_id.clone(),
+                    config: self.polling.clone(),
+                    metrics: self.metrics.clone(),
+                    unpacker,
+                    skip_through: None,
+                };
+                tokio::spawn(fetcher.run(start, tx))
+            }
+            Some((consumer_arn, config)) => {
+                let fetcher = FanOutFetcher {
+                    api: self.api.clone(),
+                    client: self.api.client().clone(),
+                    consumer_arn: consumer_arn.clone(),
+                    shard_id: shard_id.clone(),
+                    config: config.clone(),
+                    metrics: self.metrics.clone(),
+                    unpacker,
+                    last_read: None,
+                    last_records: Instant::now(),
+                };
+                tokio::spawn(fetcher.run(start, tx))
+            }
+        };
+        (rx, AbortOnDrop(task))
+    }
+
+    /// Hands failed records to the policy's destination, trying until it takes them (or the
+    /// lease is lost, or shutdown begins).
+    async fn divert(&self, failed: FailedRecords) -> Result<(), Interrupt> {
+        let Some(destination) = self.failure_policy.destination.clone() else { return Ok(()) };
+        let mut waits = crate::fetcher::backoff(self.failure_policy.backoff);
+        loop {
+            match destination.failed(failed.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    let wait = waits.next().unwrap_or(self.failure_policy.backoff.1);
+                    tracing::warn!(shard_id = %failed.shard_id, %error, ?wait, "the on-failure destination refused the records; trying again");
+                    self.pause(wait).await?;
+                }
+            }
+        }
+    }
+}
+
 fn interrupted(interrupt: Interrupt) -> ShardConsumerState {
     match interrupt {
         Interrupt::Lost => ShardConsumerState::LeaseLost,
@@ -159,6 +219,10 @@ pub(crate) async fn run<P: Processor>(ctx: Context, mut processor: P) -> Exit {
     let mut read_to_end = false;
     let mut behind = None;
     let mut shard_end_attempts = 0u32;
+    // A failed range being retried (the poison-record policy), and the positions of the last
+    // batch delivered (the allocation is reused).
+    let mut retrying: Option<Retrying> = None;
+    let mut positions: Vec<(Arc<str>, u64)> = Vec::new();
     let mut state = ShardConsumerState::WaitingOnParents;
     loop {
         tracing::debug!(shard_id = %shard_id, ?state, "shard consumer");
@@ -203,36 +267,8 @@ pub(crate) async fn run<P: Processor>(ctx: Context, mut processor: P) -> Exit {
                         })
                         .await;
                     initialized = true;
-                    let (tx, rx) = mpsc::channel(ctx.polling.prefetch_pages.max(1));
                     let unpacker = Unpacker::new(shard_id.clone(), lease.hash_range, resume_after);
-                    let task = match &ctx.fan_out {
-                        None => {
-                            let fetcher = Fetcher {
-                                api: ctx.api.clone(),
-                                shard_id: shard_id.clone(),
-                                config: ctx.polling.clone(),
-                                metrics: ctx.metrics.clone(),
-                                unpacker,
-                                skip_through: None,
-                            };
-                            tokio::spawn(fetcher.run(start, tx))
-                        }
-                        Some((consumer_arn, config)) => {
-                            let fetcher = FanOutFetcher {
-                                api: ctx.api.clone(),
-                                client: ctx.api.client().clone(),
-                                consumer_arn: consumer_arn.clone(),
-                                shard_id: shard_id.clone(),
-                                config: config.clone(),
-                                metrics: ctx.metrics.clone(),
-                                unpacker,
-                                last_read: None,
-                                last_records: Instant::now(),
-                            };
-                            tokio::spawn(fetcher.run(start, tx))
-                        }
-                    };
-                    fetched = Some((rx, AbortOnDrop(task)));
+                    fetched = Some(ctx.spawn_fetcher(&shard_id, start, unpacker));
                     ShardConsumerState::Processing
                 }
             },
@@ -281,8 +317,14 @@ pub(crate) async fn run<P: Processor>(ctx: Context, mut processor: P) -> Exit {
                     match ctx.until_usable().await {
                         Err(i) => interrupted(i),
                         Ok(()) => {
-                            let n = pending.len().min(ctx.max_batch_records);
+                            let limit = retrying.as_ref().map_or(usize::MAX, |r| r.limit);
+                            let n = pending.len().min(ctx.max_batch_records).min(limit);
                             let records: Vec<Record> = pending.drain(..n).collect();
+                            positions.clear();
+                            positions
+                                .extend(records.iter().map(|r| (r.sequence_number.clone(), r.sub_sequence_number)));
+                            // A retried delivery is kept: its records may go to the destination.
+                            let kept = retrying.as_ref().map(|_| records.clone());
                             let batch = Batch { shard_id: shard_id.clone(), records, millis_behind_latest: behind };
                             let (count, bytes) = (batch.records.len() as u64, batch.data_bytes() as u64);
                             checkpointer.delivering(&batch.records);
@@ -293,7 +335,70 @@ pub(crate) async fn run<P: Processor>(ctx: Context, mut processor: P) -> Exit {
                             if ctx.held.restart_requested() {
                                 return Exit::Restart;
                             }
-                            ShardConsumerState::Processing
+                            match checkpointer.take_failure() {
+                                None => {
+                                    retrying = None;
+                                    ShardConsumerState::Processing
+                                }
+                                Some(failed) => {
+                                    Metrics::add(&ctx.metrics.processing_failures, 1);
+                                    let from = (failed.sequence_number.clone(), failed.sub_sequence_number);
+                                    let at = positions.iter().position(|p| *p == from).unwrap_or(0);
+                                    let range = positions.len() - at;
+                                    let policy = &ctx.failure_policy;
+                                    let current =
+                                        retrying.get_or_insert_with(|| Retrying::new(policy, from.clone(), range));
+                                    match current.failed(policy, from.clone(), range) {
+                                        Next::Retry { wait, .. } => {
+                                            tracing::warn!(shard_id = %shard_id, sequence_number = %from.0, sub = from.1,
+                                                attempts = current.attempts, ?wait, "the processor failed at a record; delivering it again");
+                                            // Read again from the failed record.
+                                            drop(fetched.take());
+                                            pending.clear();
+                                            read_to_end = false;
+                                            match ctx.pause(wait).await {
+                                                Err(i) => interrupted(i),
+                                                Ok(()) => {
+                                                    let hash_range = ctx.held.lease().await.hash_range;
+                                                    let unpacker = Unpacker::starting_at(
+                                                        shard_id.clone(),
+                                                        hash_range,
+                                                        (from.0.to_string(), from.1),
+                                                    );
+                                                    let start = StartAt::AtSequence(from.0.to_string());
+                                                    fetched = Some(ctx.spawn_fetcher(&shard_id, start, unpacker));
+                                                    ShardConsumerState::Processing
+                                                }
+                                            }
+                                        }
+                                        Next::Divert => {
+                                            let attempts = current.attempts;
+                                            retrying = None;
+                                            let records: Vec<Record> = kept.unwrap_or_default().split_off(at);
+                                            let last = records
+                                                .last()
+                                                .map(|r| (r.sequence_number.clone(), r.sub_sequence_number));
+                                            let n = records.len() as u64;
+                                            tracing::warn!(shard_id = %shard_id, records = n, attempts,
+                                                "records still fail after the policy's retries: handing them to the on-failure destination and moving on");
+                                            let failed =
+                                                FailedRecords { shard_id: shard_id.clone(), records, attempts };
+                                            match ctx.divert(failed).await {
+                                                Err(i) => interrupted(i),
+                                                Ok(()) => {
+                                                    Metrics::add(&ctx.metrics.records_diverted, n);
+                                                    if let Some((seq, sub)) = last
+                                                        && let Err(error) = checkpointer.checkpoint_at(&seq, sub).await
+                                                    {
+                                                        tracing::warn!(shard_id = %shard_id, %error, "checkpointing after the diverted records failed");
+                                                    }
+                                                    ShardConsumerState::Processing
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
                         }
                     }
                 }
