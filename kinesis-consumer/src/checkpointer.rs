@@ -207,6 +207,11 @@ impl Checkpointer {
         self.delivered().failed_at.take()
     }
 
+    /// Records where a lease at LATEST starts, before anything is delivered (see `latest.rs`).
+    pub(crate) async fn anchor(&mut self, checkpoint: Checkpoint) -> Result<(), CheckpointError> {
+        self.write(checkpoint).await
+    }
+
     /// Records a checkpoint after one record: the shard resumes after it.
     ///
     /// # Errors

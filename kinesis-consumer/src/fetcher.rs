@@ -288,7 +288,7 @@ impl<R: Reader> Fetcher<R> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::VecDeque;
     use std::sync::Mutex;
 
@@ -299,17 +299,17 @@ mod tests {
 
     /// Answers GetRecords from a script; records every GetShardIterator asked for.
     #[derive(Default)]
-    pub(super) struct Scripted {
-        pub(super) answers: Mutex<VecDeque<Result<Fetched, ErrorKind>>>,
+    pub(crate) struct Scripted {
+        pub(crate) answers: Mutex<VecDeque<Result<Fetched, ErrorKind>>>,
         /// Errors for the next GetShardIterator calls.
-        pub(super) iterator_errors: Mutex<VecDeque<ErrorKind>>,
-        pub(super) iterators: Mutex<Vec<StartAt>>,
+        pub(crate) iterator_errors: Mutex<VecDeque<ErrorKind>>,
+        pub(crate) iterators: Mutex<Vec<StartAt>>,
         calls: Mutex<Vec<Instant>>,
         /// What ListShards says of the shard.
-        pub(super) listed: Mutex<bool>,
+        pub(crate) listed: Mutex<bool>,
     }
 
-    pub(super) fn page(seqs: &[&str], next: Option<&str>) -> Result<Fetched, ErrorKind> {
+    pub(crate) fn page(seqs: &[&str], next: Option<&str>) -> Result<Fetched, ErrorKind> {
         let records = seqs
             .iter()
             .map(|s| {
@@ -347,7 +347,7 @@ mod tests {
         }
     }
 
-    pub(super) fn fetcher(reader: &Arc<Scripted>, metrics: &Arc<Metrics>) -> Fetcher<Arc<Scripted>> {
+    pub(crate) fn fetcher(reader: &Arc<Scripted>, metrics: &Arc<Metrics>) -> Fetcher<Arc<Scripted>> {
         Fetcher {
             api: reader.clone(),
             shard_id: "shard".into(),
@@ -358,7 +358,7 @@ mod tests {
         }
     }
 
-    pub(super) async fn drain(mut rx: mpsc::Receiver<Fetch>) -> (Vec<String>, bool) {
+    pub(crate) async fn drain(mut rx: mpsc::Receiver<Fetch>) -> (Vec<String>, bool) {
         let mut seqs = Vec::new();
         let mut ended = false;
         while let Some(fetch) = rx.recv().await {

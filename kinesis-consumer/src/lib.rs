@@ -34,6 +34,7 @@ mod fetcher;
 mod handed_out;
 mod held;
 mod kinesis;
+mod latest;
 pub mod lease;
 mod lease_table;
 mod metrics;

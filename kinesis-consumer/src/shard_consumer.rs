@@ -244,7 +244,23 @@ pub(crate) async fn run<P: Processor>(ctx: Context, mut processor: P) -> Exit {
             ShardConsumerState::Initializing => match ctx.until_usable().await {
                 Err(i) => interrupted(i),
                 Ok(()) => {
-                    let lease = ctx.held.lease().await;
+                    let mut lease = ctx.held.lease().await;
+                    if lease.checkpoint.position == Position::Latest {
+                        // Make the start durable before anything is processed (see latest.rs).
+                        match crate::latest::durable_start(&ctx.api, &shard_id, std::time::SystemTime::now()).await {
+                            Some(anchor) => match checkpointer.anchor(anchor.clone()).await {
+                                Ok(()) => {
+                                    tracing::debug!(shard_id = %shard_id, checkpoint = anchor.position.as_str(), "LATEST made durable");
+                                    lease = ctx.held.lease().await;
+                                }
+                                Err(error) => {
+                                    tracing::warn!(shard_id = %shard_id, %error, "writing the start of a LATEST lease failed; it stays at LATEST until the first checkpoint");
+                                }
+                            },
+                            None => tracing::warn!(shard_id = %shard_id,
+                                "the newest record of the shard was not found within the pages searched; the lease stays at LATEST until the first checkpoint"),
+                        }
+                    }
                     let (start, resume_after) = match &lease.checkpoint.position {
                         Position::TrimHorizon => (StartAt::TrimHorizon, None),
                         Position::Latest => (StartAt::Latest, None),

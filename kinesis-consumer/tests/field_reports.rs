@@ -486,3 +486,41 @@ async fn g_a_stream_re_created_under_the_same_name_is_read_from_its_start() {
     assert!(worker.metrics().stale_leases_replaced >= 2, "{:?}", worker.metrics());
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_latest_start_is_durable_so_a_failover_re_delivers_instead_of_skipping() {
+    let (bed, stream, table) = bed_and_stream(1).await;
+    let client = bed.kinesis.client();
+    let old = put_plain(&client, &stream, "old", 30).await;
+    let mut config = config(&stream, &table, "first");
+    config.initial_position = kinesis_consumer::InitialPosition::Latest;
+    let log = Log::default();
+    let first = start_worker(&bed, config.clone(), &log, Duration::ZERO);
+    let leases = LeaseTable::new(bed.dynamodb.client(), &table);
+    // The start is written before anything is processed: after the newest record, a sequence
+    // number any KCL reads as "resume after it".
+    let mut durable = None;
+    for _ in 0..100 {
+        // (The table may not exist yet.)
+        if let Ok(Some(lease)) = leases.get(SHARD_0).await
+            && let Position::Sequence(seq) = &lease.checkpoint.position
+        {
+            durable = Some(seq.clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let durable = durable.expect("the LATEST start was made durable");
+    let newest_old =
+        kinesis_testkit::read_stream(&client, &stream).await.unwrap().last().unwrap().sequence_number.clone();
+    assert_eq!(durable, newest_old, "the start is right after the newest record");
+    // The worker dies before any record comes; records are written while nobody reads.
+    first.abort();
+    let new = put_plain(&client, &stream, "new", 20).await;
+    config.worker_id = "second".into();
+    let second = start_worker(&bed, config, &log, Duration::ZERO);
+    all_received(&log, &new, Duration::from_secs(30)).await;
+    let received = log.received();
+    assert!(old.iter().all(|d| !received.contains_key(d)), "nothing from before the start");
+    second.shutdown().await.unwrap();
+}
