@@ -270,8 +270,8 @@ struct Buffer {
     /// The bytes the buffered records take in a file (data and newline).
     bytes: u64,
     /// The batches the buffered records came in, with how many of each are still buffered and
-    /// when each arrived. Held until written: the shard's end is checkpointed only once every
-    /// batch of it is dropped.
+    /// when each arrived. Held until written, then finished: the shard's end is checkpointed only
+    /// once every batch of it is finished.
     holds: VecDeque<(ShardBatch, usize, Instant)>,
     /// A checkpoint whose write failed (not for a lost lease), tried again at the next tick.
     unsaved: Option<(Checkpointer, Arc<str>, u64)>,
@@ -331,7 +331,11 @@ impl Buffer {
                 break;
             }
             left -= *count;
-            self.holds.pop_front();
+            // Wholly in a file: finished (the Batches stream lets a checkpoint pass it). A batch
+            // dropped without being finished would be read again.
+            if let Some((hold, _, _)) = self.holds.pop_front() {
+                hold.finish();
+            }
             if left == 0 {
                 break;
             }

@@ -130,10 +130,13 @@ impl FailedRecordsStream {
 impl OnFailure for FailedRecordsStream {
     fn failed(&self, failed: FailedRecords) -> Pin<Box<dyn Future<Output = Result<(), DestinationError>> + Send + '_>> {
         Box::pin(async move {
-            // PutRecords takes at most 500 records a call.
-            for chunk in failed.records.chunks(500) {
+            // PutRecords takes at most 500 records a call. One record the stream refuses as
+            // invalid (over its record limit) makes it refuse the whole call: such a call is put
+            // again in halves, so that the others are stored and the error names the one.
+            let mut parts: Vec<&[Record]> = failed.records.chunks(500).rev().collect();
+            while let Some(part) = parts.pop() {
                 let mut request = self.client.put_records().stream_name(&self.stream);
-                for r in chunk {
+                for r in part {
                     request = request.records(
                         aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
                             .partition_key(&r.partition_key)
@@ -141,14 +144,23 @@ impl OnFailure for FailedRecordsStream {
                             .build()?,
                     );
                 }
-                let out = request.send().await?;
-                if out.failed_record_count().unwrap_or(0) > 0 {
-                    return Err(format!(
-                        "{} of {} records refused",
-                        out.failed_record_count().unwrap_or(0),
-                        chunk.len()
-                    )
-                    .into());
+                match request.send().await {
+                    Ok(out) if out.failed_record_count().unwrap_or(0) > 0 => {
+                        let refused = out.failed_record_count().unwrap_or(0);
+                        return Err(format!("{refused} of {} records refused by {}", part.len(), self.stream).into());
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        use aws_sdk_kinesis::error::ProvideErrorMetadata;
+                        let invalid = matches!(e.code(), Some("ValidationException" | "InvalidArgumentException"));
+                        if invalid && part.len() > 1 {
+                            let (first, second) = part.split_at(part.len() / 2);
+                            parts.push(second);
+                            parts.push(first);
+                            continue;
+                        }
+                        return Err(e.into());
+                    }
                 }
             }
             Ok(())
