@@ -107,7 +107,8 @@ pub enum CheckpointError {
         reason: &'static str,
     },
     /// Writing to the lease table failed; the lease is still held, so trying again can succeed
-    /// when the error is retryable.
+    /// when the error is retryable. The write may have been applied (a timeout, a reset
+    /// connection): writing the same checkpoint again is harmless.
     #[error("checkpointing shard {shard_id} failed")]
     Table {
         /// The shard.

@@ -154,6 +154,10 @@ async fn b_a_stored_checkpoint_kinesis_refuses_does_not_wedge_the_shard() {
     all_received(&log, &[old, new].concat(), Duration::from_secs(30)).await;
     let metrics = worker.metrics();
     assert!(metrics.unusable_checkpoints >= 1, "{metrics:?}");
+    eprintln!(
+        "B: a stored foreign checkpoint: {} unusable, 5 of 5 new records (and 3 old) processed",
+        metrics.unusable_checkpoints
+    );
     worker.shutdown().await.unwrap();
 }
 
@@ -244,8 +248,14 @@ async fn c_a_parent_the_stream_no_longer_has_is_ended_so_its_child_is_read() {
     assert!(leases.create(&child).await.unwrap());
     let sent = put_plain(&client, &stream, "c", 20).await;
     let log = Log::default();
+    let started = tokio::time::Instant::now();
     let worker = start_worker(&bed, config(&stream, &table, "w"), &log, Duration::ZERO);
     all_received(&log, &sent, Duration::from_secs(30)).await;
+    eprintln!(
+        "C: the child's {} records processed {:?} after start (parent gone from the stream)",
+        sent.len(),
+        started.elapsed()
+    );
     let rows = leases.list().await.unwrap();
     assert_eq!(rows.iter().find(|l| l.key == gone).unwrap().checkpoint.position, Position::ShardEnd);
     worker.shutdown().await.unwrap();
@@ -387,6 +397,7 @@ async fn f_fan_out_reads_a_closed_shard_to_its_last_record() {
     let worker = start_worker(&bed, config, &log, Duration::ZERO);
     all_received(&log, &sent, Duration::from_secs(60)).await;
     assert_eq!(sent.len(), 12_000);
+    eprintln!("F: fan-out on a split shard: {} of 12000 records processed", log.received().len());
     worker.shutdown().await.unwrap();
 }
 
@@ -425,6 +436,7 @@ async fn f_children_start_promptly_when_the_shard_end_answer_is_lost_or_the_sync
         let started = tokio::time::Instant::now();
         all_received(&log, &after, Duration::from_secs(30)).await;
         assert!(rule.fired() >= 1, "{case}: the fault happened");
+        eprintln!("F: {case}: children's 20 records processed {:?} after the split", started.elapsed());
         assert!(started.elapsed() < Duration::from_secs(20), "{case}: children started after {:?}", started.elapsed());
         worker.shutdown().await.unwrap();
     }
@@ -464,6 +476,7 @@ async fn g_a_lease_row_deleted_under_a_running_worker_comes_back_at_once() {
         "back after {:?} (the periodic sync is 120 s)",
         started.elapsed()
     );
+    eprintln!("G: a deleted lease row back {:?} after the deletion", started.elapsed());
     // Taken again and read on.
     let third = put_plain(&client, &stream, "c", 5).await;
     all_received(&log, &third, Duration::from_secs(30)).await;
@@ -484,6 +497,11 @@ async fn g_a_stream_re_created_under_the_same_name_is_read_from_its_start() {
     let new = put_plain(&client, &stream, "new", 60).await;
     all_received(&log, &new, Duration::from_secs(45)).await;
     assert!(worker.metrics().stale_leases_replaced >= 2, "{:?}", worker.metrics());
+    eprintln!(
+        "A (consumer): re-created stream: {} stale leases replaced, {} of 60 new records processed",
+        worker.metrics().stale_leases_replaced,
+        new.iter().filter(|d| log.received().contains_key(*d)).count()
+    );
     worker.shutdown().await.unwrap();
 }
 

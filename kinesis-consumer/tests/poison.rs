@@ -83,6 +83,11 @@ async fn by_default_a_poison_record_holds_its_shard_and_nothing_is_skipped() {
     assert!(cmp_sequence_numbers(checkpoint, &poison_seq).is_lt(), "the checkpoint never passes the poison record");
     let metrics = run.worker.metrics();
     assert!(metrics.processing_failures >= 5 && metrics.records_diverted == 0, "{metrics:?}");
+    eprintln!(
+        "poison, default policy: {} records processed (all before it), the poison delivered {} times, checkpoint held before it, 0 skipped",
+        processed.len(),
+        run.poison_deliveries.lock().unwrap()
+    );
     run.worker.shutdown().await.unwrap();
 }
 
@@ -115,6 +120,11 @@ async fn with_retries_bisection_and_a_file_only_the_poison_record_is_set_aside()
     assert_eq!(data, POISON.as_bytes());
     let metrics = run.worker.metrics();
     assert_eq!(metrics.records_diverted, 1, "{metrics:?}");
+    eprintln!(
+        "poison, 2 retries + bisection + file: 9,999 others processed ({} deliveries in all), 1 record in the file, the poison delivered {} times",
+        run.processed.lock().unwrap().values().sum::<usize>(),
+        run.poison_deliveries.lock().unwrap()
+    );
     // Retried twice whole, then halves: 500 -> 250 -> ... -> 1, each tried 3 times.
     assert!(*run.poison_deliveries.lock().unwrap() >= 3 * 9, "{}", run.poison_deliveries.lock().unwrap());
     // The shard moved past it.
@@ -164,5 +174,9 @@ async fn without_bisection_the_failed_range_goes_to_a_dead_letter_stream() {
         .await
     );
     assert_eq!(run.worker.metrics().records_diverted, dead.len() as u64);
+    eprintln!(
+        "poison, 1 retry, no bisection, dead-letter stream: {} records to the dead letters (the poison and the rest of its batch), the others processed",
+        dead.len()
+    );
     run.worker.shutdown().await.unwrap();
 }

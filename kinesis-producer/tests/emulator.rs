@@ -361,6 +361,12 @@ async fn under_steady_load_across_a_re_creation_every_acknowledged_record_is_rea
         }
     }
     assert!(acknowledged > 1_000, "acknowledged and readable after the re-creation: {acknowledged} (failed {failed})");
+    let m = producer.metrics();
+    eprintln!(
+        "re-created under load: {acknowledged} acknowledged after the re-creation, all readable where their receipts say; \
+         {failed} failed (typed, handed back); StaleShardMap {}; unreadable acknowledged 0",
+        m.errors_by_code.get("StaleShardMap").copied().unwrap_or(0)
+    );
     producer.shutdown().await;
 }
 
@@ -396,6 +402,11 @@ async fn a_record_over_the_streams_limit_fails_alone_with_the_services_message()
         }
         let found = read_back(&client, &stream).await;
         assert_eq!(found.len(), small, "every small record is in the stream");
+        eprintln!(
+            "a 2 MiB record among {small} small: 1 failed ({message:.60}...), {} delivered, {} PutRecords calls",
+            found.len(),
+            producer.metrics().put_records_requests
+        );
         producer.shutdown().await;
     }
 }
