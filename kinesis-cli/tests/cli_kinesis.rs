@@ -14,12 +14,7 @@ use serde_json::Value;
 fn run(kinesis: &Kinesis, args: &[&str], stdin: &[u8]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kinesis"))
         .args(args)
-        .env("AWS_ENDPOINT_URL_KINESIS", kinesis.endpoint_url())
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .envs(kinesis_testkit::child_env(Some(kinesis.endpoint_url()), None))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -13,11 +13,7 @@ fn kinesis(args: &[&str], endpoint: Option<&str>) -> Output {
         .args(args)
         .env_remove("AWS_ENDPOINT_URL_KINESIS")
         .env_remove("AWS_ENDPOINT_URL_DYNAMODB")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
+        .envs(kinesis_testkit::child_env(None, None));
     if let Some(endpoint) = endpoint {
         command.env("AWS_ENDPOINT_URL_KINESIS", endpoint);
     }
@@ -168,12 +164,7 @@ async fn a_producer_process_killed_mid_load_loses_nothing_its_receipts_acknowled
         .args(["loadgen", &stream, "--shards", "2", "--producers", "4", "--rate", "400", "--duration", "60s"])
         .args(["--template", template, "--receipts"])
         .arg(&receipts_path)
-        .env("AWS_ENDPOINT_URL_KINESIS", emulator.endpoint_url())
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .envs(kinesis_testkit::child_env(Some(emulator.endpoint_url()), None))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -10,28 +10,13 @@ use kinesis_producer::{Producer, UserRecord};
 use kinesis_testkit::{Kinesis, KinesisOptions, list_all_shards, read_stream};
 
 /// Where each user record was found: data -> (shard, sequence number, sub-sequence number).
+/// Every aggregate must be on a shard that holds all its records.
 async fn read_back(
     client: &aws_sdk_kinesis::Client,
     stream: &str,
 ) -> HashMap<Bytes, Vec<(String, String, Option<u64>)>> {
-    let shards = list_all_shards(client, stream).await.expect("ListShards");
-    let ranges: HashMap<String, HashKeyRange> = shards
-        .iter()
-        .map(|s| (s.shard_id.clone(), HashKeyRange::new(s.starting_hash_key, s.ending_hash_key).unwrap()))
-        .collect();
-    let mut found: HashMap<Bytes, Vec<(String, String, Option<u64>)>> = HashMap::new();
-    let mut deaggregators: HashMap<String, Deaggregator> = HashMap::new();
-    for record in read_stream(client, stream).await.expect("read the stream") {
-        let deaggregator = deaggregators
-            .entry(record.shard_id.clone())
-            .or_insert_with(|| Deaggregator::with_hash_range(ranges[&record.shard_id]));
-        let out = deaggregator.deaggregate(&record.partition_key, Bytes::from(record.data));
-        assert_eq!(out.dropped(), 0, "an aggregate on {} holds a record of another shard", record.shard_id);
-        for user in out.records {
-            let at = (record.shard_id.clone(), record.sequence_number.clone(), user.sub_sequence_number());
-            found.entry(user.into_data()).or_default().push(at);
-        }
-    }
+    let (found, dropped) = kcl_view(client, stream).await;
+    assert_eq!(dropped, 0, "an aggregate holds a record of another shard");
     found
 }
 
@@ -152,19 +137,7 @@ async fn split_in_the_middle_of_production(client: aws_sdk_kinesis::Client, stre
     // Read as the KCL does: an aggregate holding any sub-record outside its shard is dropped whole.
     let shards = list_all_shards(&client, stream).await.unwrap();
     assert_eq!(shards.len(), 4, "two shards, one split into two");
-    let mut readable: HashMap<Bytes, Vec<(String, String, Option<u64>)>> = HashMap::new();
-    for record in read_stream(&client, stream).await.expect("read the stream") {
-        let shard = shards.iter().find(|s| s.shard_id == record.shard_id).unwrap();
-        let out = kinesis_aggregation::deaggregate(&record.partition_key, Bytes::from(record.data));
-        let misplaced = out.records.iter().any(|u| !shard.contains(kinesis_aggregation::hash_key(u.partition_key())));
-        if misplaced {
-            continue;
-        }
-        for user in out.records {
-            let at = (record.shard_id.clone(), record.sequence_number.clone(), user.sub_sequence_number());
-            readable.entry(user.into_data()).or_default().push(at);
-        }
-    }
+    let (readable, _) = kcl_view(&client, stream).await;
     for (i, receipt) in receipts.into_iter().enumerate() {
         let receipt = receipt.await.unwrap_or_else(|e| panic!("record {i} failed: {e}"));
         let places = readable.get(format!("reading {i:06}").as_bytes()).unwrap_or_else(|| panic!("record {i} lost"));
@@ -246,22 +219,28 @@ async fn compressed_records_round_trip_through_kinesis() {
     producer.shutdown().await;
 }
 
-/// What a KCL reader finds in the stream now: data -> (shard, sequence, sub-sequence). An
-/// aggregate with any sub-record outside its shard's range is dropped whole, as the KCL does.
+/// Where a KCL reader finds each user record in the stream now: data -> (shard, sequence,
+/// sub-sequence); and how many aggregates it drops whole (a sub-record outside its shard's range).
 async fn kcl_view(
     client: &aws_sdk_kinesis::Client,
     stream: &str,
-) -> HashMap<Bytes, Vec<(String, String, Option<u64>)>> {
+) -> (HashMap<Bytes, Vec<(String, String, Option<u64>)>>, usize) {
     let shards = list_all_shards(client, stream).await.expect("ListShards");
     let ranges: HashMap<String, HashKeyRange> = shards
         .iter()
         .map(|s| (s.shard_id.clone(), HashKeyRange::new(s.starting_hash_key, s.ending_hash_key).unwrap()))
         .collect();
     let mut found: HashMap<Bytes, Vec<(String, String, Option<u64>)>> = HashMap::new();
+    let mut dropped = 0;
+    let mut deaggregators: HashMap<String, Deaggregator> = HashMap::new();
     for record in read_stream(client, stream).await.expect("read the stream") {
-        let out = Deaggregator::with_hash_range(ranges[&record.shard_id])
-            .deaggregate(&record.partition_key, Bytes::from(record.data));
+        // One deaggregator a shard: it keeps the hashes of the partition keys it has seen.
+        let deaggregator = deaggregators
+            .entry(record.shard_id.clone())
+            .or_insert_with(|| Deaggregator::with_hash_range(ranges[&record.shard_id]));
+        let out = deaggregator.deaggregate(&record.partition_key, Bytes::from(record.data));
         if out.dropped() > 0 {
+            dropped += 1;
             continue;
         }
         for user in out.records {
@@ -269,7 +248,7 @@ async fn kcl_view(
             found.entry(user.into_data()).or_default().push(at);
         }
     }
-    found
+    (found, dropped)
 }
 
 /// Field report A: a stream deleted and created again under the same name with 3 shards instead
@@ -287,7 +266,7 @@ async fn after_the_stream_is_re_created_every_receipt_points_where_a_reader_find
     let b = producer.put(UserRecord::new("b-5", "b")).await.unwrap();
     producer.flush().await;
     let receipts = [("a", a.await.expect("a-5 delivered")), ("b", b.await.expect("b-5 delivered"))];
-    let found = kcl_view(&client, &stream).await;
+    let (found, _) = kcl_view(&client, &stream).await;
     for (data, receipt) in &receipts {
         let at = (receipt.shard_id.to_string(), receipt.sequence_number.to_string(), receipt.aggregated_index);
         let places = found.get(data.as_bytes()).unwrap_or_else(|| panic!("{data} is not readable"));
@@ -337,7 +316,7 @@ async fn under_steady_load_across_a_re_creation_every_acknowledged_record_is_rea
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let receipts = putting.await.unwrap();
     producer.flush().await;
-    let found = kcl_view(&client, &stream).await;
+    let (found, _) = kcl_view(&client, &stream).await;
     let (mut acknowledged, mut failed) = (0, 0);
     for (data, receipt) in receipts {
         match receipt.await {

@@ -120,6 +120,28 @@ pub use resources::{
     wait_until_table_active,
 };
 
+/// The environment of a child process (an example, the `kinesis` binary, a worker process of a
+/// test) that must use these endpoints as `aws-config` reads them: `AWS_ENDPOINT_URL_KINESIS` and
+/// `AWS_ENDPOINT_URL_DYNAMODB` when given, dummy static credentials, `us-east-1`, and no AWS
+/// configuration files (so nothing on the machine changes what the child does). Give it to
+/// `Command::envs`.
+pub fn child_env(kinesis: Option<&str>, dynamodb: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("AWS_ACCESS_KEY_ID", "test".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+        ("AWS_CONFIG_FILE", "/nonexistent".to_owned()),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".to_owned()),
+    ];
+    if let Some(url) = kinesis {
+        env.push((KINESIS_ENDPOINT_VAR, url.to_owned()));
+    }
+    if let Some(url) = dynamodb {
+        env.push((DYNAMODB_ENDPOINT_VAR, url.to_owned()));
+    }
+    env
+}
+
 /// A [`Kinesis`] and a [`DynamoDb`] endpoint, started together.
 #[derive(Debug)]
 pub struct TestBed {
@@ -144,5 +166,10 @@ impl TestBed {
     /// When either server cannot start.
     pub async fn start_with(options: KinesisOptions) -> Result<Self> {
         Ok(Self { kinesis: Kinesis::start_with(options).await?, dynamodb: DynamoDb::start().await? })
+    }
+
+    /// [`child_env`] for both endpoints: a child process that uses this test bed.
+    pub fn child_env(&self) -> Vec<(&'static str, String)> {
+        child_env(Some(self.kinesis.endpoint_url()), Some(self.dynamodb.endpoint_url()))
     }
 }

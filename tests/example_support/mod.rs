@@ -43,13 +43,7 @@ pub fn example(bed: &TestBed, name: &str, args: &[&str], log: &Path) -> tokio::p
     let mut command = tokio::process::Command::new(example_binary(name));
     command
         .args(args)
-        .env("AWS_ENDPOINT_URL_KINESIS", bed.kinesis.endpoint_url())
-        .env("AWS_ENDPOINT_URL_DYNAMODB", bed.dynamodb.endpoint_url())
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .envs(bed.child_env())
         .stdin(Stdio::null())
         .stdout(Stdio::from(std::fs::File::create(log.with_extension("out")).expect("create the stdout log")))
         .stderr(Stdio::from(std::fs::File::create(log.with_extension("err")).expect("create the stderr log")))
