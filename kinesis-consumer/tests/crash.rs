@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use common::*;
@@ -71,28 +71,16 @@ async fn child_worker_entry_point() {
 }
 
 fn spawn_worker(bed: &TestBed, stream: &str, table: &str, worker: &str, log: &std::path::Path) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "child_worker_entry_point", "--nocapture"])
-        .envs(bed.child_env())
-        .env("CRASH_STREAM", stream)
-        .env("CRASH_TABLE", table)
-        .env("CRASH_WORKER", worker)
-        .env("CRASH_LOG", log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the worker process")
+    let log = log.to_string_lossy();
+    let vars = [("CRASH_STREAM", stream), ("CRASH_TABLE", table), ("CRASH_WORKER", worker), ("CRASH_LOG", &log)];
+    spawn_child(bed, "child_worker_entry_point", &vars)
 }
 
 /// (worker, shard, sequence, sub, data) per logged record.
 fn read_log(path: &std::path::Path) -> Vec<(String, String, String, u64, String)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.splitn(5, ' ');
-            Some((f.next()?.into(), f.next()?.into(), f.next()?.into(), f.next()?.parse().ok()?, f.next()?.into()))
-        })
+    read_log_lines(path)
+        .into_iter()
+        .filter_map(|[worker, shard, seq, sub, data]| Some((worker, shard, seq, sub.parse().ok()?, data)))
         .collect()
 }
 
@@ -111,15 +99,7 @@ async fn a_worker_killed_in_the_middle_of_a_batch_loses_nothing_and_repeats_only
     let leases = LeaseTable::new(bed.dynamodb.client(), table.clone());
     // Once it has checkpointed a few batches on both shards, kill it (SIGKILL): with 300 ms of
     // work per batch, a batch is almost always in flight.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let rows = leases.list().await.unwrap_or_default();
-        if rows.len() == 2 && rows.iter().all(|l| matches!(l.checkpoint.position, Position::Sequence(_))) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the first worker checkpointed both shards");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_checkpointed(&leases, 2, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     first.kill().expect("SIGKILL");
     first.wait().unwrap();

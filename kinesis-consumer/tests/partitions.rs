@@ -13,11 +13,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use kinesis_consumer::{Batch, Checkpointer, LeaseTable, Position, Processor, Scheduler};
+use kinesis_consumer::{Batch, Checkpointer, LeaseTable, Processor, Scheduler};
 use kinesis_testkit::{DynamoDb, FaultProxy, TestBed};
 
 fn millis() -> u128 {
@@ -79,17 +79,9 @@ async fn zombie_child_entry_point() {
 }
 
 fn spawn_worker(bed: &TestBed, stream: &str, table: &str, worker: &str, log: &std::path::Path) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "zombie_child_entry_point", "--nocapture"])
-        .envs(bed.child_env())
-        .env("ZOMBIE_STREAM", stream)
-        .env("ZOMBIE_TABLE", table)
-        .env("ZOMBIE_WORKER", worker)
-        .env("ZOMBIE_LOG", log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the worker process")
+    let log = log.to_string_lossy();
+    let vars = [("ZOMBIE_STREAM", stream), ("ZOMBIE_TABLE", table), ("ZOMBIE_WORKER", worker), ("ZOMBIE_LOG", &log)];
+    spawn_child(bed, "zombie_child_entry_point", &vars)
 }
 
 fn signal(child: &Child, signal: &str) {
@@ -101,13 +93,9 @@ fn signal(child: &Child, signal: &str) {
 type Line = (String, String, String, u128, String);
 
 fn read_log(path: &std::path::Path) -> Vec<Line> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.splitn(5, ' ');
-            Some((f.next()?.into(), f.next()?.into(), f.next()?.into(), f.next()?.parse().ok()?, f.next()?.into()))
-        })
+    read_log_lines(path)
+        .into_iter()
+        .filter_map(|[kind, worker, shard, millis, rest]| Some((kind, worker, shard, millis.parse().ok()?, rest)))
         .collect()
 }
 
@@ -122,15 +110,7 @@ async fn a_zombie_worker_finishes_at_most_its_batch_in_flight_and_its_checkpoint
     let load = load_until(client.clone(), &stream, "z", 40, stop.clone());
     let mut zombie = spawn_worker(&bed, &stream, &table, "zombie", &log);
     let leases = LeaseTable::new(bed.dynamodb.client(), table.clone());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let rows = leases.list().await.unwrap_or_default();
-        if rows.len() == 2 && rows.iter().all(|l| matches!(l.checkpoint.position, Position::Sequence(_))) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the zombie checkpointed both shards");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_checkpointed(&leases, 2, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(450)).await;
     // Stopped in the middle of a batch (300 ms of work each), for more than 3 failover times.
     signal(&zombie, "-STOP");

@@ -336,3 +336,45 @@ pub fn last_checkpoint(log: &Log, worker: &str, shard: &str) -> Option<(String, 
 pub fn shards_of(log: &Log, worker: &str) -> BTreeSet<String> {
     log.calls().into_iter().filter(|c| c.worker == worker).map(|c| c.shard).collect()
 }
+
+/// Runs this test binary again, as a child process, on its ignored test `entry` (a worker that
+/// runs until it is killed), with the test bed's endpoints and `vars`. Its output is discarded.
+pub fn spawn_child(bed: &TestBed, entry: &str, vars: &[(&str, &str)]) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", entry, "--nocapture"])
+        .envs(bed.child_env())
+        .envs(vars.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the child process")
+}
+
+/// The lines of a log that child processes append to, each split into its first four words and
+/// the rest.
+pub fn read_log_lines(path: &std::path::Path) -> Vec<[String; 5]> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(5, ' ');
+            Some([f.next()?.into(), f.next()?.into(), f.next()?.into(), f.next()?.into(), f.next()?.into()])
+        })
+        .collect()
+}
+
+/// Waits until every lease of `table` is checkpointed at a sequence number, and there are
+/// `shards` of them (at most `limit`).
+pub async fn until_checkpointed(leases: &kinesis_consumer::LeaseTable, shards: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let rows = leases.list().await.unwrap_or_default();
+        if rows.len() == shards
+            && rows.iter().all(|l| matches!(l.checkpoint.position, kinesis_consumer::Position::Sequence(_)))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "every shard checkpointed within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
