@@ -188,6 +188,9 @@ pub(crate) async fn register(
     }
 }
 
+/// Empty pages followed when checking that a closed shard is read to its end.
+const END_CHECK_PAGES: usize = 5;
+
 /// Reads one shard by subscription.
 pub(crate) struct FanOutFetcher {
     pub api: KinesisApi,
@@ -366,11 +369,23 @@ impl FanOutFetcher {
     }
 
     /// Whether the shard is closed and nothing is left after `position` (one GetRecords).
+    ///
+    /// A closed shard read past its last record answers with no next iterator, perhaps only after
+    /// a few empty pages (ferrokinesis gives one more iterator to a position before the shard's
+    /// closing time): empty pages are followed, a few at most. A record after the position means
+    /// the shard is not read to its end.
     async fn read_to_end(&self, position: &StartAt) -> bool {
-        let Ok(Some(iterator)) = self.api.shard_iterator(&self.shard_id, position).await else { return false };
-        match self.api.get_records(&iterator, 1).await {
-            Ok(page) => page.records.is_empty() && page.next_iterator.is_none(),
-            Err(_) => false,
+        let Ok(Some(mut iterator)) = self.api.shard_iterator(&self.shard_id, position).await else { return false };
+        for _ in 0..END_CHECK_PAGES {
+            match self.api.get_records(&iterator, 1).await {
+                Ok(page) if !page.records.is_empty() => return false,
+                Ok(page) => match page.next_iterator {
+                    None => return true,
+                    Some(next) => iterator = next,
+                },
+                Err(_) => return false,
+            }
         }
+        false
     }
 }
