@@ -167,28 +167,26 @@ impl Checkpointer {
     /// Not cancel-safe: cancelled while the write is in flight, the checkpoint may or may not be
     /// written; the next write finds out and goes on (see [`LeaseTable::renew`]).
     pub async fn checkpoint(&mut self) -> Result<(), CheckpointError> {
-        if let Some((handed, id)) = &self.batch {
+        let target = match &self.batch {
             // A batch of the stream adapter: finished now; the checkpoint goes as far as every
             // batch before it is finished too (perhaps not at all yet).
-            let Some(progress) = handed.finish(*id) else { return Ok(()) };
-            return match progress {
-                Checkpoint { position: Position::Sequence(seq), sub_sequence }
-                    if self.delivered().is_end(&seq, sub_sequence) =>
-                {
-                    self.write(Checkpoint::at(Position::ShardEnd)).await
-                }
-                progress => self.write(progress).await,
-            };
-        }
-        match self.end.clone() {
-            Some(Checkpoint { position: Position::Sequence(seq), sub_sequence }) => {
-                if self.delivered().is_end(&seq, sub_sequence) {
-                    return self.write(Checkpoint::at(Position::ShardEnd)).await;
-                }
-                self.write(Checkpoint { position: Position::Sequence(seq), sub_sequence }).await
-            }
-            Some(end) => self.write(end).await,
+            Some((handed, id)) => handed.finish(*id),
+            None => self.end.clone(),
+        };
+        match target {
+            Some(checkpoint) => self.write(self.at_end_or(checkpoint)).await,
             None => Ok(()),
+        }
+    }
+
+    /// SHARD_END for the last record of a shard read to its end (as the KCL records it);
+    /// `checkpoint` otherwise.
+    fn at_end_or(&self, checkpoint: Checkpoint) -> Checkpoint {
+        match &checkpoint.position {
+            Position::Sequence(seq) if self.delivered().is_end(seq, checkpoint.sub_sequence) => {
+                Checkpoint::at(Position::ShardEnd)
+            }
+            _ => checkpoint,
         }
     }
 
@@ -250,20 +248,13 @@ impl Checkpointer {
             ));
         }
         let position = (sequence_number, sub_sequence_number);
-        let (delivered, is_end, after_last) = {
+        let (delivered, after_last) = {
             let delivered = self.delivered();
             let after_last =
                 delivered.last.as_ref().is_none_or(|(seq, sub)| cmp_positions(position, (seq, *sub)).is_gt());
-            (
-                delivered.contains(sequence_number, sub_sequence_number),
-                delivered.is_end(sequence_number, sub_sequence_number),
-                after_last,
-            )
+            (delivered.contains(sequence_number, sub_sequence_number), after_last)
         };
-        if is_end {
-            return self.write(Checkpoint::at(Position::ShardEnd)).await;
-        }
-        let stored = {
+        let stored = !delivered && {
             let lease = self.held.lease().await;
             matches!(&lease.checkpoint.position, Position::Sequence(seq)
                 if cmp_positions((seq, lease.checkpoint.sub_sequence), position).is_eq())
@@ -277,7 +268,7 @@ impl Checkpointer {
         }
         let checkpoint =
             Checkpoint { position: Position::Sequence(sequence_number.to_owned()), sub_sequence: sub_sequence_number };
-        self.write(checkpoint).await
+        self.write(self.at_end_or(checkpoint)).await
     }
 
     async fn write(&mut self, checkpoint: Checkpoint) -> Result<(), CheckpointError> {

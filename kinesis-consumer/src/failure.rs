@@ -151,9 +151,8 @@ impl OnFailure for FailedRecordsStream {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        use aws_sdk_kinesis::error::ProvideErrorMetadata;
-                        let invalid = matches!(e.code(), Some("ValidationException" | "InvalidArgumentException"));
-                        if invalid && part.len() > 1 {
+                        let e = crate::kinesis::error("PutRecords", e);
+                        if e.kind == crate::ErrorKind::Invalid && part.len() > 1 {
                             let (first, second) = part.split_at(part.len() / 2);
                             parts.push(second);
                             parts.push(first);

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use crate::error::{ErrorKind, KinesisError};
 use crate::kinesis::{Fetched, KinesisApi, StartAt};
 use crate::metrics::Metrics;
-use crate::record::{Record, Unpacker, cmp_sequence_numbers};
+use crate::record::{Record, Unpacker};
 
 /// Settings of the polling fetcher. Defaults are the KCL's.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,9 +134,6 @@ pub(crate) struct Fetcher<R = KinesisApi> {
     pub config: PollingConfig,
     pub metrics: Arc<Metrics>,
     pub unpacker: Unpacker,
-    /// After a refused starting position, reading from TRIM_HORIZON leaves out the Kinesis
-    /// records before this sequence number (and at it, when `true`).
-    pub skip_through: Option<(String, bool)>,
 }
 
 /// Exponential waits with jitter from `range.0` up to `range.1`, without end (the reads go on while
@@ -169,20 +166,8 @@ impl<R: Reader> Fetcher<R> {
                         last_read = Some(last.sequence_number.clone());
                     }
                     self.metrics.behind(&self.shard_id, page.millis_behind_latest);
-                    let mut page_records = page.records;
-                    if let Some((seq, inclusive)) = &self.skip_through {
-                        // Read from TRIM_HORIZON after a refused position: what is before it was read.
-                        page_records.retain(|r| match cmp_sequence_numbers(&r.sequence_number, seq) {
-                            std::cmp::Ordering::Less => false,
-                            std::cmp::Ordering::Equal => !inclusive,
-                            std::cmp::Ordering::Greater => true,
-                        });
-                        if page_records.last().is_some_and(|r| cmp_sequence_numbers(&r.sequence_number, seq).is_gt()) {
-                            self.skip_through = None;
-                        }
-                    }
-                    let mut records = Vec::with_capacity(page_records.len());
-                    self.metrics.unpacked(self.unpacker.unpack(page_records, &mut records));
+                    let mut records = Vec::with_capacity(page.records.len());
+                    self.metrics.unpacked(self.unpacker.unpack(page.records, &mut records));
                     if !records.is_empty() {
                         let fetch = Fetch::Records { records, millis_behind_latest: page.millis_behind_latest };
                         if tx.send(fetch).await.is_err() {
@@ -246,14 +231,12 @@ impl<R: Reader> Fetcher<R> {
                     return None;
                 }
                 Err(e) if refused_checkpoint(&at, &e, &self.shard_id, &self.metrics) => {
-                    // Everything before the refused position is left out: up to the sequence number
-                    // for AT_SEQUENCE_NUMBER (the unpacker drops the sub-records at or before the
-                    // checkpoint), through it for AFTER_SEQUENCE_NUMBER.
-                    self.skip_through = match &at {
-                        StartAt::AtSequence(seq) => Some((seq.clone(), false)),
-                        StartAt::AfterSequence(seq) => Some((seq.clone(), true)),
-                        _ => None,
-                    };
+                    // Everything before the refused position is left out by the unpacker: at
+                    // AT_SEQUENCE_NUMBER its resume filter already starts there; after
+                    // AFTER_SEQUENCE_NUMBER, the whole record at the position goes too.
+                    if let StartAt::AfterSequence(seq) = &at {
+                        self.unpacker.skip_through(seq);
+                    }
                     at = StartAt::TrimHorizon;
                 }
                 Err(e) if e.kind == ErrorKind::NotFound => {
@@ -354,7 +337,6 @@ pub(crate) mod tests {
             config: PollingConfig::default(),
             metrics: metrics.clone(),
             unpacker: Unpacker::new("shard".into(), None, None),
-            skip_through: None,
         }
     }
 

@@ -120,6 +120,21 @@ impl Unpacker {
         Unpacker { keep_resume_position: true, ..Unpacker::new(shard_id, range, Some(from)) }
     }
 
+    /// Leaves out, from now on, every record at or before `sequence` (all its sub-records), unless
+    /// the resume filter already reaches further: reading a shard from an earlier point again
+    /// (TRIM_HORIZON, after a position Kinesis refused) without handing anything over twice.
+    pub(crate) fn skip_through(&mut self, sequence: &str) {
+        let through = (sequence.to_owned(), u64::MAX);
+        let further = self
+            .resume_after
+            .as_ref()
+            .is_some_and(|(seq, sub)| cmp_positions((seq, *sub), (&through.0, through.1)).is_ge());
+        if !further {
+            self.resume_after = Some(through);
+            self.keep_resume_position = false;
+        }
+    }
+
     pub(crate) fn unpack(&mut self, records: Vec<aws_sdk_kinesis::types::Record>, out: &mut Vec<Record>) -> Unpacked {
         let mut counts = Unpacked::default();
         for record in records {
@@ -237,6 +252,29 @@ mod tests {
         unpacker.unpack(page, &mut out);
         let got: Vec<(&str, u64)> = out.iter().map(|r| (&*r.sequence_number, r.sub_sequence_number)).collect();
         assert_eq!(got, [("200", 2), ("200", 3), ("200", 4), ("300", 0)]);
+    }
+
+    #[test]
+    fn skipping_through_a_record_leaves_out_all_of_it_but_never_shortens_the_resume_filter() {
+        let page = || {
+            vec![
+                kinesis_record("100", "p", Bytes::from_static(b"x")),
+                kinesis_record("200", "agg", aggregate(3)),
+                kinesis_record("300", "p", Bytes::from_static(b"y")),
+            ]
+        };
+        let mut unpacker = Unpacker::new("s".into(), None, None);
+        unpacker.skip_through("200");
+        let mut out = Vec::new();
+        unpacker.unpack(page(), &mut out);
+        let got: Vec<(&str, u64)> = out.iter().map(|r| (&*r.sequence_number, r.sub_sequence_number)).collect();
+        assert_eq!(got, [("300", 0)]);
+        // A checkpoint further on stays the filter.
+        let mut unpacker = Unpacker::new("s".into(), None, Some(("300".into(), 0)));
+        unpacker.skip_through("200");
+        let mut out = Vec::new();
+        unpacker.unpack(page(), &mut out);
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -266,6 +266,9 @@ impl Scheduler {
     }
 }
 
+/// First and largest wait before a shard sync asked for is tried again after it failed.
+const SYNC_RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(10));
+
 struct Worker<F> {
     api: KinesisApi,
     coordinator: LeaseCoordinator,
@@ -347,7 +350,7 @@ impl<F: ProcessorFactory> Worker<F> {
         let retry_sync = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(retry_sync);
         let mut sync_wanted = false;
-        let mut sync_backoff = crate::fetcher::backoff((Duration::from_millis(200), Duration::from_secs(10)));
+        let mut sync_backoff = crate::fetcher::backoff(SYNC_RETRY_BACKOFF);
         loop {
             tokio::select! {
                 biased;
@@ -402,9 +405,9 @@ impl<F: ProcessorFactory> Worker<F> {
                 _ = &mut retry_sync, if sync_wanted => {
                     if self.sync_logged().await {
                         sync_wanted = false;
-                        sync_backoff = crate::fetcher::backoff((Duration::from_millis(200), Duration::from_secs(10)));
+                        sync_backoff = crate::fetcher::backoff(SYNC_RETRY_BACKOFF);
                     } else {
-                        let wait = sync_backoff.next().unwrap_or(Duration::from_secs(10));
+                        let wait = sync_backoff.next().unwrap_or(SYNC_RETRY_BACKOFF.1);
                         retry_sync.as_mut().reset(Instant::now() + wait);
                     }
                 }

@@ -143,9 +143,7 @@ impl Context {
         }
         true
     }
-}
 
-impl Context {
     /// Starts reading the shard at `start` on a task of its own.
     fn spawn_fetcher(
         &self,
@@ -162,7 +160,6 @@ impl Context {
                     config: self.polling.clone(),
                     metrics: self.metrics.clone(),
                     unpacker,
-                    skip_through: None,
                 };
                 tokio::spawn(fetcher.run(start, tx))
             }

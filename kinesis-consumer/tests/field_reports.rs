@@ -202,13 +202,7 @@ impl Processor for EndsAtLastRecord {
             self.first.get_or_insert((r.sequence_number.to_string(), r.sub_sequence_number));
             self.last = Some((r.sequence_number.to_string(), r.sub_sequence_number));
         }
-        let records = batch
-            .records
-            .iter()
-            .map(|r| {
-                (r.sequence_number.to_string(), r.sub_sequence_number, String::from_utf8_lossy(&r.data).into_owned())
-            })
-            .collect();
+        let records = logged(&batch);
         let now = tokio::time::Instant::now();
         self.log.calls.lock().unwrap().push(Call {
             worker: "w".into(),

@@ -66,6 +66,8 @@ pub(crate) fn judge(span: (u128, u128), shard_id: &str, listing: &[ShardDescript
 /// The parked aggregates, and the listings that judge them.
 #[derive(Default)]
 pub(crate) struct Confirmations {
+    /// In the order they were parked, so with `after` never falling: the last one waits the
+    /// longest (judging and expiring keep the order).
     parked: Vec<Parked>,
     /// Listings started so far (each gets the next number).
     started: u64,
@@ -96,7 +98,7 @@ impl Confirmations {
 
     /// When a listing is due for the parked aggregates: `None` when none waits for a new one.
     pub(crate) fn listing_due(&self, interval: Duration, now: Instant) -> Option<Instant> {
-        if !self.parked.iter().any(|p| p.after >= self.started) {
+        if self.parked.last().is_none_or(|p| p.after < self.started) {
             return None;
         }
         match (self.last_start, self.urgent) {
@@ -120,6 +122,10 @@ impl Confirmations {
 
     /// Takes the parked aggregates with a member whose deadline has passed.
     pub(crate) fn expired(&mut self, now: Instant) -> Vec<Parked> {
+        // Called at every step of the pipeline: nothing is moved unless one has expired.
+        if self.earliest_deadline().is_none_or(|deadline| deadline > now) {
+            return Vec::new();
+        }
         let (gone, kept): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.parked).into_iter().partition(|p| p.entry.deadline <= now);
         self.parked = kept;

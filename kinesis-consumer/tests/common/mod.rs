@@ -80,6 +80,15 @@ impl Log {
     }
 }
 
+/// (sequence number, sub-sequence number, data) of each record of a batch, as a `Call` logs them.
+pub fn logged(batch: &Batch) -> Vec<(String, u64, String)> {
+    batch
+        .records
+        .iter()
+        .map(|r| (r.sequence_number.to_string(), r.sub_sequence_number, String::from_utf8_lossy(&r.data).into_owned()))
+        .collect()
+}
+
 /// Logs every call; checkpoints after each batch, at SHARD_END and at shutdown.
 pub struct Logging {
     pub worker: String,
@@ -97,13 +106,7 @@ impl Processor for Logging {
 
     async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
         let start = Instant::now();
-        let records = batch
-            .records
-            .iter()
-            .map(|r| {
-                (r.sequence_number.to_string(), r.sub_sequence_number, String::from_utf8_lossy(&r.data).into_owned())
-            })
-            .collect();
+        let records = logged(&batch);
         if !self.work.is_zero() {
             tokio::time::sleep(self.work).await;
         }
