@@ -98,16 +98,19 @@
 mod connection;
 mod dynamodb;
 mod error;
+mod java;
 mod kinesis;
 mod local;
 mod proxy;
 mod read;
 mod resources;
 mod server;
+mod tls;
 
 pub use connection::Origin;
 pub use dynamodb::{DYNAMODB_ENDPOINT_VAR, DynamoDb};
 pub use error::{Error, Result};
+pub use java::{JAVA_INSTALL_HINT, JavaInterop, JavaProcess};
 pub use kinesis::{KINESIS_ENDPOINT_VAR, Kinesis, KinesisOptions};
 pub use local::{KinesisLocal, KinesisLocalOptions, SCRIPT_VAR};
 pub use proxy::{Fault, FaultProxy, Rule};
@@ -119,6 +122,7 @@ pub use resources::{
     ACTIVE_TIMEOUT, create_stream, create_table, recreate_stream, unique_name, wait_until_stream_active,
     wait_until_table_active,
 };
+pub use tls::TlsFront;
 
 /// The environment of a child process (an example, the `kinesis` binary, a worker process of a
 /// test) that must use these endpoints as `aws-config` reads them: `AWS_ENDPOINT_URL_KINESIS` and
