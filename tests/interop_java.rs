@@ -23,6 +23,10 @@ use serde_json::Value;
 use sha2::Digest as _;
 use tokio::time::Instant;
 
+/// One test at a time: each runs JVMs (the KCL, the KPL and its daemon) beside our workers, and
+/// two at once on a 2-core machine starve lease renewals into steals the test did not cause.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn java() -> &'static JavaInterop {
     JavaInterop::get().unwrap_or_else(|e| panic!("{e}"))
 }
@@ -159,6 +163,7 @@ fn text(v: &Value, field: &str) -> String {
 /// once each, on the shard and at the sequence and sub-sequence numbers the KPL reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kpl_records_are_read_by_our_consumer() {
+    let _serial = SERIAL.lock().await;
     const RECORDS: usize = 50_000;
     let java = java();
     let bed = TestBed::start().await.expect("start the emulators");
@@ -313,6 +318,7 @@ where
 /// 0.7 has neither. DynamoDB is the embedded dynoxide.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kcl_reads_what_our_producer_writes_across_a_split() {
+    let _serial = SERIAL.lock().await;
     const RECORDS: usize = 50_000;
     let java = java();
     let local = kinesis_testkit::KinesisLocal::start().await.expect("kinesis-local must be available for this test");
@@ -404,4 +410,606 @@ async fn kcl_reads_what_our_producer_writes_across_a_split() {
     assert!(records.iter().filter(|r| r["aggregated"] == true).count() > RECORDS / 2, "most went out aggregated");
     let shard_ends = kcl.count("shard_ended");
     assert_eq!(shard_ends, 1, "the KCL finished the split parent");
+}
+
+/// Every item of a table, as JSON-ish text per attribute, for the checks below.
+async fn scan_table(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+) -> Vec<HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> {
+    let mut items = Vec::new();
+    let mut start = None;
+    loop {
+        let out = client
+            .scan()
+            .table_name(table)
+            .consistent_read(true)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .expect("Scan");
+        items.extend(out.items.unwrap_or_default());
+        start = out.last_evaluated_key;
+        if start.is_none() {
+            return items;
+        }
+    }
+}
+
+fn attr_s(item: &HashMap<String, aws_sdk_dynamodb::types::AttributeValue>, name: &str) -> Option<String> {
+    item.get(name).and_then(|v| v.as_s().ok().or_else(|| v.as_n().ok())).cloned()
+}
+
+/// Question 3, from Java to Rust, on a table the KCL 3.x made (its GSI, its `Leader`,
+/// `Migration3.0` and worker-metrics rows beside the leases): the KCL processes and checkpoints
+/// the first 700 records of each of 2 shards (the checkpoint inside an aggregate: sequence and
+/// sub-sequence), shuts down gracefully; more records are written; two of our workers start on the
+/// same table and get exactly the records after the KCL's checkpoints, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kcl_3x_table_is_taken_over_by_our_workers() {
+    let _serial = SERIAL.lock().await;
+    const FIRST: usize = 2_000;
+    const SECOND: usize = 1_000;
+    const STOP_AFTER: usize = 700;
+    let java = java();
+    let bed = TestBed::start().await.expect("start the emulators");
+    let stream = bed.kinesis.create_stream(2).await.unwrap();
+    let app = unique_name("handover");
+    let first = produce_ours(bed.kinesis.client(), &stream, "first", FIRST, || async {}).await;
+
+    let mut kcl = java
+        .spawn(
+            "KclReader",
+            &[
+                "--stream",
+                &stream,
+                "--app",
+                &app,
+                "--worker",
+                "kcl-1",
+                "--failover-ms",
+                "2000",
+                "--stop-after",
+                &STOP_AFTER.to_string(),
+            ],
+            &bed.child_env(),
+            None,
+        )
+        .expect("start the KCL");
+    until_or(
+        Duration::from_secs(120),
+        "the KCL's first 700 records of each shard",
+        || kcl.count("record") >= 2 * STOP_AFTER,
+        || kcl_state(&kcl),
+    )
+    .await;
+    let status =
+        tokio::task::block_in_place(|| kcl.terminate(Duration::from_secs(60))).expect("the KCL stops on SIGTERM");
+    // 143: the JVM's exit code after SIGTERM, once its shutdown hooks (the graceful shutdown) ran.
+    assert_eq!(status.code(), Some(143), "the KCL exited with {status}");
+    let stopped = kcl.events("stopped");
+    assert_eq!(stopped.len(), 1, "{}", kcl_state(&kcl));
+    assert_eq!(stopped[0]["clean"], true, "graceful shutdown: {}", kcl_state(&kcl));
+    let kcl_records = kcl.events("record");
+    assert_eq!(kcl_records.len(), 2 * STOP_AFTER, "the KCL processed {STOP_AFTER} records a shard");
+    // The KCL's last checkpoint on each shard: its 700th record there.
+    let mut last_reported: BTreeMap<String, (String, u64)> = BTreeMap::new();
+    for r in &kcl_records {
+        last_reported.insert(text(r, "shard"), (text(r, "sequence"), r["sub_sequence"].as_u64().unwrap()));
+    }
+
+    // The table is the KCL 3.x's: GSI, non-lease rows, and the leases at the KCL's checkpoints.
+    let dynamodb = bed.dynamodb.client();
+    let described = dynamodb.describe_table().table_name(&app).send().await.expect("DescribeTable");
+    let gsis: Vec<String> = described
+        .table()
+        .and_then(|t| t.global_secondary_indexes.clone())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|g| g.index_name.clone())
+        .collect();
+    assert_eq!(gsis, vec!["LeaseOwnerToLeaseKeyIndex".to_owned()], "the KCL 3.x made its GSI");
+    let items = scan_table(&dynamodb, &app).await;
+    let keys: Vec<(String, Option<String>)> =
+        items.iter().map(|i| (attr_s(i, "leaseKey").unwrap(), attr_s(i, "entityType"))).collect();
+    println!("the KCL 3.x table: {keys:?}");
+    // (Its `Leader` lock row is deleted when it shuts down gracefully; the mixed-fleet tests run
+    // our workers beside it.)
+    for reserved in ["Migration3.0", "kcl-1"] {
+        assert!(keys.iter().any(|(k, _)| k == reserved), "the KCL wrote its {reserved} row: {keys:?}");
+    }
+    for (shard, (sequence, sub)) in &last_reported {
+        let lease = items.iter().find(|i| attr_s(i, "leaseKey").as_deref() == Some(shard)).expect("a lease per shard");
+        assert_eq!(attr_s(lease, "checkpoint").as_deref(), Some(sequence.as_str()), "{shard}: the KCL's checkpoint");
+        assert_eq!(attr_s(lease, "checkpointSubSequenceNumber"), Some(sub.to_string()), "{shard}");
+    }
+    let inside_aggregates = last_reported.values().filter(|(_, sub)| *sub > 0).count();
+    assert!(inside_aggregates > 0, "a checkpoint inside an aggregate: {last_reported:?}");
+
+    let second = produce_ours(bed.kinesis.client(), &stream, "second", SECOND, || async {}).await;
+    let kcl_saw: std::collections::HashSet<String> = kcl_records.iter().map(|r| text(r, "data_sha256")).collect();
+    let expected: Vec<&Vec<u8>> =
+        first.iter().chain(second.iter()).map(|(d, _)| d).filter(|d| !kcl_saw.contains(&sha256_hex(d))).collect();
+    assert_eq!(expected.len(), FIRST + SECOND - 2 * STOP_AFTER);
+
+    let log = Seen_::default();
+    let workers = [
+        start_ours(&bed, our_config(&stream, &app, "rust-1"), &log),
+        start_ours(&bed, our_config(&stream, &app, "rust-2"), &log),
+    ];
+    until(Duration::from_secs(60), "our workers to read what the KCL left", || {
+        log.records.lock().unwrap().len() >= expected.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for worker in workers {
+        worker.shutdown().await.expect("clean shutdown");
+    }
+    let seen = log.records.lock().unwrap().clone();
+    let before: Vec<&Seen> = seen.iter().filter(|s| kcl_saw.contains(&sha256_hex(&s.data))).collect();
+    assert!(
+        before.is_empty(),
+        "our workers re-read {} records the KCL had checkpointed, e.g. {:?}",
+        before.len(),
+        before.first()
+    );
+    let got: HashMap<&[u8], usize> = seen.iter().fold(HashMap::new(), |mut m, s| {
+        *m.entry(s.data.as_slice()).or_default() += 1;
+        m
+    });
+    for d in &expected {
+        assert_eq!(got.get(d.as_slice()), Some(&1), "{} once", String::from_utf8_lossy(d));
+    }
+    assert_eq!(seen.len(), expected.len(), "nothing else, nothing twice");
+    let first_after: Vec<&Seen> = seen.iter().filter(|s| s.data.starts_with(b"first-")).collect();
+    println!(
+        "KCL 3.x -> ours: the KCL checkpointed {} records ({inside_aggregates} of 2 checkpoints inside an aggregate); ours read the {} after them ({} of the first batch)",
+        kcl_records.len(),
+        seen.len(),
+        first_after.len()
+    );
+}
+
+/// Processes the first `stop_after` records of its shard, checkpoints at the last of them (by
+/// sequence and sub-sequence) and ignores the rest.
+struct FirstOnly {
+    worker: String,
+    stop_after: usize,
+    done: usize,
+    log: Seen_,
+}
+
+impl Processor for FirstOnly {
+    async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
+        let mut last = None;
+        for r in batch.records.iter().take(self.stop_after - self.done) {
+            self.log.records.lock().unwrap().push(Seen {
+                worker: self.worker.clone(),
+                shard: batch.shard_id.to_string(),
+                sequence: r.sequence_number.to_string(),
+                sub_sequence: r.sub_sequence_number,
+                aggregated: r.aggregated,
+                partition_key: r.partition_key.clone(),
+                explicit_hash_key: r.explicit_hash_key.clone(),
+                data: r.data.to_vec(),
+            });
+            self.done += 1;
+            last = Some(r);
+        }
+        if let Some(r) = last {
+            checkpointer.checkpoint_record(r).await.expect("checkpoint");
+        }
+    }
+
+    async fn shard_ended(&mut self, _checkpointer: &mut Checkpointer) {}
+}
+
+/// Question 3, from Rust to Java: two of our workers process and checkpoint the first 700
+/// records of each of 2 shards (inside an aggregate), shut down; more records are written; the
+/// KCL 3.x starts on our table (it adds its GSI and rows) and gets exactly the records after our
+/// checkpoints, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_table_is_taken_over_by_the_kcl() {
+    let _serial = SERIAL.lock().await;
+    const FIRST: usize = 2_000;
+    const SECOND: usize = 1_000;
+    const STOP_AFTER: usize = 700;
+    let java = java();
+    let bed = TestBed::start().await.expect("start the emulators");
+    let stream = bed.kinesis.create_stream(2).await.unwrap();
+    let app = unique_name("handover");
+    let first = produce_ours(bed.kinesis.client(), &stream, "first", FIRST, || async {}).await;
+
+    let log = Seen_::default();
+    let start = |worker: &str| {
+        let (worker, log) = (worker.to_owned(), log.clone());
+        Scheduler::start(
+            bed.kinesis.client(),
+            bed.dynamodb.client(),
+            our_config(&stream, &app, &worker),
+            move |_: &str| FirstOnly { worker: worker.clone(), stop_after: STOP_AFTER, done: 0, log: log.clone() },
+        )
+        .expect("a valid config")
+    };
+    let workers = [start("rust-1"), start("rust-2")];
+    until(Duration::from_secs(60), "our first 700 records of each shard", || {
+        log.records.lock().unwrap().len() >= 2 * STOP_AFTER
+    })
+    .await;
+    for worker in workers {
+        worker.shutdown().await.expect("clean shutdown");
+    }
+    let ours = log.records.lock().unwrap().clone();
+    assert_eq!(ours.len(), 2 * STOP_AFTER);
+    let checkpoints: Vec<(String, String, u64)> = {
+        let mut last: BTreeMap<String, (String, u64)> = BTreeMap::new();
+        for s in &ours {
+            last.insert(s.shard.clone(), (s.sequence.clone(), s.sub_sequence));
+        }
+        last.into_iter().map(|(shard, (seq, sub))| (shard, seq, sub)).collect()
+    };
+    assert!(checkpoints.iter().any(|(_, _, sub)| *sub > 0), "a checkpoint inside an aggregate: {checkpoints:?}");
+
+    let second = produce_ours(bed.kinesis.client(), &stream, "second", SECOND, || async {}).await;
+    let ours_saw: std::collections::HashSet<&[u8]> = ours.iter().map(|s| s.data.as_slice()).collect();
+    let expected: HashMap<String, usize> = first
+        .iter()
+        .chain(second.iter())
+        .map(|(d, _)| d)
+        .filter(|d| !ours_saw.contains(d.as_slice()))
+        .enumerate()
+        .map(|(i, d)| (sha256_hex(d), i))
+        .collect();
+    assert_eq!(expected.len(), FIRST + SECOND - 2 * STOP_AFTER);
+
+    let kcl = java
+        .spawn(
+            "KclReader",
+            &["--stream", &stream, "--app", &app, "--worker", "kcl-1", "--failover-ms", "2000"],
+            &bed.child_env(),
+            None,
+        )
+        .expect("start the KCL");
+    until_or(
+        Duration::from_secs(120),
+        "the KCL to read what ours left",
+        || kcl.count("record") >= expected.len(),
+        || kcl_state(&kcl),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let records = kcl.events("record");
+    let initialized = kcl.events("initialized");
+    drop(kcl);
+    for (shard, sequence, sub) in &checkpoints {
+        let init = initialized.iter().find(|i| text(i, "shard") == *shard).expect("the KCL took every shard");
+        assert_eq!(
+            (text(init, "sequence"), init["sub_sequence"].as_u64()),
+            (sequence.clone(), Some(*sub)),
+            "{shard}: the KCL resumed from our checkpoint"
+        );
+    }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        let hash = text(r, "data_sha256");
+        assert!(expected.contains_key(&hash), "the KCL delivered a record before our checkpoint: {r}");
+        *counts.entry(hash).or_default() += 1;
+    }
+    assert_eq!(counts.len(), expected.len(), "every record after our checkpoints");
+    assert!(counts.values().all(|&n| n == 1), "each once");
+    println!(
+        "ours -> KCL 3.x: we checkpointed {} records at {checkpoints:?}; the KCL read the {} after them",
+        ours.len(),
+        records.len()
+    );
+}
+
+/// What a processor of ours did, with wall-clock times in epoch milliseconds (as the KCL reader
+/// prints them).
+#[derive(Clone, Debug)]
+struct FleetEvent {
+    /// One per processor instance, so that a worker that takes a shard again is a new holder.
+    holder: String,
+    shard: String,
+    event: &'static str,
+    t_ms: u64,
+    data: Vec<Vec<u8>>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[derive(Clone, Default)]
+struct FleetLog(Arc<Mutex<Vec<FleetEvent>>>);
+
+struct FleetProcessor {
+    holder: String,
+    shard: String,
+    log: FleetLog,
+}
+
+impl FleetProcessor {
+    fn push(&self, event: &'static str, data: Vec<Vec<u8>>) {
+        self.log.0.lock().unwrap().push(FleetEvent {
+            holder: self.holder.clone(),
+            shard: self.shard.clone(),
+            event,
+            t_ms: now_ms(),
+            data,
+        });
+    }
+}
+
+impl Processor for FleetProcessor {
+    async fn initialize(&mut self, _init: &kinesis::consumer::Initialization) {
+        self.push("initialized", Vec::new());
+    }
+
+    async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
+        self.push("records", batch.records.iter().map(|r| r.data.to_vec()).collect());
+        let _ = checkpointer.checkpoint().await;
+    }
+
+    async fn lease_lost(&mut self) {
+        self.push("lease_lost", Vec::new());
+    }
+
+    async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) {
+        let _ = checkpointer.checkpoint().await;
+        self.push("shard_ended", Vec::new());
+    }
+
+    async fn shutdown_requested(&mut self, checkpointer: &mut Checkpointer) {
+        let _ = checkpointer.checkpoint().await;
+        self.push("shutdown_requested", Vec::new());
+    }
+}
+
+/// One holding of a shard by one processor: from its start to its last event.
+#[derive(Debug)]
+struct Holding {
+    holder: String,
+    shard: String,
+    from_ms: u64,
+}
+
+/// What a mixed fleet did.
+#[derive(Debug)]
+struct FleetReport {
+    sent: usize,
+    lost: usize,
+    redelivered: usize,
+    ours_records: usize,
+    kcl_records: usize,
+    holdings: usize,
+    /// How often a shard passed from one kind of worker to another ("kcl -> rust": 3), by the
+    /// order in which holders started on it.
+    moves: BTreeMap<String, usize>,
+    /// Per shard, its holders in order.
+    timeline: BTreeMap<String, Vec<String>>,
+    /// Pairs of holdings of one shard by two processors whose record deliveries interleave.
+    overlaps: Vec<String>,
+}
+
+impl FleetReport {
+    /// One paragraph for the test output and the README.
+    fn summary(&self) -> String {
+        format!(
+            "sent {}, lost {}, re-delivered {}, processed by ours {} / by the KCL {}, {} holdings, moves {:?}, \
+             overlaps {}; holders per shard {:?}",
+            self.sent,
+            self.lost,
+            self.redelivered,
+            self.ours_records,
+            self.kcl_records,
+            self.holdings,
+            self.moves,
+            self.overlaps.len(),
+            self.timeline
+        )
+    }
+}
+
+/// Two of our workers and two KCL workers (in `mode`) on one table, under a steady load of about
+/// 200 records/s for `duration`, over 8 shards; then the producer stops and the fleet drains.
+async fn mixed_fleet(mode: &str, duration: Duration) -> FleetReport {
+    let java = java();
+    let bed = TestBed::start().await.expect("start the emulators");
+    let stream = bed.kinesis.create_stream(8).await.unwrap();
+    let app = unique_name("fleet");
+    let log = FleetLog::default();
+    let holders = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = |worker: &str| {
+        let (worker, log, holders) = (worker.to_owned(), log.clone(), holders.clone());
+        Scheduler::start(
+            bed.kinesis.client(),
+            bed.dynamodb.client(),
+            our_config(&stream, &app, &worker),
+            move |shard: &str| {
+                let n = holders.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                FleetProcessor { holder: format!("{worker}#{n}"), shard: shard.to_owned(), log: log.clone() }
+            },
+        )
+        .expect("a valid config")
+    };
+    // The KCL first: it makes the table (and in 3.x mode its GSI and rows); ours join it.
+    let kcl_args = |worker: &'static str| -> Vec<String> {
+        ["--stream", &stream, "--app", &app, "--worker", worker, "--failover-ms", "2000", "--mode", mode]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let spawn_kcl = |worker: &'static str| {
+        let args = kcl_args(worker);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        java.spawn("KclReader", &args, &bed.child_env(), None).expect("start the KCL")
+    };
+    let kcls = [spawn_kcl("kcl-1"), spawn_kcl("kcl-2")];
+    until_or(
+        Duration::from_secs(120),
+        "the KCL workers to start on shards",
+        || kcls.iter().map(|k| k.count("initialized")).sum::<usize>() >= 1,
+        || kcl_state(&kcls[0]),
+    )
+    .await;
+    let ours = [start("rust-1"), start("rust-2")];
+
+    // Steady load.
+    let producer =
+        kinesis::producer::Producer::builder(bed.kinesis.client(), stream.clone()).build().expect("producer");
+    let mut sent = Vec::new();
+    let mut receipts = Vec::new();
+    let deadline = Instant::now() + duration;
+    let mut i = 0usize;
+    while Instant::now() < deadline {
+        for _ in 0..20 {
+            let data = format!("fleet-{i:07}").into_bytes();
+            let key = format!("user-{:04}", fastrand::usize(..1_000));
+            receipts.push(producer.put(kinesis::producer::UserRecord::new(key, data.clone())).await.expect("put"));
+            sent.push(data);
+            i += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for receipt in receipts {
+        receipt.await.expect("delivered");
+    }
+    producer.shutdown().await;
+
+    // Drain: until every record was delivered somewhere, or a limit.
+    let sent_set: std::collections::HashSet<String> = sent.iter().map(|d| sha256_hex(d)).collect();
+    let delivered = |log: &FleetLog, kcls: &[JavaProcess]| -> HashMap<String, usize> {
+        let mut m: HashMap<String, usize> = HashMap::new();
+        for e in log.0.lock().unwrap().iter() {
+            for d in &e.data {
+                *m.entry(sha256_hex(d)).or_default() += 1;
+            }
+        }
+        for k in kcls {
+            for r in k.events("record") {
+                *m.entry(text(&r, "data_sha256")).or_default() += 1;
+            }
+        }
+        m
+    };
+    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < drain_deadline {
+        let got = delivered(&log, &kcls);
+        if sent_set.iter().all(|h| got.contains_key(h)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let got = delivered(&log, &kcls);
+    for worker in ours {
+        let _ = worker.shutdown().await;
+    }
+
+    // Holdings: per processor instance and shard, from its first to its last event; a KCL
+    // processor is (worker, shard, the n-th "initialized" of that pair).
+    let mut spans: BTreeMap<(String, String), (u64, u64, Vec<u64>)> = BTreeMap::new();
+    let mut add = |holder: String, shard: String, t: u64, delivery: bool| {
+        let e = spans.entry((holder, shard)).or_insert((t, t, Vec::new()));
+        e.0 = e.0.min(t);
+        e.1 = e.1.max(t);
+        if delivery {
+            e.2.push(t);
+        }
+    };
+    for e in log.0.lock().unwrap().iter() {
+        add(e.holder.clone(), e.shard.clone(), e.t_ms, e.event == "records");
+    }
+    let mut kcl_records = 0;
+    for k in &kcls {
+        let mut generation: HashMap<String, usize> = HashMap::new();
+        for line in k.lines() {
+            let Some(event) = line["event"].as_str() else { continue };
+            let Some(shard) = line["shard"].as_str() else { continue };
+            let worker = text(&line, "worker");
+            if event == "initialized" {
+                *generation.entry(shard.to_owned()).or_default() += 1;
+            }
+            let g = generation.get(shard).copied().unwrap_or(0);
+            kcl_records += usize::from(event == "record");
+            add(format!("{worker}#{g}"), shard.to_owned(), line["t_ms"].as_u64().unwrap(), event == "record");
+        }
+    }
+    let holdings: Vec<Holding> = spans
+        .iter()
+        .map(|((holder, shard), (from, _, _))| Holding { holder: holder.clone(), shard: shard.clone(), from_ms: *from })
+        .collect();
+    // Two holders of one shard overlap when one delivers records while the other's span is open
+    // and the other delivers records during this one's span as well: both processed the shard at
+    // the same time.
+    let mut overlaps = Vec::new();
+    let entries: Vec<_> = spans.iter().collect();
+    for (a, ((ha, sa), (fa, ta, da))) in entries.iter().enumerate() {
+        for ((hb, sb), (fb, tb, db)) in entries.iter().skip(a + 1) {
+            if sa != sb || ha == hb {
+                continue;
+            }
+            let a_in_b = da.iter().any(|t| t >= fb && t <= tb);
+            let b_in_a = db.iter().any(|t| t >= fa && t <= ta);
+            if a_in_b && b_in_a {
+                overlaps.push(format!("{sa}: {ha} [{fa}..{ta}] and {hb} [{fb}..{tb}]"));
+            }
+        }
+    }
+    let mut timeline: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    for h in &holdings {
+        timeline.entry(h.shard.clone()).or_default().push((h.from_ms, h.holder.clone()));
+    }
+    let kind = |holder: &str| if holder.starts_with("kcl") { "kcl" } else { "rust" };
+    let mut moves: BTreeMap<String, usize> = BTreeMap::new();
+    let timeline: BTreeMap<String, Vec<String>> = timeline
+        .into_iter()
+        .map(|(shard, mut hs)| {
+            hs.sort();
+            for pair in hs.windows(2) {
+                *moves.entry(format!("{} -> {}", kind(&pair[0].1), kind(&pair[1].1))).or_default() += 1;
+            }
+            (shard, hs.into_iter().map(|(_, h)| h).collect())
+        })
+        .collect();
+    let ours_records: usize = log.0.lock().unwrap().iter().map(|e| e.data.len()).sum();
+    let lost = sent_set.iter().filter(|h| !got.contains_key(*h)).count();
+    let redelivered = got.values().map(|n| n - 1).sum();
+    drop(kcls);
+    FleetReport {
+        sent: sent.len(),
+        lost,
+        redelivered,
+        ours_records,
+        kcl_records,
+        holdings: holdings.len(),
+        moves,
+        timeline,
+        overlaps,
+    }
+}
+
+/// Question 4: a rolling migration. Two of our workers and two KCL 3.5.1 workers in
+/// CLIENT_VERSION_CONFIG_COMPATIBLE_WITH_2X mode (the 2.x lease taker and stealer) share one
+/// table under a steady load for a minute: both kinds process records, no two processors
+/// process one shard at the same time, and nothing is lost. Re-deliveries are reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_fleet_with_the_kcl_in_2x_mode() {
+    let _serial = SERIAL.lock().await;
+    let report = mixed_fleet("2x", Duration::from_secs(60)).await;
+    println!("mixed fleet, KCL in 2x mode: {}", report.summary());
+    assert_eq!(report.lost, 0, "{report:#?}");
+    assert!(report.ours_records > 0 && report.kcl_records > 0, "both kinds of worker processed records: {report:#?}");
+    assert!(report.overlaps.is_empty(), "two processors on one shard at once: {report:#?}");
+}
+
+/// Question 4, with the KCL in its 3.x default mode (leader-based assignment, no stealing). Our
+/// workers do not publish worker metrics yet (issue 14), so the KCL's leader does not count them
+/// as workers. Asserts that nothing is lost and reports what the fleet did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_fleet_with_the_kcl_in_3x_mode() {
+    let _serial = SERIAL.lock().await;
+    let report = mixed_fleet("3x", Duration::from_secs(60)).await;
+    println!("mixed fleet, KCL in 3.x mode: {}", report.summary());
+    assert_eq!(report.lost, 0, "{report:#?}");
 }

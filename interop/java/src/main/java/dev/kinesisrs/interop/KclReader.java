@@ -59,7 +59,7 @@ import software.amazon.kinesis.retrieval.polling.PollingConfig;
  * data_len, data_sha256), checkpointed (shard, sequence, sub_sequence), checkpoint_failed
  * (shard, error), lease_lost, shard_ended, shutdown_requested, stopped.
  * On SIGTERM it shuts down gracefully (every processor checkpoints after the last record it
- * reported), prints "stopped" and exits 0. With --stop-after N, a processor reports and
+ * reported), prints "stopped" and exits (143, as the JVM does after SIGTERM). With --stop-after N, a processor reports and
  * checkpoints its first N records (the checkpoint at the Nth, by sequence and sub-sequence, so
  * possibly inside an aggregate), then ignores the rest of its shard.
  */
