@@ -267,6 +267,62 @@ async fn kpl_records_are_read_by_our_consumer() {
     assert_eq!(shards.len(), 8, "every shard had records");
 }
 
+/// Question 1, large records: the KPL writes records of up to the service's 1 MiB (partition key
+/// and data), too big to aggregate, among small ones, and our consumer reads each whole, once.
+/// (Records over 1 MiB on a stream raised with UpdateMaxRecordSize cannot be tried here:
+/// ferrokinesis 0.7 accepts UpdateMaxRecordSize but its PutRecords still refuses data over
+/// 1,048,576 bytes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kpl_records_of_1_mib_are_read_by_our_consumer() {
+    let _serial = SERIAL.lock().await;
+    let java = java();
+    let bed = TestBed::start().await.expect("start the emulators");
+    let stream = bed.kinesis.create_stream(1).await.unwrap();
+    let front = TlsFront::start(bed.kinesis.endpoint_url()).await.expect("a TLS front for the KPL");
+    // Partition keys are "key-<i>": 5 bytes, so the largest data is 1 MiB less 5 bytes.
+    let sizes = [100, 600_000, 200, 1_048_576 - 5, 300, 1_000_000, 400];
+    let mut input = String::new();
+    let mut sent = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let mut data = format!("large-{i}-").into_bytes();
+        data.resize(*size, b'a' + i as u8);
+        let line = serde_json::json!({
+            "partition_key": format!("key-{i}"),
+            "data": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &data),
+        });
+        input.push_str(&line.to_string());
+        input.push('\n');
+        sent.push(data);
+    }
+    let mut env = bed.child_env();
+    env.push(("KPL_KINESIS_ENDPOINT", front.host_port()));
+    let kpl = java.spawn("KplWriter", &["--stream", &stream], &env, Some(input.into_bytes())).expect("start the KPL");
+    let (kpl, status) = wait_java(kpl, Duration::from_secs(120)).await;
+    assert!(
+        status.success(),
+        "the KPL writer failed ({status}): {:?}; its log ends:\n{}",
+        kpl.events("result"),
+        kpl.log_tail(30)
+    );
+
+    let log = Seen_::default();
+    let worker = start_ours(&bed, our_config(&stream, &unique_name("large"), "rust-1"), &log);
+    until(Duration::from_secs(60), "every large record", || log.records.lock().unwrap().len() >= sizes.len()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    worker.shutdown().await.expect("clean shutdown");
+    let seen = log.records.lock().unwrap().clone();
+    assert_eq!(seen.len(), sizes.len(), "each once");
+    for (i, data) in sent.iter().enumerate() {
+        let s = seen
+            .iter()
+            .find(|s| s.partition_key == format!("key-{i}"))
+            .unwrap_or_else(|| panic!("record {i} was not read"));
+        assert_eq!(s.data.len(), data.len(), "record {i}");
+        assert!(s.data == *data, "record {i}: the same bytes");
+    }
+    println!("KPL -> ours, large records: sizes {sizes:?} read whole");
+}
+
 /// Puts `count` records named `{prefix}-{i:06}` (100 bytes) with keys drawn from 1,000, through
 /// our producer (aggregating per predicted shard); `halfway` runs once half are delivered (the
 /// producer's shard map still has the shards from before `halfway`).

@@ -5,6 +5,7 @@ import java.nio.ByteBuffer;
 import java.security.MessageDigest;
 import java.time.Duration;
 import java.util.HexFormat;
+import java.util.List;
 import java.util.Map;
 import java.util.UUID;
 import java.util.concurrent.CountDownLatch;
@@ -45,7 +46,7 @@ import software.amazon.kinesis.retrieval.polling.PollingConfig;
  * <pre>
  * KclReader --stream NAME --app APPLICATION [--worker ID] [--position TRIM_HORIZON|LATEST]
  *           [--failover-ms 10000] [--mode 3x|2x] [--idle-ms 200] [--max-records 10000]
- *           [--checkpoint batch|never] [--stop-after N]
+ *           [--checkpoint batch|never] [--stop-after N] [--report records|batches]
  * </pre>
  *
  * Endpoints come from AWS_ENDPOINT_URL_KINESIS and AWS_ENDPOINT_URL_DYNAMODB (http or https, any
@@ -58,6 +59,7 @@ import software.amazon.kinesis.retrieval.polling.PollingConfig;
  * record (worker, shard, sequence, sub_sequence, aggregated, partition_key, explicit_hash_key,
  * data_len, data_sha256), checkpointed (shard, sequence, sub_sequence), checkpoint_failed
  * (shard, error), lease_lost, shard_ended, shutdown_requested, stopped.
+ * With --report batches (for benchmarks), a batch line (shard, count) replaces the record lines.
  * On SIGTERM it shuts down gracefully (every processor checkpoints after the last record it
  * reported), prints "stopped" and exits (143, as the JVM does after SIGTERM). With --stop-after N, a processor reports and
  * checkpoints its first N records (the checkpoint at the Nth, by sequence and sub-sequence, so
@@ -78,6 +80,7 @@ public final class KclReader {
         int maxRecords = (int) args.getLong("max-records", 10_000);
         boolean checkpoint = args.get("checkpoint", "batch").equals("batch");
         long stopAfter = args.getLong("stop-after", Long.MAX_VALUE);
+        boolean perRecord = args.get("report", "records").equals("records");
 
         Region region = Region.of(System.getenv().getOrDefault("AWS_REGION", "us-east-1"));
         StaticCredentialsProvider credentials =
@@ -102,7 +105,7 @@ public final class KclReader {
         SingleStreamTracker tracker = new SingleStreamTracker(StreamIdentifier.singleStreamInstance(stream),
                 InitialPositionInStreamExtended.newInitialPosition(position));
         ConfigsBuilder configs = new ConfigsBuilder(tracker, app, kinesis, dynamo, cloudWatch, worker,
-                () -> new Processor(worker, checkpoint, stopAfter));
+                () -> new Processor(worker, checkpoint, stopAfter, perRecord));
 
         LeaseManagementConfig lease = configs.leaseManagementConfig()
                 .failoverTimeMillis(failoverMs)
@@ -158,12 +161,14 @@ public final class KclReader {
         private final String worker;
         private final boolean checkpoint;
         private final long stopAfter;
+        private final boolean perRecord;
         private long reported;
         private KinesisClientRecord lastReported;
         private String shard = "?";
 
-        Processor(String worker, boolean checkpoint, long stopAfter) {
+        Processor(String worker, boolean checkpoint, long stopAfter, boolean perRecord) {
             this.worker = worker;
+            this.perRecord = perRecord;
             this.checkpoint = checkpoint;
             this.stopAfter = stopAfter;
         }
@@ -186,6 +191,16 @@ public final class KclReader {
 
         @Override
         public void processRecords(ProcessRecordsInput input) {
+            if (!perRecord) {
+                Map<String, Object> m = line("batch");
+                m.put("count", input.records().size());
+                Out.emit(m);
+                List<KinesisClientRecord> records = input.records();
+                if (checkpoint && !records.isEmpty()) {
+                    checkpointAt(input.checkpointer(), records.get(records.size() - 1));
+                }
+                return;
+            }
             MessageDigest sha;
             try {
                 sha = MessageDigest.getInstance("SHA-256");

@@ -23,6 +23,7 @@ import software.amazon.kinesis.producer.Attempt;
 import software.amazon.kinesis.producer.KinesisProducer;
 import software.amazon.kinesis.producer.KinesisProducerConfiguration;
 import software.amazon.kinesis.producer.UserRecord;
+import software.amazon.kinesis.producer.UserRecordFailedException;
 import software.amazon.kinesis.producer.UserRecordResult;
 
 /**
@@ -31,6 +32,7 @@ import software.amazon.kinesis.producer.UserRecordResult;
  * <pre>
  * KplWriter --stream NAME [--aggregation true|false] [--max-buffered-ms 100] [--ttl-ms 30000]
  *           [--rate-limit 150] [--generate N --size 100 --keys 1000 --key-len 16] [--quiet true]
+ *           [--max-user-record-bytes N] [--collection-max-bytes N]
  * </pre>
  *
  * The Kinesis endpoint comes from KPL_KINESIS_ENDPOINT, `host:port` of a TLS server (the KPL
@@ -73,6 +75,16 @@ public final class KplWriter {
                 .setRecordMaxBufferedTime(args.getLong("max-buffered-ms", 100))
                 .setRecordTtl(args.getLong("ttl-ms", 30_000))
                 .setRateLimit(args.getLong("rate-limit", 150));
+        // For streams whose MaxRecordSizeInKiB was raised (UpdateMaxRecordSize): the KPL's own
+        // limits on a user record and on one PutRecords call.
+        long maxUserRecord = args.getLong("max-user-record-bytes", -1);
+        if (maxUserRecord > 0) {
+            config.setMaxUserRecordSize(maxUserRecord);
+        }
+        long collectionMax = args.getLong("collection-max-bytes", -1);
+        if (collectionMax > 0) {
+            config.setCollectionMaxSize(collectionMax);
+        }
 
         List<Input> inputs = new ArrayList<>();
         long generate = args.getLong("generate", -1);
@@ -132,7 +144,12 @@ public final class KplWriter {
 
                 @Override
                 public void onFailure(Throwable t) {
-                    results.set(index, t);
+                    // A record that failed for good carries its attempts.
+                    if (t instanceof UserRecordFailedException failed && failed.getResult() != null) {
+                        results.set(index, failed.getResult());
+                    } else {
+                        results.set(index, t);
+                    }
                     done.countDown();
                 }
             }, MoreExecutors.directExecutor());
