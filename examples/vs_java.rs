@@ -422,10 +422,10 @@ async fn consumer_table(bed: &Bed, records: usize, failover_ms: u64) -> Result<(
     }
     producer.shutdown().await;
 
+    println!("(the children's logs: {})", std::env::temp_dir().join("kinesis-interop-logs").display());
     println!(
         "| consumer | records/s | CPU s per million records | start-up to first record | failover after kill -9 |"
     );
-    println!("(logs: {})", std::env::temp_dir().join("kinesis-interop-logs").display());
     println!("|---|---:|---:|---:|---:|");
     for side in ["ours", "KCL 3.5.1"] {
         let app = unique_name("bench");
