@@ -49,6 +49,21 @@ struct Seen {
     data: Vec<u8>,
 }
 
+impl Seen {
+    fn of(worker: &str, shard: &str, r: &kinesis::consumer::Record) -> Seen {
+        Seen {
+            worker: worker.to_owned(),
+            shard: shard.to_owned(),
+            sequence: r.sequence_number.to_string(),
+            sub_sequence: r.sub_sequence_number,
+            aggregated: r.aggregated,
+            partition_key: r.partition_key.clone(),
+            explicit_hash_key: r.explicit_hash_key.clone(),
+            data: r.data.to_vec(),
+        }
+    }
+}
+
 /// Keeps what every processor of a worker saw; checkpoints every batch.
 #[derive(Clone, Default)]
 struct Seen_ {
@@ -65,16 +80,7 @@ impl Processor for Collect {
         {
             let mut records = self.log.records.lock().unwrap();
             for r in &batch.records {
-                records.push(Seen {
-                    worker: self.worker.clone(),
-                    shard: batch.shard_id.to_string(),
-                    sequence: r.sequence_number.to_string(),
-                    sub_sequence: r.sub_sequence_number,
-                    aggregated: r.aggregated,
-                    partition_key: r.partition_key.clone(),
-                    explicit_hash_key: r.explicit_hash_key.clone(),
-                    data: r.data.to_vec(),
-                });
+                records.push(Seen::of(&self.worker, &batch.shard_id, r));
             }
         }
         let _ = checkpointer.checkpoint().await;
@@ -496,6 +502,22 @@ fn attr_s(item: &HashMap<String, aws_sdk_dynamodb::types::AttributeValue>, name:
     item.get(name).and_then(|v| v.as_s().ok().or_else(|| v.as_n().ok())).cloned()
 }
 
+/// The handover tests: the first batch, what one side processes of each shard, and what comes after.
+const FIRST: usize = 2_000;
+const SECOND: usize = 1_000;
+const STOP_AFTER: usize = 700;
+
+/// A 2-shard stream with the first batch of records of ours in it, and a new application name.
+async fn handover_start() -> (&'static JavaInterop, TestBed, String, String, Vec<(Vec<u8>, kinesis::producer::Receipt)>)
+{
+    let java = java();
+    let bed = TestBed::start().await.expect("start the emulators");
+    let stream = bed.kinesis.create_stream(2).await.unwrap();
+    let app = unique_name("handover");
+    let first = produce_ours(bed.kinesis.client(), &stream, "first", FIRST, || async {}).await;
+    (java, bed, stream, app, first)
+}
+
 /// Question 3, from Java to Rust, on a table the KCL 3.x made (its GSI, its `Leader`,
 /// `Migration3.0` and worker-metrics rows beside the leases): the KCL processes and checkpoints
 /// the first 700 records of each of 2 shards (the checkpoint inside an aggregate: sequence and
@@ -504,14 +526,7 @@ fn attr_s(item: &HashMap<String, aws_sdk_dynamodb::types::AttributeValue>, name:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kcl_3x_table_is_taken_over_by_our_workers() {
     let _serial = SERIAL.lock().await;
-    const FIRST: usize = 2_000;
-    const SECOND: usize = 1_000;
-    const STOP_AFTER: usize = 700;
-    let java = java();
-    let bed = TestBed::start().await.expect("start the emulators");
-    let stream = bed.kinesis.create_stream(2).await.unwrap();
-    let app = unique_name("handover");
-    let first = produce_ours(bed.kinesis.client(), &stream, "first", FIRST, || async {}).await;
+    let (java, bed, stream, app, first) = handover_start().await;
 
     let mut kcl = java
         .spawn(
@@ -639,16 +654,7 @@ impl Processor for FirstOnly {
     async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
         let mut last = None;
         for r in batch.records.iter().take(self.stop_after - self.done) {
-            self.log.records.lock().unwrap().push(Seen {
-                worker: self.worker.clone(),
-                shard: batch.shard_id.to_string(),
-                sequence: r.sequence_number.to_string(),
-                sub_sequence: r.sub_sequence_number,
-                aggregated: r.aggregated,
-                partition_key: r.partition_key.clone(),
-                explicit_hash_key: r.explicit_hash_key.clone(),
-                data: r.data.to_vec(),
-            });
+            self.log.records.lock().unwrap().push(Seen::of(&self.worker, &batch.shard_id, r));
             self.done += 1;
             last = Some(r);
         }
@@ -667,14 +673,7 @@ impl Processor for FirstOnly {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_table_is_taken_over_by_the_kcl() {
     let _serial = SERIAL.lock().await;
-    const FIRST: usize = 2_000;
-    const SECOND: usize = 1_000;
-    const STOP_AFTER: usize = 700;
-    let java = java();
-    let bed = TestBed::start().await.expect("start the emulators");
-    let stream = bed.kinesis.create_stream(2).await.unwrap();
-    let app = unique_name("handover");
-    let first = produce_ours(bed.kinesis.client(), &stream, "first", FIRST, || async {}).await;
+    let (java, bed, stream, app, first) = handover_start().await;
 
     let log = Seen_::default();
     let start = |worker: &str| {

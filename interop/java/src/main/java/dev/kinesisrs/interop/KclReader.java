@@ -242,10 +242,14 @@ public final class KclReader {
                 m.put("sub_sequence", last.subSequenceNumber());
                 Out.emit(m);
             } catch (Exception e) {
-                Map<String, Object> m = line("checkpoint_failed");
-                m.put("error", e.toString());
-                Out.emit(m);
+                checkpointFailed(e);
             }
+        }
+
+        private void checkpointFailed(Exception e) {
+            Map<String, Object> m = line("checkpoint_failed");
+            m.put("error", e.toString());
+            Out.emit(m);
         }
 
         @Override
@@ -262,9 +266,7 @@ public final class KclReader {
                 input.checkpointer().checkpoint();
                 Out.emit(line("shard_ended"));
             } catch (Exception e) {
-                Map<String, Object> m = line("checkpoint_failed");
-                m.put("error", e.toString());
-                Out.emit(m);
+                checkpointFailed(e);
             }
         }
 
@@ -276,9 +278,7 @@ public final class KclReader {
                 }
                 Out.emit(line("shutdown_requested"));
             } catch (Exception e) {
-                Map<String, Object> m = line("checkpoint_failed");
-                m.put("error", e.toString());
-                Out.emit(m);
+                checkpointFailed(e);
             }
         }
     }

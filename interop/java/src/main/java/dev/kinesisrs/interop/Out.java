@@ -26,12 +26,7 @@ final class Out {
     }
 
     static void emit(Map<String, Object> fields) {
-        String text;
-        try {
-            text = JSON.writeValueAsString(fields);
-        } catch (Exception e) {
-            throw new IllegalStateException("cannot write a JSON line", e);
-        }
+        String text = text(fields);
         synchronized (STDOUT) {
             STDOUT.println(text);
             STDOUT.flush();
@@ -40,14 +35,17 @@ final class Out {
 
     /** For many lines in a row: written without a flush per line; call {@link #flush()} after. */
     static void emitBuffered(Map<String, Object> fields) {
-        String text;
-        try {
-            text = JSON.writeValueAsString(fields);
-        } catch (Exception e) {
-            throw new IllegalStateException("cannot write a JSON line", e);
-        }
+        String text = text(fields);
         synchronized (STDOUT) {
             STDOUT.println(text);
+        }
+    }
+
+    private static String text(Map<String, Object> fields) {
+        try {
+            return JSON.writeValueAsString(fields);
+        } catch (Exception e) {
+            throw new IllegalStateException("cannot write a JSON line", e);
         }
     }
 
