@@ -29,14 +29,16 @@
 //! Linux only (/proc). Needs Java 17 and Maven, as the interoperability tests do.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kinesis_consumer::{Batch, Checkpointer, InitialPosition, Initialization, Processor, Scheduler, SchedulerConfig};
 use kinesis_producer::{Producer, UserRecord};
-use kinesis_testkit::{DynamoDb, JavaInterop, Kinesis, KinesisOptions, TlsFront, child_env, unique_name};
+use kinesis_testkit::{
+    DynamoDb, JavaInterop, JsonLines, Kinesis, KinesisOptions, TlsFront, child_env, child_log, child_log_dir,
+    unique_name,
+};
 use serde_json::Value;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -213,7 +215,7 @@ struct Measured {
     child: Child,
     started: Instant,
     started_ms: u64,
-    lines: Arc<Mutex<Vec<Value>>>,
+    lines: JsonLines,
     stop: Arc<std::sync::atomic::AtomicBool>,
     sampler: Option<std::thread::JoinHandle<Usage>>,
 }
@@ -223,32 +225,17 @@ impl Measured {
         let started = Instant::now();
         let started_ms = now_ms();
         // Each child's log (the KCL's and KPL's included) goes to a file, for what a row claims.
-        let logs = std::env::temp_dir().join("kinesis-interop-logs");
-        std::fs::create_dir_all(&logs)?;
-        let log =
-            std::fs::File::create(logs.join(format!("vs_java-{}-{}.log", std::process::id(), unique_name("child"))))?;
+        let (_, log) = child_log("vs_java")?;
         let mut child = command.stdout(Stdio::piped()).stderr(Stdio::from(log)).spawn()?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sampler = Some(sample_tree(child.id(), stop.clone()));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    sink.lock().expect("lines").push(v);
-                }
-            }
-        });
+        let lines = JsonLines::collect(child.stdout.take().ok_or("no stdout")?);
         Ok(Measured { child, started, started_ms, lines, stop, sampler })
     }
 
-    fn lines(&self) -> Vec<Value> {
-        self.lines.lock().expect("lines").clone()
-    }
-
     fn records(&self) -> u64 {
-        self.lines().iter().filter(|l| l["event"] == "batch").filter_map(|l| l["count"].as_u64()).sum()
+        self.lines
+            .with(|lines| lines.iter().filter(|l| l["event"] == "batch").filter_map(|l| l["count"].as_u64()).sum())
     }
 
     /// Ends the measurement: waits for the exit (or kills, when `kill`), returns the usage.
@@ -295,16 +282,8 @@ impl Bed {
     }
 
     fn java(&self, main: &str, args: &[&str]) -> Command {
-        let dir = JavaInterop::project_dir();
-        let classpath = format!("{}:{}/*", dir.join("target/classes").display(), dir.join("target/lib").display());
-        let _ = self.java;
-        let mut command = Command::new("java");
-        command
-            .arg("-cp")
-            .arg(classpath)
-            .arg(format!("dev.kinesisrs.interop.{main}"))
-            .args(args)
-            .envs(self.env().iter().map(|(k, v)| (*k, v.as_str())));
+        let mut command = self.java.command(&[], main, args);
+        command.envs(self.env().iter().map(|(k, v)| (*k, v.as_str())));
         command
     }
 }
@@ -422,7 +401,7 @@ async fn consumer_table(bed: &Bed, records: usize, failover_ms: u64) -> Result<(
     }
     producer.shutdown().await;
 
-    println!("(the children's logs: {})", std::env::temp_dir().join("kinesis-interop-logs").display());
+    println!("(the children's logs: {})", child_log_dir().display());
     println!(
         "| consumer | records/s | CPU s per million records | start-up to first record | failover after kill -9 |"
     );
@@ -434,7 +413,7 @@ async fn consumer_table(bed: &Bed, records: usize, failover_ms: u64) -> Result<(
         while measured.records() < records as u64 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let lines = measured.lines();
+        let lines = measured.lines.snapshot();
         let got = measured.records();
         let started_ms = measured.started_ms;
         let (usage, _, _) = tokio::task::spawn_blocking(move || measured.finish(true)).await??;
@@ -459,8 +438,8 @@ async fn consumer_table(bed: &Bed, records: usize, failover_ms: u64) -> Result<(
 }
 
 /// Two workers of `side` on a new table; SIGKILL the one holding the most leases once no lease
-/// has moved for two failover times; the time until the other has started on all of them and delivered from
-/// each (a shard with nothing new counts at its start).
+/// has moved for two failover times; the time until the other has started a processor on every
+/// shard the dead one held.
 async fn failover_time(bed: &Bed, side: &str, stream: &str, failover_ms: u64) -> Result<String, BoxError> {
     let app = unique_name("failover");
     let mut workers = vec![
@@ -468,7 +447,7 @@ async fn failover_time(bed: &Bed, side: &str, stream: &str, failover_ms: u64) ->
         ("w-2".to_owned(), Measured::start(consumer_command(bed, side, stream, &app, "w-2", failover_ms)?)?),
     ];
     let all = |workers: &Vec<(String, Measured)>| -> Vec<(String, Value)> {
-        workers.iter().flat_map(|(w, m)| m.lines().into_iter().map(move |l| (w.clone(), l))).collect()
+        workers.iter().flat_map(|(w, m)| m.lines.snapshot().into_iter().map(move |l| (w.clone(), l))).collect()
     };
     // Settled: all 8 shards held, and no holder changed for two failover times (a 2.x-style
     // taker moves at most a few leases a round; the KCL 3.x leader assigns every 2 failover times).
@@ -501,19 +480,18 @@ async fn failover_time(bed: &Bed, side: &str, stream: &str, failover_ms: u64) ->
     let survivor = &workers[0].1;
     let limit = Instant::now() + Duration::from_secs(300);
     loop {
-        let lines = survivor.lines();
-        let restarted: BTreeSet<String> = lines
-            .iter()
-            .filter(|l| l["event"] == "initialized" && l["t_ms"].as_u64() >= Some(killed_at))
-            .filter_map(|l| l["shard"].as_str().map(str::to_owned))
-            .collect();
-        if orphaned.is_subset(&restarted) {
-            let at = lines
+        // (shard, when) of every start on the survivor since the kill.
+        let starts: Vec<(String, u64)> = survivor.lines.with(|lines| {
+            lines
                 .iter()
-                .filter(|l| l["event"] == "initialized" && l["t_ms"].as_u64() >= Some(killed_at))
-                .filter_map(|l| l["t_ms"].as_u64())
-                .max()
-                .unwrap_or(killed_at);
+                .filter(|l| l["event"] == "initialized")
+                .filter_map(|l| Some((l["shard"].as_str()?.to_owned(), l["t_ms"].as_u64()?)))
+                .filter(|(_, t)| *t >= killed_at)
+                .collect()
+        });
+        let restarted: BTreeSet<String> = starts.iter().map(|(shard, _)| shard.clone()).collect();
+        if orphaned.is_subset(&restarted) {
+            let at = starts.iter().map(|(_, t)| *t).max().unwrap_or(killed_at);
             return Ok(format!("{:.1} s ({} of 8 leases moved)", (at - killed_at) as f64 / 1000.0, orphaned.len()));
         }
         if Instant::now() > limit {

@@ -64,15 +64,16 @@ impl Seen {
     }
 }
 
-/// Keeps what every processor of a worker saw; checkpoints every batch.
+/// What the processors of our workers saw, shared between them.
 #[derive(Clone, Default)]
-struct Seen_ {
+struct SeenLog {
     records: Arc<Mutex<Vec<Seen>>>,
 }
 
+/// Keeps every record it is given in the log; checkpoints every batch.
 struct Collect {
     worker: String,
-    log: Seen_,
+    log: SeenLog,
 }
 
 impl Processor for Collect {
@@ -108,7 +109,7 @@ fn our_config(stream: &str, app: &str, worker: &str) -> SchedulerConfig {
     config
 }
 
-fn start_ours(bed: &TestBed, config: SchedulerConfig, log: &Seen_) -> Scheduler {
+fn start_ours(bed: &TestBed, config: SchedulerConfig, log: &SeenLog) -> Scheduler {
     let (worker, log) = (config.worker_id.clone(), log.clone());
     Scheduler::start(bed.kinesis.client(), bed.dynamodb.client(), config, move |_shard: &str| Collect {
         worker: worker.clone(),
@@ -218,7 +219,7 @@ async fn kpl_records_are_read_by_our_consumer() {
             None,
         )
         .expect("start the KCL");
-    let log = Seen_::default();
+    let log = SeenLog::default();
     let worker = start_ours(&bed, our_config(&stream, &unique_name("kpl-reader"), "rust-1"), &log);
     until(Duration::from_secs(180), "every KPL record at our consumer and at the KCL", || {
         log.records.lock().unwrap().len() >= RECORDS && kcl.count("record") >= RECORDS
@@ -311,7 +312,7 @@ async fn kpl_records_of_1_mib_are_read_by_our_consumer() {
         kpl.log_tail(30)
     );
 
-    let log = Seen_::default();
+    let log = SeenLog::default();
     let worker = start_ours(&bed, our_config(&stream, &unique_name("large"), "rust-1"), &log);
     until(Duration::from_secs(60), "every large record", || log.records.lock().unwrap().len() >= sizes.len()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -420,9 +421,11 @@ async fn kcl_reads_what_our_producer_writes_across_a_split() {
         Duration::from_secs(240),
         "every record at the KCL",
         || {
-            let got: std::collections::HashSet<String> =
-                kcl.events("record").iter().map(|r| text(r, "data_sha256")).collect();
-            got.len() >= RECORDS
+            kcl.output().with(|lines| {
+                let got: std::collections::HashSet<&str> =
+                    lines.iter().filter(|r| r["event"] == "record").filter_map(|r| r["data_sha256"].as_str()).collect();
+                got.len() >= RECORDS
+            })
         },
         || kcl_state(&kcl),
     )
@@ -603,7 +606,7 @@ async fn kcl_3x_table_is_taken_over_by_our_workers() {
         first.iter().chain(second.iter()).map(|(d, _)| d).filter(|d| !kcl_saw.contains(&sha256_hex(d))).collect();
     assert_eq!(expected.len(), FIRST + SECOND - 2 * STOP_AFTER);
 
-    let log = Seen_::default();
+    let log = SeenLog::default();
     let workers = [
         start_ours(&bed, our_config(&stream, &app, "rust-1"), &log),
         start_ours(&bed, our_config(&stream, &app, "rust-2"), &log),
@@ -647,7 +650,7 @@ struct FirstOnly {
     worker: String,
     stop_after: usize,
     done: usize,
-    log: Seen_,
+    log: SeenLog,
 }
 
 impl Processor for FirstOnly {
@@ -675,7 +678,7 @@ async fn our_table_is_taken_over_by_the_kcl() {
     let _serial = SERIAL.lock().await;
     let (java, bed, stream, app, first) = handover_start().await;
 
-    let log = Seen_::default();
+    let log = SeenLog::default();
     let start = |worker: &str| {
         let (worker, log) = (worker.to_owned(), log.clone());
         Scheduler::start(
@@ -768,7 +771,8 @@ struct FleetEvent {
     shard: String,
     event: &'static str,
     t_ms: u64,
-    data: Vec<Vec<u8>>,
+    /// SHA-256 of each record's data (as the KCL reader reports it).
+    hashes: Vec<String>,
 }
 
 fn now_ms() -> u64 {
@@ -785,13 +789,13 @@ struct FleetProcessor {
 }
 
 impl FleetProcessor {
-    fn push(&self, event: &'static str, data: Vec<Vec<u8>>) {
+    fn push(&self, event: &'static str, hashes: Vec<String>) {
         self.log.0.lock().unwrap().push(FleetEvent {
             holder: self.holder.clone(),
             shard: self.shard.clone(),
             event,
             t_ms: now_ms(),
-            data,
+            hashes,
         });
     }
 }
@@ -802,7 +806,7 @@ impl Processor for FleetProcessor {
     }
 
     async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
-        self.push("records", batch.records.iter().map(|r| r.data.to_vec()).collect());
+        self.push("records", batch.records.iter().map(|r| sha256_hex(&r.data)).collect());
         let _ = checkpointer.checkpoint().await;
     }
 
@@ -819,14 +823,6 @@ impl Processor for FleetProcessor {
         let _ = checkpointer.checkpoint().await;
         self.push("shutdown_requested", Vec::new());
     }
-}
-
-/// One holding of a shard by one processor: from its start to its last event.
-#[derive(Debug)]
-struct Holding {
-    holder: String,
-    shard: String,
-    from_ms: u64,
 }
 
 /// What a mixed fleet did.
@@ -889,15 +885,8 @@ async fn mixed_fleet(mode: &str, duration: Duration) -> FleetReport {
         .expect("a valid config")
     };
     // The KCL first: it makes the table (and in 3.x mode its GSI and rows); ours join it.
-    let kcl_args = |worker: &'static str| -> Vec<String> {
-        ["--stream", &stream, "--app", &app, "--worker", worker, "--failover-ms", "2000", "--mode", mode]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-    };
-    let spawn_kcl = |worker: &'static str| {
-        let args = kcl_args(worker);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let spawn_kcl = |worker: &str| {
+        let args = ["--stream", &stream, "--app", &app, "--worker", worker, "--failover-ms", "2000", "--mode", mode];
         java.spawn("KclReader", &args, &bed.child_env(), None).expect("start the KCL")
     };
     let kcls = [spawn_kcl("kcl-1"), spawn_kcl("kcl-2")];
@@ -937,14 +926,16 @@ async fn mixed_fleet(mode: &str, duration: Duration) -> FleetReport {
     let delivered = |log: &FleetLog, kcls: &[JavaProcess]| -> HashMap<String, usize> {
         let mut m: HashMap<String, usize> = HashMap::new();
         for e in log.0.lock().unwrap().iter() {
-            for d in &e.data {
-                *m.entry(sha256_hex(d)).or_default() += 1;
+            for h in &e.hashes {
+                *m.entry(h.clone()).or_default() += 1;
             }
         }
         for k in kcls {
-            for r in k.events("record") {
-                *m.entry(text(&r, "data_sha256")).or_default() += 1;
-            }
+            k.output().with(|lines| {
+                for r in lines.iter().filter(|r| r["event"] == "record") {
+                    *m.entry(text(r, "data_sha256")).or_default() += 1;
+                }
+            });
         }
         m
     };
@@ -990,10 +981,6 @@ async fn mixed_fleet(mode: &str, duration: Duration) -> FleetReport {
             add(format!("{worker}#{g}"), shard.to_owned(), line["t_ms"].as_u64().unwrap(), event == "record");
         }
     }
-    let holdings: Vec<Holding> = spans
-        .iter()
-        .map(|((holder, shard), (from, _, _))| Holding { holder: holder.clone(), shard: shard.clone(), from_ms: *from })
-        .collect();
     // Two holders of one shard overlap when one delivers records while the other's span is open
     // and the other delivers records during this one's span as well: both processed the shard at
     // the same time.
@@ -1011,9 +998,10 @@ async fn mixed_fleet(mode: &str, duration: Duration) -> FleetReport {
             }
         }
     }
+    // Per shard, its holders by the time they started.
     let mut timeline: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
-    for h in &holdings {
-        timeline.entry(h.shard.clone()).or_default().push((h.from_ms, h.holder.clone()));
+    for ((holder, shard), (from, _, _)) in &spans {
+        timeline.entry(shard.clone()).or_default().push((*from, holder.clone()));
     }
     let kind = |holder: &str| if holder.starts_with("kcl") { "kcl" } else { "rust" };
     let mut moves: BTreeMap<String, usize> = BTreeMap::new();
@@ -1027,7 +1015,7 @@ async fn mixed_fleet(mode: &str, duration: Duration) -> FleetReport {
             (shard, hs.into_iter().map(|(_, h)| h).collect())
         })
         .collect();
-    let ours_records: usize = log.0.lock().unwrap().iter().map(|e| e.data.len()).sum();
+    let ours_records: usize = log.0.lock().unwrap().iter().map(|e| e.hashes.len()).sum();
     let lost = sent_set.iter().filter(|h| !got.contains_key(*h)).count();
     let redelivered = got.values().map(|n| n - 1).sum();
     drop(kcls);
@@ -1037,7 +1025,7 @@ async fn mixed_fleet(mode: &str, duration: Duration) -> FleetReport {
         redelivered,
         ours_records,
         kcl_records,
-        holdings: holdings.len(),
+        holdings: spans.len(),
         moves,
         timeline,
         overlaps,

@@ -27,11 +27,12 @@
 //! - The JVM exits with 143 after SIGTERM, once the graceful shutdown (a shutdown hook) has run.
 
 use crate::error::{Error, Result};
+use crate::json_lines::JsonLines;
 use serde_json::Value;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// How to install what the Java tests need, for error messages.
@@ -99,6 +100,20 @@ impl JavaInterop {
         Ok(JavaInterop { dir, classpath })
     }
 
+    /// `java <jvm_options> -cp <the project's classes and dependencies> dev.kinesisrs.interop.<main>
+    /// <args>`, not started: for callers that measure or pipe the process themselves (the
+    /// `vs_java` benchmark); [`JavaInterop::spawn`] for tests.
+    pub fn command(&self, jvm_options: &[&str], main: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("java");
+        command
+            .args(jvm_options)
+            .arg("-cp")
+            .arg(&self.classpath)
+            .arg(format!("dev.kinesisrs.interop.{main}"))
+            .args(args);
+        command
+    }
+
     /// Starts `dev.kinesisrs.interop.<main>` with `args`, the environment `env` (endpoints and
     /// credentials: [`crate::child_env`]), and `stdin` written to its standard input (then
     /// closed). Its standard error goes to a log file ([`JavaProcess::log_path`]).
@@ -112,17 +127,9 @@ impl JavaInterop {
         env: &[(&str, String)],
         stdin: Option<Vec<u8>>,
     ) -> Result<JavaProcess> {
-        let logs = std::env::temp_dir().join("kinesis-interop-logs");
-        std::fs::create_dir_all(&logs).map_err(|e| Error::with_source("could not make the log folder", e))?;
-        let log_path = logs.join(format!("{main}-{}-{}.log", std::process::id(), crate::unique_name("run")));
-        let log = std::fs::File::create(&log_path).map_err(|e| Error::with_source("could not create the log", e))?;
-        let mut command = Command::new("java");
+        let (log_path, log) = child_log(main)?;
+        let mut command = self.command(&["-Xmx768m"], main, args);
         command
-            .arg("-Xmx768m")
-            .arg("-cp")
-            .arg(&self.classpath)
-            .arg(format!("dev.kinesisrs.interop.{main}"))
-            .args(args)
             .env_remove("AWS_PROFILE")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .current_dir(&self.dir)
@@ -135,20 +142,27 @@ impl JavaInterop {
                 let _ = pipe.write_all(&input);
             });
         }
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(value) => sink.lock().expect("lines").push(value),
-                    Err(_) => sink.lock().expect("lines").push(Value::String(line)),
-                }
-            }
-        });
-        Ok(JavaProcess { child, lines, reader: Some(reader), log_path, name: main.to_owned() })
+        let lines = JsonLines::collect(child.stdout.take().expect("stdout is piped"));
+        Ok(JavaProcess { child, lines, log_path, name: main.to_owned() })
     }
+}
+
+/// Where the logs of the Java programs (and of other child processes of the interop tests and
+/// benchmarks) go: `<temp dir>/kinesis-interop-logs`.
+pub fn child_log_dir() -> PathBuf {
+    std::env::temp_dir().join("kinesis-interop-logs")
+}
+
+/// A new log file in [`child_log_dir`], named `<name>-<this process id>-<unique>.log`.
+///
+/// # Errors
+/// When the folder or the file cannot be made.
+pub fn child_log(name: &str) -> Result<(PathBuf, std::fs::File)> {
+    let dir = child_log_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| Error::with_source("could not make the log folder", e))?;
+    let path = dir.join(format!("{name}-{}-{}.log", std::process::id(), crate::unique_name("run")));
+    let file = std::fs::File::create(&path).map_err(|e| Error::with_source("could not create the log", e))?;
+    Ok((path, file))
 }
 
 fn modified(path: &Path) -> std::time::SystemTime {
@@ -174,8 +188,7 @@ fn newest_source(dir: &Path) -> std::time::SystemTime {
 #[derive(Debug)]
 pub struct JavaProcess {
     child: Child,
-    lines: Arc<Mutex<Vec<Value>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
+    lines: JsonLines,
     log_path: PathBuf,
     name: String,
 }
@@ -183,17 +196,22 @@ pub struct JavaProcess {
 impl JavaProcess {
     /// Every line printed so far, parsed (a line that is not JSON is a JSON string).
     pub fn lines(&self) -> Vec<Value> {
-        self.lines.lock().expect("lines").clone()
+        self.lines.snapshot()
+    }
+
+    /// Its output so far, to read without copying ([`JsonLines::with`]).
+    pub fn output(&self) -> &JsonLines {
+        &self.lines
     }
 
     /// The lines whose `"event"` is `event`.
     pub fn events(&self, event: &str) -> Vec<Value> {
-        self.lines.lock().expect("lines").iter().filter(|v| v["event"] == event).cloned().collect()
+        self.lines.events(event)
     }
 
     /// How many lines have `"event"` equal to `event`.
     pub fn count(&self, event: &str) -> usize {
-        self.lines.lock().expect("lines").iter().filter(|v| v["event"] == event).count()
+        self.lines.count(event)
     }
 
     /// The process id.
@@ -237,9 +255,7 @@ impl JavaProcess {
         loop {
             match self.child.try_wait() {
                 Ok(Some(status)) => {
-                    if let Some(reader) = self.reader.take() {
-                        let _ = reader.join();
-                    }
+                    self.lines.finish();
                     return Ok(status);
                 }
                 Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
@@ -261,9 +277,7 @@ impl JavaProcess {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
+        self.lines.finish();
     }
 }
 
