@@ -173,28 +173,18 @@ struct ShardLine {
 }
 
 async fn shards(client: &aws_sdk_kinesis::Client, name: &str) -> Result<Vec<ShardLine>, StreamError> {
-    let mut all: Vec<ShardLine> = Vec::new();
-    loop {
-        let mut request = client.list_shards().stream_name(name).max_results(1000);
-        if let Some(last) = all.last() {
-            request = request.exclusive_start_shard_id(&last.shard_id);
-        }
-        let out = request.send().await.map_err(kinesis("ListShards"))?;
-        for shard in out.shards() {
-            let range = shard.hash_key_range();
-            all.push(ShardLine {
-                shard_id: shard.shard_id().to_owned(),
-                parent_shard_id: shard.parent_shard_id().map(str::to_owned),
-                adjacent_parent_shard_id: shard.adjacent_parent_shard_id().map(str::to_owned),
-                starting_hash_key: range.map(|r| r.starting_hash_key().to_owned()).unwrap_or_default(),
-                ending_hash_key: range.map(|r| r.ending_hash_key().to_owned()).unwrap_or_default(),
-                open: shard.sequence_number_range().is_none_or(|r| r.ending_sequence_number().is_none()),
-            });
-        }
-        if out.next_token().is_none_or(str::is_empty) || out.shards().is_empty() {
-            return Ok(all);
-        }
-    }
+    let shards = kinesis_core::list_shards(client, name).await.map_err(kinesis("ListShards"))?;
+    Ok(shards
+        .into_iter()
+        .map(|shard| ShardLine {
+            starting_hash_key: shard.hash_range.start.to_string(),
+            ending_hash_key: shard.hash_range.end.to_string(),
+            shard_id: shard.shard_id,
+            parent_shard_id: shard.parent_shard_id,
+            adjacent_parent_shard_id: shard.adjacent_parent_shard_id,
+            open: shard.open,
+        })
+        .collect())
 }
 
 /// Runs a `kinesis stream` command.

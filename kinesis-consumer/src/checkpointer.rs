@@ -20,11 +20,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
 
+use crate::batches::handed_out::HandedOut;
 use crate::error::CheckpointError;
-use crate::handed_out::HandedOut;
-use crate::held::HeldLease;
-use crate::lease::{Checkpoint, Position};
-use crate::lease_table::{LeaseTable, Outcome};
+use crate::leases::held::HeldLease;
+use crate::leases::lease::{Checkpoint, Position};
+use crate::leases::table::{LeaseTable, Outcome};
 use crate::metrics::Metrics;
 use crate::record::{Record, cmp_positions, cmp_sequence_numbers};
 

@@ -151,48 +151,38 @@ pub enum SchedulerError {
     Task(String),
 }
 
-/// Classifies a DynamoDB error code.
-pub(crate) fn kind_of_dynamodb_code(code: &str) -> ErrorKind {
-    match code {
-        "ProvisionedThroughputExceededException" | "ThrottlingException" | "RequestLimitExceeded" => {
-            ErrorKind::Throttled
+impl From<kinesis_core::ErrorClass> for ErrorKind {
+    fn from(class: kinesis_core::ErrorClass) -> Self {
+        use kinesis_core::ErrorClass;
+        match class {
+            ErrorClass::Throttled => ErrorKind::Throttled,
+            ErrorClass::Transient => ErrorKind::Transient,
+            ErrorClass::ExpiredIterator => ErrorKind::Expired,
+            ErrorClass::NotFound => ErrorKind::NotFound,
+            ErrorClass::Invalid => ErrorKind::Invalid,
+            _ => ErrorKind::Fatal,
         }
-        "InternalServerError" | "ServiceUnavailable" | "LimitExceededException" => ErrorKind::Transient,
-        "ResourceNotFoundException" => ErrorKind::NotFound,
-        "ValidationException" | "SerializationException" => ErrorKind::Invalid,
-        _ => ErrorKind::Fatal,
     }
 }
 
-/// Classifies a Kinesis error code.
-pub(crate) fn kind_of_kinesis_code(code: &str) -> ErrorKind {
-    match code {
-        "ProvisionedThroughputExceededException"
-        | "LimitExceededException"
-        | "KMSThrottlingException"
-        | "ThrottlingException" => ErrorKind::Throttled,
-        "InternalFailure" | "InternalFailureException" | "ServiceUnavailable" | "ResourceInUseException" => {
-            ErrorKind::Transient
-        }
-        "ExpiredIteratorException" => ErrorKind::Expired,
-        "ResourceNotFoundException" => ErrorKind::NotFound,
-        "InvalidArgumentException" | "ValidationException" => ErrorKind::Invalid,
-        _ => ErrorKind::Fatal,
-    }
-}
-
-/// Classifies an SDK error before it is boxed, with `of_code` for service errors.
-pub(crate) fn classify_sdk<E, R>(error: &SdkError<E, R>, of_code: fn(&str) -> ErrorKind) -> (ErrorKind, Option<String>)
+/// Classifies an SDK error before it is boxed, by the classification the producer shares
+/// ([`kinesis_core::ErrorClass`]), with `of_code` for its service's codes.
+pub(crate) fn classify_sdk<E, R>(
+    error: &SdkError<E, R>,
+    of_code: fn(&str) -> kinesis_core::ErrorClass,
+) -> (ErrorKind, Option<String>)
 where
     E: ProvideErrorMetadata,
 {
-    let code = error.code().map(str::to_owned);
-    let kind = match (error, code.as_deref()) {
-        (SdkError::ServiceError(_), Some(code)) => of_code(code),
-        (SdkError::ServiceError(_), None) => ErrorKind::Fatal,
-        (SdkError::ConstructionFailure(_), _) => ErrorKind::Invalid,
-        // Timeouts, dispatch (connection) failures, unreadable responses may pass.
-        _ => ErrorKind::Transient,
-    };
-    (kind, code)
+    let (class, code) = kinesis_core::ErrorClass::of_sdk_error(error, of_code);
+    (class.into(), code)
+}
+
+impl From<kinesis_core::ServiceError> for KinesisError {
+    fn from(error: kinesis_core::ServiceError) -> Self {
+        let (kind, operation, code) = (error.class.into(), error.operation, error.code.clone());
+        let message = error.message.clone();
+        let source = error.into_source().unwrap_or_else(|| message.into());
+        KinesisError::new(kind, operation, code, Some(source))
+    }
 }

@@ -151,7 +151,7 @@ impl OnFailure for FailedRecordsStream {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        let e = crate::kinesis::error("PutRecords", e);
+                        let e = crate::retrieval::kinesis::error("PutRecords", e);
                         if e.kind == crate::ErrorKind::Invalid && part.len() > 1 {
                             let (first, second) = part.split_at(part.len() / 2);
                             parts.push(second);
@@ -279,7 +279,7 @@ pub(crate) enum Next {
 impl Retrying {
     /// A failure reported at `from`, in a delivery whose records from there number `range`.
     pub(crate) fn new(policy: &FailurePolicy, from: (Arc<str>, u64), range: usize) -> Self {
-        Retrying { from, limit: range.max(1), attempts: 0, backoff: crate::fetcher::backoff(policy.backoff) }
+        Retrying { from, limit: range.max(1), attempts: 0, backoff: crate::retrieval::polling::backoff(policy.backoff) }
     }
 
     /// Decides after a failed delivery of the range. `failed_from` is the record reported and
@@ -300,7 +300,7 @@ impl Retrying {
                     let half = self.limit / 2;
                     self.limit = half;
                     self.attempts = 0;
-                    self.backoff = crate::fetcher::backoff(policy.backoff);
+                    self.backoff = crate::retrieval::polling::backoff(policy.backoff);
                     Next::Retry { limit: half, wait }
                 } else {
                     Next::Divert

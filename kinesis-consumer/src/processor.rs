@@ -14,7 +14,7 @@
 use std::future::Future;
 
 use crate::checkpointer::Checkpointer;
-use crate::lease::Checkpoint;
+use crate::leases::lease::Checkpoint;
 use crate::record::Batch;
 
 /// What a processor learns when it starts on a shard.

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use common::{KCL_ATTRIBUTES, type_of};
-use kinesis_consumer::{Checkpoint, Lease, LeaseTable, Outcome, Position};
+use kinesis_consumer::test_util::Outcome;
+use kinesis_consumer::{Checkpoint, Lease, LeaseTable, Position};
 use kinesis_testkit::DynamoDb;
 
 /// A new lease table (a unique name: the endpoint may be shared through the environment).

@@ -27,22 +27,23 @@ impl ErrorKind {
         matches!(self, ErrorKind::Throttled | ErrorKind::Transient)
     }
 
-    /// Classifies a Kinesis error code (whole-call or per-record).
+    /// Classifies a Kinesis error code (whole-call or per-record), by the classification the
+    /// consumer shares ([`kinesis_core::ErrorClass::of_kinesis_code`]).
     pub fn of_code(code: &str) -> ErrorKind {
-        match code {
-            "ProvisionedThroughputExceededException"
-            | "ThrottlingException"
-            | "Throttling"
-            | "LimitExceededException"
-            | "RequestLimitExceeded"
-            | "KMSThrottlingException" => ErrorKind::Throttled,
-            "InternalFailure"
-            | "InternalFailureException"
-            | "ServiceUnavailable"
-            | "ServiceUnavailableException"
-            | "ResourceInUseException" => ErrorKind::Transient,
-            "ResourceNotFoundException" => ErrorKind::NotFound,
-            "InvalidArgumentException" | "ValidationException" | "SerializationException" => ErrorKind::InvalidInput,
+        ErrorKind::from(kinesis_core::ErrorClass::of_kinesis_code(code))
+    }
+}
+
+impl From<kinesis_core::ErrorClass> for ErrorKind {
+    fn from(class: kinesis_core::ErrorClass) -> Self {
+        use kinesis_core::ErrorClass;
+        match class {
+            ErrorClass::Throttled => ErrorKind::Throttled,
+            // An expired iterator is a reader's error; a producer never sees it, and a new call
+            // may pass.
+            ErrorClass::Transient | ErrorClass::ExpiredIterator => ErrorKind::Transient,
+            ErrorClass::NotFound => ErrorKind::NotFound,
+            ErrorClass::Invalid => ErrorKind::InvalidInput,
             _ => ErrorKind::Fatal,
         }
     }

@@ -120,20 +120,17 @@ impl KinesisTransport {
     }
 }
 
-fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(error: &SdkError<E, R>) -> CallError {
-    let message = match error {
-        SdkError::ServiceError(e) => e.err().message().unwrap_or("service error").to_owned(),
-        other => format!("{other:?}").chars().take(300).collect(),
-    };
-    match error {
-        SdkError::ServiceError(e) => {
-            let code = e.err().code().map(str::to_owned);
-            let kind = code.as_deref().map_or(ErrorKind::Transient, ErrorKind::of_code);
-            CallError { kind, code, message }
-        }
-        SdkError::ConstructionFailure(_) => CallError { kind: ErrorKind::InvalidInput, code: None, message },
-        // Timeouts, dispatch (connection) failures and unreadable responses may pass.
-        _ => CallError { kind: ErrorKind::Transient, code: None, message },
+fn classify<E, R>(operation: &'static str, error: SdkError<E, R>) -> CallError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    CallError::from(kinesis_core::ServiceError::kinesis(operation, error))
+}
+
+impl From<kinesis_core::ServiceError> for CallError {
+    fn from(error: kinesis_core::ServiceError) -> Self {
+        CallError { kind: error.class.into(), code: error.code, message: error.message }
     }
 }
 
@@ -158,7 +155,7 @@ impl Transport for KinesisTransport {
                 .set_records(Some(request))
                 .send()
                 .await
-                .map_err(|e| classify(&e))?;
+                .map_err(|e| classify("PutRecords", e))?;
             let results: Vec<EntryResult> = out
                 .records()
                 .iter()
@@ -184,7 +181,12 @@ impl Transport for KinesisTransport {
     fn stream_limits(&self) -> BoxFuture<Result<StreamLimits, CallError>> {
         let (client, stream) = (self.client.clone(), self.stream_name.clone());
         Box::pin(async move {
-            let out = client.describe_stream_summary().stream_name(&stream).send().await.map_err(|e| classify(&e))?;
+            let out = client
+                .describe_stream_summary()
+                .stream_name(&stream)
+                .send()
+                .await
+                .map_err(|e| classify("DescribeStreamSummary", e))?;
             let kib = out.stream_description_summary().and_then(|s| s.max_record_size_in_kib());
             let max_record_bytes = kib.and_then(|k| usize::try_from(k).ok()).filter(|k| *k > 0).map(|k| k * 1024);
             Ok(StreamLimits { max_record_bytes })
@@ -194,33 +196,11 @@ impl Transport for KinesisTransport {
     fn list_shards(&self) -> BoxFuture<Result<Vec<ShardDescription>, CallError>> {
         let (client, stream) = (self.client.clone(), self.stream_name.clone());
         Box::pin(async move {
-            let mut shards: Vec<ShardDescription> = Vec::new();
-            loop {
-                // Page with the stream name and the last shard seen (ExclusiveStartShardId): a
-                // NextToken-only call fails on ferrokinesis, and a NextToken may not be sent with
-                // the stream name; this form works on AWS and on both emulators.
-                let mut request = client.list_shards().stream_name(&stream).max_results(1000);
-                if let Some(last) = shards.last() {
-                    request = request.exclusive_start_shard_id(&last.shard_id);
-                }
-                let out = request.send().await.map_err(|e| classify(&e))?;
-                for shard in out.shards() {
-                    let range = shard
-                        .hash_key_range()
-                        .and_then(|r| HashKeyRange::parse(r.starting_hash_key(), r.ending_hash_key()).ok())
-                        .ok_or_else(|| CallError {
-                            kind: ErrorKind::Fatal,
-                            code: None,
-                            message: format!("shard {} has no valid hash-key range", shard.shard_id()),
-                        })?;
-                    let open = shard.sequence_number_range().is_none_or(|r| r.ending_sequence_number().is_none());
-                    shards.push(ShardDescription { shard_id: shard.shard_id().to_owned(), range, open });
-                }
-                let more = out.next_token().is_some_and(|t| !t.is_empty()) && !out.shards().is_empty();
-                if !more || shards.len() > 100_000 {
-                    return Ok(shards);
-                }
-            }
+            let shards = kinesis_core::list_shards(&client, &stream).await?;
+            Ok(shards
+                .into_iter()
+                .map(|shard| ShardDescription { shard_id: shard.shard_id, range: shard.hash_range, open: shard.open })
+                .collect())
         })
     }
 }

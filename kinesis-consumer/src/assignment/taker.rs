@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::lease::{Lease, Position};
+use crate::leases::lease::{Lease, Position};
 
 /// What this worker has seen of each lease: its counter, and when that counter last changed.
 #[derive(Debug, Default)]

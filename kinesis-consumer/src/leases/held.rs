@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::lease::Lease;
+use crate::leases::lease::Lease;
 
 /// A lease held by this worker.
 #[derive(Debug)]
@@ -107,7 +107,7 @@ impl HeldLease {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::Position;
+    use crate::leases::lease::Position;
 
     #[tokio::test(start_paused = true)]
     async fn a_lease_is_usable_from_its_start_until_its_validity_after_the_last_write() {

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-use crate::lease::Checkpoint;
+use crate::leases::lease::Checkpoint;
 
 #[derive(Debug)]
 struct Slot {
@@ -110,7 +110,7 @@ impl HandedOut {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::Position;
+    use crate::leases::lease::Position;
 
     fn at(seq: &str) -> Checkpoint {
         Checkpoint { position: Position::Sequence(seq.into()), sub_sequence: 0 }

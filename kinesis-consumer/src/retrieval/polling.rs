@@ -25,9 +25,9 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::mpsc;
 
 use crate::error::{ErrorKind, KinesisError};
-use crate::kinesis::{Fetched, KinesisApi, StartAt};
 use crate::metrics::Metrics;
 use crate::record::{Record, Unpacker};
+use crate::retrieval::kinesis::{Fetched, KinesisApi, StartAt};
 
 /// Settings of the polling fetcher. Defaults are the KCL's.
 #[derive(Clone, Debug, PartialEq, Eq)]

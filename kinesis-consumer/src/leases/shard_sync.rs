@@ -23,9 +23,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
 use crate::error::{KinesisError, LeaseTableError};
-use crate::kinesis::{KinesisApi, Shard};
-use crate::lease::{Lease, Position};
-use crate::lease_table::LeaseTable;
+use crate::leases::lease::{Lease, Position};
+use crate::leases::table::LeaseTable;
+use crate::retrieval::kinesis::{KinesisApi, Shard};
 
 /// Where an application starts reading a shard it has never read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,7 +157,7 @@ pub(crate) async fn sync_shards(
     let mut created = 0;
     for mut lease in new_leases(&shards, &existing, initial) {
         if replaced.contains(&lease.key) {
-            lease.checkpoint = crate::lease::Checkpoint::at(Position::TrimHorizon);
+            lease.checkpoint = crate::leases::lease::Checkpoint::at(Position::TrimHorizon);
         }
         if table.create(&lease).await? {
             tracing::debug!(stream = api.stream(), shard_id = %lease.key, checkpoint = lease.checkpoint.position.as_str(), "lease created");

@@ -15,8 +15,8 @@ use aws_sdk_dynamodb::types::{
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus,
 };
 
-use crate::error::{ErrorKind, LeaseTableError, classify_sdk, kind_of_dynamodb_code};
-use crate::lease::{self, Checkpoint, Lease};
+use crate::error::{ErrorKind, LeaseTableError, classify_sdk};
+use crate::leases::lease::{self, Checkpoint, Lease};
 
 /// The result of a conditional change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,15 +55,20 @@ impl LeaseTable {
         LeaseTable { client, name: name.into(), instance: new_instance() }
     }
 
+    test_util_pub! {
     /// The same table, written by another running instance (a lease coordinator makes its own:
     /// two coordinators with the same worker id are never mistaken for each other).
-    pub fn for_new_instance(&self) -> Self {
+    fn for_new_instance(&self) -> Self {
         LeaseTable { instance: new_instance(), ..self.clone() }
     }
+    }
 
+    test_util_pub! {
     /// This instance's id, as takes write it in `leaseOwnerInstance`.
-    pub fn instance(&self) -> &str {
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
+    fn instance(&self) -> &str {
         &self.instance
+    }
     }
 
     /// Whether `lease` is held by `owner` as this instance took it.
@@ -224,6 +229,7 @@ impl LeaseTable {
         }
     }
 
+    test_util_pub! {
     /// Renews a held lease: bumps its counter, if the counter and the owner are still the ones
     /// seen.
     ///
@@ -233,8 +239,9 @@ impl LeaseTable {
     /// When the counter moved but the row still names this owner, an earlier write of this
     /// worker was applied without its answer arriving (a timeout, a reset connection): the lease
     /// is still held, and the renewal is made again at the counter the row has.
-    pub async fn renew(&self, lease: &Lease) -> Result<Outcome, LeaseTableError> {
+    async fn renew(&self, lease: &Lease) -> Result<Outcome, LeaseTableError> {
         self.owned_write(lease, |seen, owner| Update::new(seen, "SET #counter = #counter + :one").owned_by(owner)).await
+    }
     }
 
     /// A write fenced on the counter and the owner, made again (a few times) at the row's
@@ -260,6 +267,7 @@ impl LeaseTable {
         Ok(Outcome::Lost)
     }
 
+    test_util_pub! {
     /// Takes a lease (free, expired, or stolen) for `owner`, if its counter is still the one seen.
     /// Bumps the counter and `ownerSwitchesSinceCheckpoint`.
     ///
@@ -268,7 +276,7 @@ impl LeaseTable {
     ///
     /// When the condition fails and the row names `owner` with a higher counter, this take was
     /// applied and its answer lost: the lease is taken.
-    pub async fn take(&self, lease: &Lease, owner: &str) -> Result<Outcome, LeaseTableError> {
+    async fn take(&self, lease: &Lease, owner: &str) -> Result<Outcome, LeaseTableError> {
         let written = Update::new(
             lease,
             "SET #counter = #counter + :one, #owner = :new_owner, #switches = if_not_exists(#switches, :zero) + :one, \
@@ -290,19 +298,23 @@ impl LeaseTable {
             Written::Conflict(_) => Outcome::Lost,
         })
     }
+    }
 
+    test_util_pub! {
     /// Gives a held lease up: removes the owner (so another worker can take it at once) and bumps
     /// the counter, if the counter and the owner are still the ones seen.
     ///
     /// # Errors
     /// When UpdateItem fails for another reason than the condition.
-    pub async fn release(&self, lease: &Lease) -> Result<Outcome, LeaseTableError> {
+    async fn release(&self, lease: &Lease) -> Result<Outcome, LeaseTableError> {
         self.owned_write(lease, |seen, owner| {
             Update::new(seen, "SET #counter = #counter + :one REMOVE #owner").owned_by(owner)
         })
         .await
     }
+    }
 
+    test_util_pub! {
     /// Records a checkpoint on a held lease: sets it, clears the pending checkpoint and the owner
     /// switches, bumps the counter, if the counter and the owner are still the ones seen. A lost
     /// lease is never written: the new owner's progress stays.
@@ -312,7 +324,7 @@ impl LeaseTable {
     ///
     /// As with [`LeaseTable::renew`], a write whose counter moved under the same owner is made
     /// again. A row at SHARD_END is never moved back: that write is `Lost`.
-    pub async fn checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint) -> Result<Outcome, LeaseTableError> {
+    async fn checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint) -> Result<Outcome, LeaseTableError> {
         self.owned_write(lease, |seen, owner| {
             let mut update = Update::new(
                 seen,
@@ -328,12 +340,13 @@ impl LeaseTable {
             .name("#switches", lease::OWNER_SWITCHES)
             .name("#pending", lease::PENDING_CHECKPOINT)
             .name("#pending_sub", lease::PENDING_CHECKPOINT_SUB_SEQUENCE);
-            if checkpoint.position != crate::lease::Position::ShardEnd {
+            if checkpoint.position != crate::leases::lease::Position::ShardEnd {
                 update = update.not_at_shard_end();
             }
             update
         })
         .await
+    }
     }
 }
 
@@ -439,7 +452,7 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let (kind, code) = classify_sdk(&error, kind_of_dynamodb_code);
+    let (kind, code) = classify_sdk(&error, kinesis_core::ErrorClass::of_dynamodb_code);
     LeaseTableError::new(kind, operation, code, Some(Box::new(error)))
 }
 

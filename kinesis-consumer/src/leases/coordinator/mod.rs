@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::assignment::taker::{Observations, plan};
 use crate::error::LeaseTableError;
-use crate::held::HeldLease;
-use crate::lease::Lease;
-use crate::lease_table::{LeaseTable, Outcome};
+use crate::leases::held::HeldLease;
+use crate::leases::lease::Lease;
+use crate::leases::table::{LeaseTable, Outcome};
 use crate::metrics::Metrics;
-use crate::planner::{Observations, plan};
 
 /// Settings of a coordinator. Defaults are the KCL's.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +79,7 @@ struct Inner {
 
 impl LeaseCoordinator {
     /// A coordinator holding nothing yet.
+    #[cfg(test)]
     pub fn new(table: LeaseTable, config: CoordinatorConfig) -> Self {
         Self::with_metrics(table, config, Arc::default())
     }
@@ -117,11 +118,6 @@ impl LeaseCoordinator {
     /// The keys of the leases held.
     pub fn held_keys(&self) -> Vec<String> {
         self.held_map().keys().cloned().collect()
-    }
-
-    /// A held lease.
-    pub fn get(&self, key: &str) -> Option<Arc<HeldLease>> {
-        self.held_map().get(key).cloned()
     }
 
     /// Forgets a lease (its processing stopped) without writing anything.
@@ -344,3 +340,6 @@ impl LeaseCoordinator {
         first_error.map_or(Ok(()), Err)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -32,6 +32,8 @@
 //! again from the last checkpoint (by this worker or another). Batches left unread in the stream
 //! when it is shut down or dropped are abandoned the same way: nothing of them is checkpointed.
 
+pub(crate) mod handed_out;
+
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -39,9 +41,9 @@ use tokio::sync::mpsc;
 
 use std::sync::Arc;
 
+use crate::batches::handed_out::HandedOut;
 use crate::checkpointer::Checkpointer;
 use crate::error::{ConfigError, SchedulerError};
-use crate::handed_out::HandedOut;
 use crate::processor::Processor;
 use crate::record::Batch;
 use crate::scheduler::{Scheduler, SchedulerConfig};

@@ -10,31 +10,10 @@ use std::time::SystemTime;
 
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::ShardIteratorType;
-use kinesis_aggregation::HashKeyRange;
 
-use crate::error::{ErrorKind, KinesisError, classify_sdk, kind_of_kinesis_code};
+use crate::error::{KinesisError, classify_sdk};
 
-/// A shard, as ListShards describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Shard {
-    /// `ShardId`.
-    pub shard_id: String,
-    /// `ParentShardId`.
-    pub parent_shard_id: Option<String>,
-    /// `AdjacentParentShardId` (after a merge).
-    pub adjacent_parent_shard_id: Option<String>,
-    /// `HashKeyRange`.
-    pub hash_range: HashKeyRange,
-    /// Whether the shard still takes records (no ending sequence number).
-    pub open: bool,
-}
-
-impl Shard {
-    /// The parent and the adjacent parent, when present.
-    pub fn parents(&self) -> impl Iterator<Item = &str> {
-        self.parent_shard_id.iter().chain(&self.adjacent_parent_shard_id).map(String::as_str)
-    }
-}
+pub use kinesis_core::Shard;
 
 /// Where a shard iterator starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,7 +46,7 @@ where
     E: aws_sdk_kinesis::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let (kind, code) = classify_sdk(&e, kind_of_kinesis_code);
+    let (kind, code) = classify_sdk(&e, kinesis_core::ErrorClass::of_kinesis_code);
     KinesisError::new(kind, operation, code, Some(Box::new(e)))
 }
 
@@ -86,40 +65,7 @@ impl KinesisApi {
 
     /// Every shard of the stream, open and closed, all pages.
     pub(crate) async fn list_shards(&self) -> Result<Vec<Shard>, KinesisError> {
-        let mut shards: Vec<Shard> = Vec::new();
-        loop {
-            // Paged by the stream name and the last shard seen: a NextToken may not be sent with
-            // the stream name, and this form works on AWS and on both emulators.
-            let mut request = self.client.list_shards().stream_name(self.stream.as_ref()).max_results(1000);
-            if let Some(last) = shards.last() {
-                request = request.exclusive_start_shard_id(&last.shard_id);
-            }
-            let out = request.send().await.map_err(|e| error("ListShards", e))?;
-            for shard in out.shards() {
-                let hash_range = shard
-                    .hash_key_range()
-                    .and_then(|r| HashKeyRange::parse(r.starting_hash_key(), r.ending_hash_key()).ok())
-                    .ok_or_else(|| {
-                        KinesisError::new(
-                            ErrorKind::Invalid,
-                            "ListShards",
-                            None,
-                            Some(format!("shard {} has no valid hash-key range", shard.shard_id()).into()),
-                        )
-                    })?;
-                shards.push(Shard {
-                    shard_id: shard.shard_id().to_owned(),
-                    parent_shard_id: shard.parent_shard_id().map(str::to_owned),
-                    adjacent_parent_shard_id: shard.adjacent_parent_shard_id().map(str::to_owned),
-                    hash_range,
-                    open: shard.sequence_number_range().is_none_or(|r| r.ending_sequence_number().is_none()),
-                });
-            }
-            let more = out.next_token().is_some_and(|t| !t.is_empty()) && !out.shards().is_empty();
-            if !more {
-                return Ok(shards);
-            }
-        }
+        Ok(kinesis_core::list_shards(&self.client, &self.stream).await?)
     }
 
     /// Whether the stream still lists `shard_id` (a shard is listed until it expires, after the

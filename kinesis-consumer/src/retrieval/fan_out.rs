@@ -30,10 +30,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::error::{ErrorKind, KinesisError};
-use crate::fetcher::{Fetch, backoff, gone_or_failed, refused_checkpoint};
-use crate::kinesis::{KinesisApi, StartAt};
 use crate::metrics::Metrics;
 use crate::record::{Unpacker, cmp_sequence_numbers};
+use crate::retrieval::kinesis::{KinesisApi, StartAt};
+use crate::retrieval::polling::{Fetch, backoff, gone_or_failed, refused_checkpoint};
 
 /// Settings of enhanced fan-out.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,7 +86,7 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let mut error = crate::kinesis::error(operation, e);
+    let mut error = crate::retrieval::kinesis::error(operation, e);
     // ResourceInUse here means "not ready yet" (stream or consumer not ACTIVE, a subscription
     // still open): worth waiting for.
     if error.code.as_deref() == Some("ResourceInUseException") {

@@ -20,9 +20,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::fetcher::Reader;
-use crate::kinesis::StartAt;
-use crate::lease::{Checkpoint, Position};
+use crate::leases::lease::{Checkpoint, Position};
+use crate::retrieval::kinesis::StartAt;
+use crate::retrieval::polling::Reader;
 
 /// How far back the searches for the newest record start.
 pub(crate) const WINDOWS: [Duration; 2] = [Duration::from_secs(10), Duration::from_secs(300)];
@@ -86,8 +86,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::fetcher::tests::{Scripted, page};
-    use crate::kinesis::Fetched;
+    use crate::retrieval::kinesis::Fetched;
+    use crate::retrieval::polling::tests::{Scripted, page};
 
     fn empty() -> Result<Fetched, crate::ErrorKind> {
         Ok(Fetched { records: Vec::new(), next_iterator: Some("next".into()), millis_behind_latest: Some(0) })

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use kinesis_consumer::{CoordinatorConfig, Lease, LeaseCoordinator, LeaseTable, Position};
+use super::{CoordinatorConfig, LeaseCoordinator};
+use crate::leases::lease::{Lease, Position};
+use crate::leases::table::LeaseTable;
 use kinesis_testkit::DynamoDb;
 use tokio::time::Instant;
 

@@ -1,0 +1,120 @@
+//! A worker's settings, with the KCL's defaults, checked before anything starts.
+
+use std::time::{Duration, SystemTime};
+
+use crate::error::ConfigError;
+use crate::leases::shard_sync::InitialPosition;
+use crate::retrieval::fan_out::Retrieval;
+use crate::retrieval::polling::PollingConfig;
+
+/// Settings of a worker. Defaults are the KCL's; set fields on the value [`SchedulerConfig::new`]
+/// returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SchedulerConfig {
+    /// The stream to read.
+    pub stream_name: String,
+    /// The application: the lease table's name, shared by its workers.
+    pub application_name: String,
+    /// This worker's id (`leaseOwner`); unique per worker. Default: `worker-<pid>-<random>`.
+    pub worker_id: String,
+    /// Where shards never read before start (KCL default: LATEST).
+    pub initial_position: InitialPosition,
+    /// A lease not renewed for this long is taken by another worker (KCL `failoverTimeMillis`:
+    /// 10 s). Leases are renewed every third of it, take rounds run every twice it.
+    pub failover: Duration,
+    /// The most leases stolen from a busier worker in one take round (KCL: 1).
+    pub max_steal_per_round: usize,
+    /// How often the shards are listed to find new ones (KCL `shardSyncIntervalMillis`: 60 s).
+    pub shard_sync_interval: Duration,
+    /// How often a child shard checks whether its parents are done (KCL
+    /// `parentShardPollIntervalMillis`: 10 s).
+    pub parent_poll_interval: Duration,
+    /// How shards are read: GetRecords polling (default) or enhanced fan-out.
+    pub retrieval: Retrieval,
+    /// GetRecords settings (polling; fan-out uses GetRecords only to find a shard's end when
+    /// the server sends no ChildShards).
+    pub polling: PollingConfig,
+    /// The most records in one `process_records` call.
+    pub max_batch_records: usize,
+    /// How long records are gathered for a batch (Lambda's batching window). Zero: each
+    /// GetRecords page is handed over as it arrives.
+    pub max_batch_wait: Duration,
+    /// How long a graceful shutdown waits for processors before it stops them.
+    pub shutdown_timeout: Duration,
+    /// How long to wait for a new lease table to become ACTIVE.
+    pub table_create_timeout: Duration,
+    /// What follows a failure a processor reports (`Checkpointer::fail_at`). Default: the
+    /// batch is delivered again from the failed record, with backoff, for ever; nothing is
+    /// skipped.
+    pub failure_policy: crate::failure::FailurePolicy,
+}
+
+impl SchedulerConfig {
+    /// A worker of `application_name` reading `stream_name`, with the KCL's defaults.
+    pub fn new(stream_name: impl Into<String>, application_name: impl Into<String>) -> Self {
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        SchedulerConfig {
+            stream_name: stream_name.into(),
+            application_name: application_name.into(),
+            worker_id: format!("worker-{}-{nanos:08x}", std::process::id()),
+            initial_position: InitialPosition::Latest,
+            failover: Duration::from_secs(10),
+            max_steal_per_round: 1,
+            shard_sync_interval: Duration::from_secs(60),
+            parent_poll_interval: Duration::from_secs(10),
+            retrieval: Retrieval::Polling,
+            polling: PollingConfig::default(),
+            max_batch_records: 10_000,
+            max_batch_wait: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(30),
+            table_create_timeout: Duration::from_secs(120),
+            failure_policy: crate::failure::FailurePolicy::default(),
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, problem: &str| Err(ConfigError { field, problem: problem.to_owned() });
+        if self.stream_name.is_empty() || self.stream_name.len() > 128 {
+            return bad("stream_name", "must be 1 to 128 characters");
+        }
+        let name = &self.application_name;
+        if name.len() < 3
+            || name.len() > 255
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return bad("application_name", "must be a DynamoDB table name: 3 to 255 of a-z A-Z 0-9 _ - .");
+        }
+        if self.worker_id.is_empty() {
+            return bad("worker_id", "must not be empty");
+        }
+        if self.failover < Duration::from_millis(300) {
+            return bad("failover", "must be at least 300 ms");
+        }
+        if self.max_steal_per_round == 0 {
+            return bad("max_steal_per_round", "must be at least 1");
+        }
+        if !(1..=10_000).contains(&self.polling.max_records) {
+            return bad("polling.max_records", "must be 1 to 10,000");
+        }
+        if self.max_batch_records == 0 {
+            return bad("max_batch_records", "must be at least 1");
+        }
+        if let Retrieval::FanOut(fan_out) = &self.retrieval {
+            let name = &fan_out.consumer_name;
+            if name.is_empty()
+                || name.len() > 128
+                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+            {
+                return bad("retrieval.consumer_name", "must be 1 to 128 of a-z A-Z 0-9 _ - .");
+            }
+        }
+        if let Err(problem) = self.failure_policy.validate() {
+            return bad("failure_policy", problem);
+        }
+        if self.shard_sync_interval.is_zero() || self.parent_poll_interval.is_zero() {
+            return bad("shard_sync_interval / parent_poll_interval", "must not be zero");
+        }
+        Ok(())
+    }
+}
