@@ -56,6 +56,7 @@ mod error;
 #[cfg(feature = "metrics")]
 pub mod exporter;
 mod failure;
+mod leader;
 mod leases;
 mod lifecycle;
 mod metrics;
@@ -65,6 +66,7 @@ mod retrieval;
 mod scheduler;
 #[cfg(feature = "test-util")]
 pub mod test_util;
+mod worker_metrics;
 
 pub use batches::{Batches, ShardBatch};
 pub use checkpointer::Checkpointer;
@@ -79,4 +81,5 @@ pub use processor::{Initialization, Processor, ProcessorFactory};
 pub use record::{Batch, Record, cmp_sequence_numbers};
 pub use retrieval::fan_out::{FanOutConfig, Retrieval};
 pub use retrieval::polling::PollingConfig;
-pub use scheduler::{Scheduler, SchedulerConfig};
+pub use scheduler::{LeaseManagement, Scheduler, SchedulerConfig};
+pub use worker_metrics::cpu::CpuSource;

@@ -31,6 +31,14 @@ pub(crate) struct Metrics {
     pub shard_syncs: AtomicU64,
     pub subscriptions: AtomicU64,
     pub resubscriptions: AtomicU64,
+    pub handoffs_started: AtomicU64,
+    pub handoffs_completed: AtomicU64,
+    pub handoffs_timed_out: AtomicU64,
+    pub leases_discovered: AtomicU64,
+    pub worker_metrics_published: AtomicU64,
+    pub leader_elections: AtomicU64,
+    pub leases_assigned: AtomicU64,
+    pub handoffs_initiated: AtomicU64,
     pub held: AtomicU64,
     pub millis_behind: Mutex<BTreeMap<String, i64>>,
 }
@@ -88,6 +96,14 @@ impl Metrics {
             shard_syncs: get(&self.shard_syncs),
             subscriptions: get(&self.subscriptions),
             resubscriptions: get(&self.resubscriptions),
+            handoffs_initiated: get(&self.handoffs_initiated),
+            leases_assigned: get(&self.leases_assigned),
+            leader_elections: get(&self.leader_elections),
+            worker_metrics_published: get(&self.worker_metrics_published),
+            leases_discovered: get(&self.leases_discovered),
+            handoffs_timed_out: get(&self.handoffs_timed_out),
+            handoffs_completed: get(&self.handoffs_completed),
+            handoffs_started: get(&self.handoffs_started),
         }
     }
 }
@@ -153,4 +169,20 @@ pub struct MetricsSnapshot {
     pub subscriptions: u64,
     /// Of those, subscriptions made again after one ended or failed.
     pub resubscriptions: u64,
+    /// Times this worker became the leader of a KCL 3.x fleet.
+    pub leader_elections: u64,
+    /// Leases this worker assigned as the leader (free, expired, or a handoff it finished).
+    pub leases_assigned: u64,
+    /// Graceful handoffs this worker started as the leader.
+    pub handoffs_initiated: u64,
+    /// Graceful handoffs a KCL 3.x leader asked of this worker (`checkpointOwner` set).
+    pub handoffs_started: u64,
+    /// Of those, leases transferred to the new owner (after the processor's `shutdown_requested`).
+    pub handoffs_completed: u64,
+    /// Handoffs transferred because the processor did not finish within the handoff timeout.
+    pub handoffs_timed_out: u64,
+    /// Leases a KCL 3.x leader assigned to this worker, found through the `LeaseOwnerToLeaseKeyIndex`.
+    pub leases_discovered: u64,
+    /// WorkerMetricStats rows written (KCL 3.x: every 30 s).
+    pub worker_metrics_published: u64,
 }

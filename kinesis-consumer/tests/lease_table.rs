@@ -47,7 +47,7 @@ async fn two_workers_race_and_every_write_is_fenced_on_the_counter() {
     assert_eq!(table.take(&lease, "worker-b").await.unwrap(), Outcome::Lost, "b's view is stale");
 
     // a renews and checkpoints; each bumps the counter.
-    let a = done(table.renew(&a).await.unwrap());
+    let a = done(table.renew(&a, None).await.unwrap());
     assert_eq!(a.counter, 2);
     let position = Checkpoint {
         position: Position::Sequence("49590338271490256608559692538361571095921575989136588898".into()),
@@ -62,7 +62,7 @@ async fn two_workers_race_and_every_write_is_fenced_on_the_counter() {
     assert_eq!((b.owner.as_deref(), b.counter), (Some("worker-b"), 4));
 
     // a no longer holds it: its renew and checkpoint are refused, and b's progress stays.
-    assert_eq!(table.renew(&a).await.unwrap(), Outcome::Lost);
+    assert_eq!(table.renew(&a, None).await.unwrap(), Outcome::Lost);
     let later = Checkpoint {
         position: Position::Sequence("49590338271490256608559692538361571095921575989136599999".into()),
         sub_sequence: 0,
@@ -72,7 +72,7 @@ async fn two_workers_race_and_every_write_is_fenced_on_the_counter() {
     // Fencing on the owner: even with the current counter, another worker cannot checkpoint or renew.
     let forged = Lease { owner: Some("worker-a".into()), ..b.clone() };
     assert_eq!(table.checkpoint(&forged, &later).await.unwrap(), Outcome::Lost);
-    assert_eq!(table.renew(&forged).await.unwrap(), Outcome::Lost);
+    assert_eq!(table.renew(&forged, None).await.unwrap(), Outcome::Lost);
 
     // b releases: the lease is free at once, and can be taken by its new counter.
     let free = done(table.release(&b).await.unwrap());
@@ -96,7 +96,7 @@ async fn rows_have_the_kcl_names_and_types_and_kcl_rows_are_read() {
     lease.pending_checkpoint = Some(Checkpoint::at(Position::Sequence("123".into())));
     assert!(table.create(&lease).await.unwrap());
     let lease = done(table.take(&lease, "worker-a").await.unwrap());
-    let _ = done(table.renew(&lease).await.unwrap());
+    let _ = done(table.renew(&lease, None).await.unwrap());
 
     // A row written by the Java KCL (2.x), and a newer KCL row that is not a lease.
     let client = dynamodb.client();
@@ -236,12 +236,12 @@ async fn a_lost_answer_is_not_a_lost_lease_but_another_instance_of_the_same_work
 
     // A renewal applied, its answer lost.
     let rule = proxy.add(Rule::new(Fault::DropResponse).on("UpdateItem").times(1));
-    assert!(table.renew(&held).await.is_err(), "the answer was lost");
+    assert!(table.renew(&held, None).await.is_err(), "the answer was lost");
     assert_eq!(rule.fired(), 1);
     let row = table.get(&lease.key).await.unwrap().unwrap();
     assert_eq!(row.counter, held.counter + 1, "but the renewal was applied");
     // The next write, with the counter this instance last knew, goes on.
-    let renewed = done(table.renew(&held).await.unwrap());
+    let renewed = done(table.renew(&held, None).await.unwrap());
     assert_eq!(renewed.counter, held.counter + 2);
 
     // A checkpoint applied, its answer lost; writing it again succeeds.
@@ -263,7 +263,7 @@ async fn a_lost_answer_is_not_a_lost_lease_but_another_instance_of_the_same_work
     let other = table.for_new_instance();
     let seen = other.get(&lease.key).await.unwrap().unwrap();
     done(other.take(&seen, "w").await.unwrap());
-    assert_eq!(table.renew(&old).await.unwrap(), Outcome::Lost, "the old instance must stop");
+    assert_eq!(table.renew(&old, None).await.unwrap(), Outcome::Lost, "the old instance must stop");
 
     // A take applied, its answer lost: the taker holds it.
     let lease = Lease::new("shardId-000000000002", Position::TrimHorizon);

@@ -1,4 +1,4 @@
-//! A lease: one row of the KCL 2.x lease table, one shard.
+//! A lease: one row of the KCL lease table (the 2.x schema and the 3.x additions), one shard.
 //!
 //! | attribute | type | field |
 //! |---|---|---|
@@ -12,7 +12,9 @@
 //! | `parentShardId` | SS | [`Lease::parent_shard_ids`] (absent when empty: a string set cannot be) |
 //! | `childShardIds` | SS | [`Lease::child_shard_ids`] |
 //! | `startingHashKey`, `endingHashKey` | S | [`Lease::hash_range`], decimal |
-//! | `entityType` | S | rows whose type is set and is not `LEASE` are not leases |
+//! | `checkpointOwner` | S | [`Lease::checkpoint_owner`] (KCL 3.x: set during a graceful handoff) |
+//! | `throughputKBps` | N | [`Lease::throughput_kbps`] (KCL 3.x: written by every renewal) |
+//! | `entityType` | S | `LEASE` (KCL 3.5); rows whose type is set and is not `LEASE` are not leases |
 
 use std::collections::HashMap;
 
@@ -76,7 +78,7 @@ impl Checkpoint {
 }
 
 /// One lease, as read from the table.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Lease {
     /// `leaseKey`: the shard id.
     pub key: String,
@@ -102,6 +104,14 @@ pub struct Lease {
     /// counter; the next write finds the row still names this owner *and this instance*, and
     /// goes on, where a second instance running under the same worker id would have taken it.
     pub owner_instance: Option<String>,
+    /// `checkpointOwner` (KCL 3.x): set while a graceful handoff is under way. The leader set
+    /// `leaseOwner` to the new owner and this to the old one, which still processes the shard,
+    /// checkpoints and then transfers the lease (removes this and bumps the counter). Until
+    /// then the new owner does not start.
+    pub checkpoint_owner: Option<String>,
+    /// `throughputKBps` (KCL 3.x): the data delivered to the processor in KiB per second,
+    /// smoothed, as its holder last renewed it. A KCL 3.x leader balances by it.
+    pub throughput_kbps: Option<f64>,
 }
 
 impl Lease {
@@ -118,7 +128,15 @@ impl Lease {
             child_shard_ids: Vec::new(),
             hash_range: None,
             owner_instance: None,
+            checkpoint_owner: None,
+            throughput_kbps: None,
         }
+    }
+
+    /// Who processes the shard now: the checkpoint owner during a handoff, else the owner (the
+    /// KCL's `actualOwner`).
+    pub fn actual_owner(&self) -> Option<&str> {
+        self.checkpoint_owner.as_deref().or(self.owner.as_deref())
     }
 
     /// The row, with the KCL's attribute names and types.
@@ -151,6 +169,13 @@ impl Lease {
         if let Some(instance) = &self.owner_instance {
             item.insert(OWNER_INSTANCE.into(), s(instance));
         }
+        if let Some(owner) = &self.checkpoint_owner {
+            item.insert(CHECKPOINT_OWNER.into(), s(owner));
+        }
+        if let Some(kbps) = self.throughput_kbps {
+            item.insert(THROUGHPUT_KBPS.into(), AttributeValue::N(format_kbps(kbps)));
+        }
+        item.insert(ENTITY_TYPE.into(), s(LEASE_ENTITY));
         item
     }
 
@@ -162,7 +187,7 @@ impl Lease {
     pub fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Option<Lease>, String> {
         if let Some(kind) = item.get(ENTITY_TYPE) {
             match kind.as_s() {
-                Ok(kind) if kind == "LEASE" => {}
+                Ok(kind) if kind == LEASE_ENTITY => {}
                 _ => return Ok(None),
             }
         }
@@ -218,6 +243,16 @@ impl Lease {
             child_shard_ids: set(CHILD_SHARD_IDS)?,
             hash_range,
             owner_instance: text(OWNER_INSTANCE)?.cloned(),
+            checkpoint_owner: text(CHECKPOINT_OWNER)?.cloned(),
+            throughput_kbps: item
+                .get(THROUGHPUT_KBPS)
+                .map(|v| {
+                    v.as_n()
+                        .map_err(|_| format!("{THROUGHPUT_KBPS} is not a number"))?
+                        .parse::<f64>()
+                        .map_err(|e| format!("{THROUGHPUT_KBPS}: {e}"))
+                })
+                .transpose()?,
         }))
     }
 }
@@ -236,6 +271,22 @@ pub(crate) const CHILD_SHARD_IDS: &str = "childShardIds";
 pub(crate) const STARTING_HASH_KEY: &str = "startingHashKey";
 pub(crate) const ENDING_HASH_KEY: &str = "endingHashKey";
 pub(crate) const ENTITY_TYPE: &str = "entityType";
+pub(crate) const CHECKPOINT_OWNER: &str = "checkpointOwner";
+pub(crate) const THROUGHPUT_KBPS: &str = "throughputKBps";
+/// `entityType` of a lease row (KCL 3.5).
+pub(crate) const LEASE_ENTITY: &str = "LEASE";
+/// Keys of the rows a KCL 3.5 keeps beside the leases; never lease keys, never worker ids.
+pub(crate) const RESERVED_KEYS: [&str; 3] = ["Leader", "Migration3.0", "TableMigration3.5"];
+
+/// A throughput as DynamoDB takes it: a finite, non-negative decimal with at most 6 places (the
+/// KCL rounds to 6).
+pub(crate) fn format_kbps(kbps: f64) -> String {
+    let kbps = if kbps.is_finite() && kbps > 0.0 { kbps } else { 0.0 };
+    let text = format!("{kbps:.6}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    if text.is_empty() { "0".into() } else { text.into() }
+}
+
 /// This library's own attribute (see [`Lease::owner_instance`]).
 pub(crate) const OWNER_INSTANCE: &str = "leaseOwnerInstance";
 
@@ -258,6 +309,8 @@ mod tests {
             child_shard_ids: vec!["shardId-000000000005".into()],
             hash_range: Some(HashKeyRange::new(0, u128::MAX / 2).unwrap()),
             owner_instance: Some("4f2a".into()),
+            checkpoint_owner: Some("worker-b".into()),
+            throughput_kbps: Some(12.5),
         }
     }
 
@@ -265,13 +318,24 @@ mod tests {
     fn a_lease_goes_to_a_kcl_row_and_back() {
         let lease = full();
         let item = lease.to_item();
-        assert_eq!(Lease::from_item(&item).unwrap(), Some(lease));
+        assert_eq!(Lease::from_item(&item).unwrap(), Some(lease.clone()));
         // The KCL's names and types.
         assert!(matches!(item["leaseCounter"], AttributeValue::N(ref n) if n == "42"));
         assert!(matches!(item["checkpointSubSequenceNumber"], AttributeValue::N(ref n) if n == "7"));
         assert!(matches!(item["parentShardId"], AttributeValue::Ss(ref v) if v.len() == 2));
         assert!(matches!(item["endingHashKey"], AttributeValue::S(ref s) if *s == (u128::MAX / 2).to_string()));
         assert!(matches!(item["pendingCheckpoint"], AttributeValue::S(ref s) if s == "SHARD_END"));
+        assert!(matches!(item["checkpointOwner"], AttributeValue::S(ref s) if s == "worker-b"));
+        assert!(matches!(item["throughputKBps"], AttributeValue::N(ref n) if n == "12.5"));
+        assert!(matches!(item["entityType"], AttributeValue::S(ref s) if s == "LEASE"), "KCL 3.5 marks leases");
+        assert_eq!(lease.actual_owner(), Some("worker-b"), "during a handoff the checkpoint owner processes");
+    }
+
+    #[test]
+    fn throughput_is_written_as_the_kcl_reads_it() {
+        for (kbps, text) in [(0.0, "0"), (1.0, "1"), (12.3456789, "12.345679"), (-3.0, "0"), (f64::NAN, "0")] {
+            assert_eq!(format_kbps(kbps), text, "{kbps}");
+        }
     }
 
     #[test]

@@ -5,5 +5,6 @@
 pub(crate) mod coordinator;
 pub(crate) mod held;
 pub(crate) mod lease;
+pub(crate) mod migration;
 pub(crate) mod shard_sync;
 pub(crate) mod table;

@@ -19,7 +19,7 @@ use crate::error::{ErrorKind, LeaseTableError, classify_sdk};
 use crate::leases::lease::{self, Checkpoint, Lease};
 
 /// The result of a conditional change.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 #[must_use = "a lost lease must stop its processing"]
 pub enum Outcome {
     /// The change was made; the lease as it is now (with its new counter).
@@ -28,6 +28,17 @@ pub enum Outcome {
     /// longer holds it, and this change was not made.
     Lost,
 }
+
+/// A WorkerMetricStats row, as a leader reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct WorkerRow {
+    pub worker_id: String,
+    /// `lut`: epoch seconds of the worker's last write.
+    pub last_update_seconds: u64,
+}
+
+/// The KCL 3.x index of the lease table: hash `leaseOwner`, range `leaseKey`, keys only.
+pub(crate) const LEASE_OWNER_INDEX: &str = "LeaseOwnerToLeaseKeyIndex";
 
 /// How many times a write fenced on the counter is made again when the counter moved but the
 /// lease is still this worker's (an earlier write whose answer was lost was applied).
@@ -73,7 +84,12 @@ impl LeaseTable {
 
     /// Whether `lease` is held by `owner` as this instance took it.
     fn held_here(&self, lease: &Lease, owner: &str) -> bool {
-        lease.owner.as_deref() == Some(owner) && lease.owner_instance.as_deref() == Some(&*self.instance)
+        lease.actual_owner() == Some(owner) && lease.owner_instance.as_deref() == Some(&*self.instance)
+    }
+
+    /// The DynamoDB client.
+    pub(crate) fn client(&self) -> &aws_sdk_dynamodb::Client {
+        &self.client
     }
 
     /// The table's name.
@@ -136,6 +152,78 @@ impl LeaseTable {
         }
     }
 
+    test_util_pub! {
+    /// Creates the KCL 3.x index `LeaseOwnerToLeaseKeyIndex` (hash `leaseOwner`, range
+    /// `leaseKey`, keys only) with UpdateTable unless the table has it, and waits until it is
+    /// ACTIVE (up to `timeout`), as the KCL 3.x does before it assigns leases by leader.
+    ///
+    /// # Errors
+    /// When UpdateTable or DescribeTable fail, or the index is not ACTIVE in time.
+    async fn create_owner_index_if_missing(&self, timeout: Duration) -> Result<(), LeaseTableError> {
+        use aws_sdk_dynamodb::types::{
+            CreateGlobalSecondaryIndexAction, GlobalSecondaryIndexUpdate, IndexStatus, Projection, ProjectionType,
+        };
+        let invalid = |e: aws_sdk_dynamodb::error::BuildError| LeaseTableError::invalid("UpdateTable", e.to_string());
+        let status = |out: &aws_sdk_dynamodb::operation::describe_table::DescribeTableOutput| {
+            out.table()
+                .map(|t| t.global_secondary_indexes())
+                .unwrap_or_default()
+                .iter()
+                .find(|i| i.index_name() == Some(LEASE_OWNER_INDEX))
+                .map(|i| i.index_status().cloned())
+        };
+        let described = self.client.describe_table().table_name(&self.name).send().await;
+        let described = described.map_err(|e| classify("DescribeTable", e))?;
+        if status(&described).is_none() {
+            let key = |name: &str, kind: KeyType| KeySchemaElement::builder().attribute_name(name).key_type(kind).build();
+            let index = CreateGlobalSecondaryIndexAction::builder()
+                .index_name(LEASE_OWNER_INDEX)
+                .key_schema(key(lease::LEASE_OWNER, KeyType::Hash).map_err(invalid)?)
+                .key_schema(key(lease::LEASE_KEY, KeyType::Range).map_err(invalid)?)
+                .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build())
+                .build()
+                .map_err(invalid)?;
+            let attribute = |name: &str| {
+                AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build()
+            };
+            let updated = self
+                .client
+                .update_table()
+                .table_name(&self.name)
+                .attribute_definitions(attribute(lease::LEASE_OWNER).map_err(invalid)?)
+                .attribute_definitions(attribute(lease::LEASE_KEY).map_err(invalid)?)
+                .global_secondary_index_updates(GlobalSecondaryIndexUpdate::builder().create(index).build())
+                .send()
+                .await;
+            match updated {
+                Ok(_) => {}
+                // Another worker is creating it (or the table is being updated): wait for it.
+                Err(e) if e.code() == Some("ResourceInUseException") || e.code() == Some("ValidationException") => {
+                    tracing::debug!(error = %aws_sdk_dynamodb::error::DisplayErrorContext(&e), "creating the lease-owner index");
+                }
+                Err(e) => return Err(classify("UpdateTable", e)),
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let described = self.client.describe_table().table_name(&self.name).send().await;
+            let described = described.map_err(|e| classify("DescribeTable", e))?;
+            if status(&described) == Some(Some(IndexStatus::Active)) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LeaseTableError::new(
+                    ErrorKind::Transient,
+                    "DescribeTable",
+                    None,
+                    Some(format!("index {LEASE_OWNER_INDEX} of {} not ACTIVE within {timeout:?}", self.name).into()),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    }
+
     /// Every lease, read consistently (all pages). Rows that are not leases are skipped.
     ///
     /// # Errors
@@ -162,6 +250,161 @@ impl LeaseTable {
                 Some(key) if !key.is_empty() => start = Some(key.clone()),
                 _ => return Ok(leases),
             }
+        }
+    }
+
+    /// The keys of the leases whose `leaseOwner` is `owner`, from the KCL 3.x index
+    /// `LeaseOwnerToLeaseKeyIndex` (keys only; eventually consistent: read each lease with
+    /// [`LeaseTable::get`] before relying on it).
+    ///
+    /// # Errors
+    /// When a Query fails (`NotFound` or `Invalid` when the table has no such index).
+    pub(crate) async fn lease_keys_of(&self, owner: &str) -> Result<Vec<String>, LeaseTableError> {
+        let mut keys = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.name)
+                .index_name(LEASE_OWNER_INDEX)
+                .key_condition_expression("#owner = :owner")
+                .expression_attribute_names("#owner", lease::LEASE_OWNER)
+                .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify("Query", e))?;
+            keys.extend(out.items().iter().filter_map(|item| item.get(lease::LEASE_KEY)?.as_s().ok().cloned()));
+            match out.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => return Ok(keys),
+            }
+        }
+    }
+
+    /// Every lease and every WorkerMetricStats row (KCL 3.5 single-table layout), read
+    /// consistently: what a KCL 3.x leader reads at each run. Other rows are skipped.
+    ///
+    /// # Errors
+    /// When a Scan fails, or a lease row is not a valid lease.
+    pub(crate) async fn scan_fleet(&self) -> Result<(Vec<Lease>, Vec<WorkerRow>), LeaseTableError> {
+        let (mut leases, mut workers) = (Vec::new(), Vec::new());
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&self.name)
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify("Scan", e))?;
+            for item in out.items() {
+                let kind = item.get(lease::ENTITY_TYPE).and_then(|v| v.as_s().ok()).map(String::as_str);
+                if kind == Some(crate::worker_metrics::WORKER_METRICS_ENTITY) {
+                    let id = item.get(lease::LEASE_KEY).and_then(|v| v.as_s().ok());
+                    let lut = item.get("lut").and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<f64>().ok());
+                    if let (Some(id), Some(lut)) = (id, lut) {
+                        workers.push(WorkerRow { worker_id: id.clone(), last_update_seconds: lut as u64 });
+                    }
+                } else if let Some(lease) =
+                    Lease::from_item(item).map_err(|what| LeaseTableError::invalid("Scan", what))?
+                {
+                    leases.push(lease);
+                }
+            }
+            match out.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => return Ok((leases, workers)),
+            }
+        }
+    }
+
+    /// The leader's `assignLease` (KCL 3.x): `lease` goes to `to` (its `checkpointOwner` removed,
+    /// the counter bumped, `ownerSwitchesSinceCheckpoint` bumped when it leaves another owner),
+    /// if its owner and checkpoint owner are still the ones seen — and, with `fenced`, its
+    /// counter too (an expired lease renewed since the leader's scan stays where it is).
+    /// `Ok(false)`: the row changed.
+    ///
+    /// # Errors
+    /// When UpdateItem fails for another reason than its condition.
+    pub(crate) async fn assign(&self, lease: &Lease, to: &str, fenced: bool) -> Result<bool, LeaseTableError> {
+        let switches = lease.owner.as_deref().is_some_and(|o| o != to) || lease.checkpoint_owner.as_deref() == Some(to);
+        let mut expression = String::from("SET #owner = :to, #counter = #counter + :one");
+        if switches {
+            expression.push_str(", #switches = if_not_exists(#switches, :zero) + :one");
+        }
+        expression.push_str(" REMOVE #cpo");
+        let mut condition = vec![match lease.owner {
+            Some(_) => "#owner = :old_owner",
+            None => "attribute_not_exists(#owner)",
+        }];
+        condition.push(match lease.checkpoint_owner {
+            Some(_) => "#cpo = :old_cpo",
+            None => "attribute_not_exists(#cpo)",
+        });
+        if fenced {
+            condition.push("#counter = :seen");
+        }
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.name)
+            .key(lease::LEASE_KEY, AttributeValue::S(lease.key.clone()))
+            .update_expression(expression)
+            .condition_expression(condition.join(" AND "))
+            .expression_attribute_names("#owner", lease::LEASE_OWNER)
+            .expression_attribute_names("#counter", lease::LEASE_COUNTER)
+            .expression_attribute_names("#cpo", lease::CHECKPOINT_OWNER)
+            .expression_attribute_values(":to", AttributeValue::S(to.to_owned()))
+            .expression_attribute_values(":one", AttributeValue::N("1".into()));
+        if switches {
+            update = update
+                .expression_attribute_names("#switches", lease::OWNER_SWITCHES)
+                .expression_attribute_values(":zero", AttributeValue::N("0".into()));
+        }
+        if let Some(owner) = &lease.owner {
+            update = update.expression_attribute_values(":old_owner", AttributeValue::S(owner.clone()));
+        }
+        if let Some(cpo) = &lease.checkpoint_owner {
+            update = update.expression_attribute_values(":old_cpo", AttributeValue::S(cpo.clone()));
+        }
+        if fenced {
+            update = update.expression_attribute_values(":seen", AttributeValue::N(lease.counter.to_string()));
+        }
+        match update.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(classify("UpdateItem", e)),
+        }
+    }
+
+    /// The leader's `initiateGracefulLeaseHandoff` (KCL 3.x): `leaseOwner` becomes `to` and
+    /// `checkpointOwner` `from`, the counter untouched, if `from` still owns the lease and no
+    /// handoff is under way. `from` then checkpoints and transfers. `Ok(false)`: the row changed.
+    ///
+    /// # Errors
+    /// When UpdateItem fails for another reason than its condition.
+    pub(crate) async fn hand_off(&self, key: &str, from: &str, to: &str) -> Result<bool, LeaseTableError> {
+        let updated = self
+            .client
+            .update_item()
+            .table_name(&self.name)
+            .key(lease::LEASE_KEY, AttributeValue::S(key.to_owned()))
+            .update_expression("SET #owner = :to, #cpo = :from")
+            .condition_expression("#owner = :from AND attribute_not_exists(#cpo)")
+            .expression_attribute_names("#owner", lease::LEASE_OWNER)
+            .expression_attribute_names("#cpo", lease::CHECKPOINT_OWNER)
+            .expression_attribute_values(":to", AttributeValue::S(to.to_owned()))
+            .expression_attribute_values(":from", AttributeValue::S(from.to_owned()))
+            .send()
+            .await;
+        match updated {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(classify("UpdateItem", e)),
         }
     }
 
@@ -230,17 +473,74 @@ impl LeaseTable {
     }
 
     test_util_pub! {
-    /// Renews a held lease: bumps its counter, if the counter and the owner are still the ones
-    /// seen.
+    /// Renews a held lease: bumps its counter (and writes this instance, and the lease's
+    /// throughput when given, as a KCL 3.x renewal does), if the counter and the holder are still
+    /// the ones seen.
     ///
     /// # Errors
     /// When UpdateItem fails for another reason than the condition.
     ///
-    /// When the counter moved but the row still names this owner, an earlier write of this
+    /// When the counter moved but the row still names this holder, an earlier write of this
     /// worker was applied without its answer arriving (a timeout, a reset connection): the lease
-    /// is still held, and the renewal is made again at the counter the row has.
-    async fn renew(&self, lease: &Lease) -> Result<Outcome, LeaseTableError> {
-        self.owned_write(lease, |seen, owner| Update::new(seen, "SET #counter = #counter + :one").owned_by(owner)).await
+    /// is still held, and the renewal is made again at the counter the row has. When a KCL 3.x
+    /// leader started a graceful handoff (the row names another owner and this worker as the
+    /// `checkpointOwner`), the renewal is made again as the checkpoint owner: the answer's
+    /// [`Lease::checkpoint_owner`] says so, and the lease must be transferred soon.
+    async fn renew(&self, lease: &Lease, throughput_kbps: Option<f64>) -> Result<Outcome, LeaseTableError> {
+        let instance = self.instance.to_string();
+        self.owned_write(lease, |seen, holder| {
+            let mut update = Update::new(seen, "SET #counter = #counter + :one, #instance = :instance")
+                .held_by(seen, holder)
+                .name("#instance", lease::OWNER_INSTANCE)
+                .value(":instance", AttributeValue::S(instance.clone()));
+            if let Some(kbps) = throughput_kbps {
+                update.expression.push_str(", #kbps = :kbps");
+                update = update
+                    .name("#kbps", lease::THROUGHPUT_KBPS)
+                    .value(":kbps", AttributeValue::N(lease::format_kbps(kbps)));
+            }
+            update
+        })
+        .await
+    }
+    }
+
+    test_util_pub! {
+    /// Ends a graceful handoff (KCL 3.x): the lease passes to the owner the leader chose — the
+    /// `checkpointOwner` is removed and the counter bumped — if the row still names that owner
+    /// and this worker as the checkpoint owner. Call it after the processor's last checkpoint.
+    /// `Ok(Outcome::Done)` holds the lease as the new owner now has it.
+    ///
+    /// # Errors
+    /// When UpdateItem fails for another reason than the condition.
+    async fn transfer(&self, lease: &Lease) -> Result<Outcome, LeaseTableError> {
+        let (Some(me), Some(new_owner)) = (lease.checkpoint_owner.as_deref(), lease.owner.as_deref()) else {
+            return Ok(Outcome::Lost);
+        };
+        let updated = self
+            .client
+            .update_item()
+            .table_name(&self.name)
+            .key(lease::LEASE_KEY, AttributeValue::S(lease.key.clone()))
+            .update_expression("SET #counter = #counter + :one REMOVE #cpo")
+            .condition_expression("#owner = :new_owner AND #cpo = :me")
+            .expression_attribute_names("#counter", lease::LEASE_COUNTER)
+            .expression_attribute_names("#owner", lease::LEASE_OWNER)
+            .expression_attribute_names("#cpo", lease::CHECKPOINT_OWNER)
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .expression_attribute_values(":new_owner", AttributeValue::S(new_owner.to_owned()))
+            .expression_attribute_values(":me", AttributeValue::S(me.to_owned()))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match updated {
+            Ok(out) => match out.attributes().map(Lease::from_item) {
+                Some(Ok(Some(lease))) => Ok(Outcome::Done(Box::new(lease))),
+                _ => Err(LeaseTableError::invalid("UpdateItem", "a transfer returned no lease".into())),
+            },
+            Err(e) if is_condition_failed(&e) => Ok(Outcome::Lost),
+            Err(e) => Err(classify("UpdateItem", e)),
+        }
     }
     }
 
@@ -251,12 +551,23 @@ impl LeaseTable {
         lease: &Lease,
         update: impl Fn(&Lease, &str) -> Update,
     ) -> Result<Outcome, LeaseTableError> {
-        let Some(owner) = lease.owner.clone() else { return Ok(Outcome::Lost) };
+        let Some(holder) = lease.actual_owner().map(str::to_owned) else { return Ok(Outcome::Lost) };
         let mut seen = lease.clone();
         for _ in 0..=SAME_OWNER_RETRIES {
-            match update(&seen, &owner).run(self).await? {
+            match update(&seen, &holder).run(self).await? {
                 Written::Done(lease) => return Ok(Outcome::Done(Box::new(lease))),
-                Written::Conflict(Some(current)) if self.held_here(&current, &owner) => {
+                // A KCL 3.x leader began a graceful handoff from this worker: it still holds the
+                // lease, as the checkpoint owner, until it transfers it.
+                Written::Conflict(Some(current))
+                    if seen.checkpoint_owner.is_none()
+                        && current.checkpoint_owner.as_deref() == Some(holder.as_str())
+                        && current.owner.as_deref() != Some(holder.as_str())
+                        && current.counter == seen.counter =>
+                {
+                    tracing::info!(lease = %current.key, to = ?current.owner, "the leader asked for a graceful handoff");
+                    seen = current;
+                }
+                Written::Conflict(Some(current)) if self.held_here(&current, &holder) => {
                     tracing::debug!(lease = %current.key, seen = seen.counter, now = current.counter,
                         "the counter moved under this owner (an answer was lost); writing again");
                     seen = current;
@@ -308,7 +619,7 @@ impl LeaseTable {
     /// When UpdateItem fails for another reason than the condition.
     async fn release(&self, lease: &Lease) -> Result<Outcome, LeaseTableError> {
         self.owned_write(lease, |seen, owner| {
-            Update::new(seen, "SET #counter = #counter + :one REMOVE #owner").owned_by(owner)
+            Update::new(seen, "SET #counter = #counter + :one REMOVE #owner").held_by(seen, owner)
         })
         .await
     }
@@ -331,7 +642,7 @@ impl LeaseTable {
                 "SET #counter = #counter + :one, #checkpoint = :checkpoint, #sub = :sub, #switches = :zero \
                  REMOVE #pending, #pending_sub",
             )
-            .owned_by(owner)
+            .held_by(seen, owner)
             .value(":checkpoint", AttributeValue::S(checkpoint.position.as_str().to_owned()))
             .value(":sub", AttributeValue::N(checkpoint.sub_sequence.to_string()))
             .value(":zero", AttributeValue::N("0".into()))
@@ -375,10 +686,17 @@ impl Update {
         update
     }
 
-    fn owned_by(mut self, owner: &str) -> Self {
-        self.condition.push_str(" AND #owner = :owner");
-        self.names.insert("#owner".into(), lease::LEASE_OWNER.into());
-        self.values.insert(":owner".into(), AttributeValue::S(owner.to_owned()));
+    /// Fenced on the holder too: `holder` is the owner and no handoff is under way, or (during a
+    /// handoff, when `seen` says so) `holder` is the checkpoint owner.
+    fn held_by(mut self, seen: &Lease, holder: &str) -> Self {
+        if seen.checkpoint_owner.as_deref() == Some(holder) {
+            self.condition.push_str(" AND #cpo = :holder");
+        } else {
+            self.condition.push_str(" AND #owner = :holder AND attribute_not_exists(#cpo)");
+            self.names.insert("#owner".into(), lease::LEASE_OWNER.into());
+        }
+        self.names.insert("#cpo".into(), lease::CHECKPOINT_OWNER.into());
+        self.values.insert(":holder".into(), AttributeValue::S(holder.to_owned()));
         self
     }
 

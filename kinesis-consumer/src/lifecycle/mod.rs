@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! WaitingOnParents ─▶ Initializing ─▶ Processing ─▶ ShardEnded ─▶ (lease released)
-//!        │                 │              │   └────▶ LeaseLost ─▶ (lease forgotten)
+//!        │                 │              │   ├────▶ LeaseLost ─▶ (lease forgotten)
+//!        │                 │              │   └────▶ HandingOff ─▶ (lease transferred to the new owner)
 //!        └─────────────────┴──────────────┴────────▶ ShuttingDown ─▶ (lease released by the scheduler)
 //! ```
 //!
@@ -16,6 +17,12 @@
 //!   reported and the call made again later. The shard's children wait until it does.
 //! - **LeaseLost**: `lease_lost`, nothing written. **ShuttingDown**: `shutdown_requested`, the
 //!   processor's last chance to checkpoint.
+//! - **HandingOff**: a KCL 3.x leader moves the lease to another worker (a graceful handoff):
+//!   reading stops, `shutdown_requested` checkpoints what was processed, and the scheduler
+//!   transfers the lease; the new owner starts at exactly that checkpoint.
+//!
+//! Each state is a method in a file of its own (`parents`, `initialize`, `process`,
+//! `shard_end`).
 
 mod initialize;
 mod parents;
@@ -60,6 +67,8 @@ pub enum ShardConsumerState {
     LeaseLost,
     /// The worker is shutting down.
     ShuttingDown,
+    /// The lease moves to another worker (KCL 3.x graceful handoff).
+    HandingOff,
 }
 
 /// How a shard consumer ended.
@@ -74,6 +83,8 @@ pub(crate) enum Exit {
     /// The processor asked to read the shard again from its checkpoint (the stream adapter, after
     /// a batch was abandoned): the lease is released.
     Restart,
+    /// A graceful handoff: the processor had its `shutdown_requested`; the lease is transferred.
+    HandedOff,
 }
 
 /// What a shard consumer needs.
@@ -97,6 +108,13 @@ pub(crate) struct Context {
 /// Aborts a task when dropped.
 pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
+impl AbortOnDrop {
+    /// Waits for the task to end (it is aborted if this wait is dropped first).
+    pub(crate) async fn wait(mut self) {
+        let _ = (&mut self.0).await;
+    }
+}
+
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
@@ -106,16 +124,27 @@ impl Drop for AbortOnDrop {
 /// What interrupted a wait.
 enum Interrupt {
     Lost,
+    Handoff,
     Shutdown,
 }
 
 impl Context {
-    /// Sleeps for `duration` unless the lease is lost or shutdown begins first.
+    /// Resolves when the lease is lost, a handoff is asked for, or shutdown begins, in that order
+    /// of precedence.
+    async fn interrupted(&self) -> Interrupt {
+        tokio::select! {
+            biased;
+            _ = self.held.lost() => Interrupt::Lost,
+            _ = self.held.handoff_requested() => Interrupt::Handoff,
+            _ = self.shutdown.cancelled() => Interrupt::Shutdown,
+        }
+    }
+
+    /// Sleeps for `duration` unless interrupted first.
     async fn pause(&self, duration: Duration) -> Result<(), Interrupt> {
         tokio::select! {
             biased;
-            _ = self.held.lost() => Err(Interrupt::Lost),
-            _ = self.shutdown.cancelled() => Err(Interrupt::Shutdown),
+            interrupt = self.interrupted() => Err(interrupt),
             _ = tokio::time::sleep(duration) => Ok(()),
         }
     }
@@ -126,6 +155,9 @@ impl Context {
             let now = Instant::now();
             if self.held.is_lost() {
                 return Err(Interrupt::Lost);
+            }
+            if self.held.is_handing_off() {
+                return Err(Interrupt::Handoff);
             }
             if self.held.usable(now) {
                 return Ok(());
@@ -208,6 +240,7 @@ impl Context {
 fn interrupted(interrupt: Interrupt) -> ShardConsumerState {
     match interrupt {
         Interrupt::Lost => ShardConsumerState::LeaseLost,
+        Interrupt::Handoff => ShardConsumerState::HandingOff,
         Interrupt::Shutdown => ShardConsumerState::ShuttingDown,
     }
 }
@@ -267,6 +300,7 @@ pub(crate) async fn run<P: Processor>(ctx: Context, processor: P) -> Exit {
             ShardConsumerState::ShardEnded => consumer.shard_ended().await,
             ShardConsumerState::LeaseLost => consumer.lease_lost().await,
             ShardConsumerState::ShuttingDown => consumer.shutting_down().await,
+            ShardConsumerState::HandingOff => consumer.handing_off().await,
         };
         match step {
             ControlFlow::Continue(next) => state = next,

@@ -46,8 +46,7 @@ impl<P: Processor> ShardConsumer<P> {
         let Some((rx, _)) = self.fetched.as_mut() else { return Err(Exit::Failed) };
         let first = tokio::select! {
             biased;
-            _ = ctx.held.lost() => return Ok(Err(Interrupt::Lost)),
-            _ = ctx.shutdown.cancelled() => return Ok(Err(Interrupt::Shutdown)),
+            interrupt = ctx.interrupted() => return Ok(Err(interrupt)),
             fetch = rx.recv() => fetch,
         };
         if let Some(failed) = take_fetch(first, &mut self.pending, &mut self.read_to_end, &mut self.behind) {
@@ -58,8 +57,7 @@ impl<P: Processor> ShardConsumer<P> {
         while !ctx.max_batch_wait.is_zero() && self.pending.len() < ctx.max_batch_records && !self.read_to_end {
             let fetch = tokio::select! {
                 biased;
-                _ = ctx.held.lost() => break,
-                _ = ctx.shutdown.cancelled() => break,
+                _ = ctx.interrupted() => break,
                 _ = tokio::time::sleep_until(deadline) => break,
                 fetch = rx.recv() => fetch,
             };
@@ -88,6 +86,7 @@ impl<P: Processor> ShardConsumer<P> {
         Metrics::add(&ctx.metrics.process_calls, 1);
         Metrics::add(&ctx.metrics.records_processed, count);
         Metrics::add(&ctx.metrics.bytes_processed, bytes);
+        ctx.held.delivered(bytes);
         if ctx.held.restart_requested() {
             return ControlFlow::Break(Exit::Restart);
         }

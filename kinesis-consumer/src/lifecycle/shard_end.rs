@@ -4,6 +4,7 @@
 //!   reported and the call made again later (the shard's children wait until it does).
 //! - **LeaseLost**: `lease_lost`, nothing written.
 //! - **ShuttingDown**: `shutdown_requested`, the processor's last chance to checkpoint.
+//! - **HandingOff**: the same call, then the lease passes to the owner a KCL 3.x leader chose.
 
 use std::ops::ControlFlow;
 use std::time::Duration;
@@ -60,5 +61,15 @@ impl<P: Processor> ShardConsumer<P> {
             self.processor.shutdown_requested(&mut self.checkpointer).await;
         }
         ControlFlow::Break(Exit::Shutdown)
+    }
+
+    pub(super) async fn handing_off(&mut self) -> Step {
+        drop(self.fetched.take());
+        self.ctx.metrics.behind(&self.shard_id, None);
+        tracing::info!(shard_id = %self.shard_id, "graceful handoff: the processor checkpoints, then the lease moves");
+        if self.initialized {
+            self.processor.shutdown_requested(&mut self.checkpointer).await;
+        }
+        ControlFlow::Break(Exit::HandedOff)
     }
 }

@@ -48,6 +48,44 @@ pub struct SchedulerConfig {
     /// batch is delivered again from the failed record, with backoff, for ever; nothing is
     /// skipped.
     pub failure_policy: crate::failure::FailurePolicy,
+    /// Where this worker's CPU utilisation is measured for its WorkerMetricStats row, which a KCL
+    /// 3.x leader balances by (written only when the table is in KCL 3.x lease management).
+    /// Default: this process.
+    pub cpu_source: crate::CpuSource,
+    /// How long a graceful handoff waits for the processor's `shutdown_requested` before the
+    /// lease is transferred anyway (KCL `gracefulLeaseHandoffTimeoutMillis`: 30 s).
+    pub handoff_timeout: Duration,
+    /// How the leases of a new table are managed (a table that says otherwise in its
+    /// `Migration3.0` row is managed as it says, as by the KCL). Default:
+    /// [`LeaseManagement::Kcl2Compatible`].
+    pub lease_management: LeaseManagement,
+    /// KCL 3.x: how long the leader lock lasts without a heartbeat (KCL
+    /// `dynamoDbLockBasedLeaderLeaseDurationInMillis`: 120 s), and how often the leader renews it
+    /// (`dynamoDbLockBasedLeaderHeartbeatPeriodInMillis`: 30 s). A killed leader is replaced
+    /// after about the duration.
+    pub leader_lock_duration: Duration,
+    /// See `leader_lock_duration`.
+    pub leader_heartbeat: Duration,
+    /// KCL 3.x: the most leases the leader gives one worker (KCL `maxLeasesForWorker`: no limit).
+    pub max_leases_per_worker: usize,
+}
+
+/// How the leases of a table are shared among workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LeaseManagement {
+    /// The KCL 2.x way: every worker takes free and expired leases up to its share, and steals
+    /// from the busiest worker; a stolen lease is read again from its last checkpoint. For a
+    /// table shared with KCL 2.x workers (or KCL 3.x ones in
+    /// `CLIENT_VERSION_CONFIG_COMPATIBLE_WITH_2X`).
+    #[default]
+    Kcl2Compatible,
+    /// The KCL 3.x way: one worker holds the leader lock and assigns every lease; a planned move
+    /// is a graceful handoff (the old owner's processor gets `shutdown_requested`, checkpoints,
+    /// and the new owner starts at exactly that checkpoint), so nothing is delivered twice.
+    /// Workers publish WorkerMetricStats rows and find their leases through the
+    /// `LeaseOwnerToLeaseKeyIndex`. A new table gets the KCL's `Migration3.0` row saying so.
+    Kcl3,
 }
 
 impl SchedulerConfig {
@@ -70,6 +108,12 @@ impl SchedulerConfig {
             shutdown_timeout: Duration::from_secs(30),
             table_create_timeout: Duration::from_secs(120),
             failure_policy: crate::failure::FailurePolicy::default(),
+            cpu_source: crate::CpuSource::default(),
+            handoff_timeout: Duration::from_secs(30),
+            lease_management: LeaseManagement::default(),
+            leader_lock_duration: Duration::from_secs(120),
+            leader_heartbeat: Duration::from_secs(30),
+            max_leases_per_worker: usize::MAX,
         }
     }
 
@@ -87,6 +131,15 @@ impl SchedulerConfig {
         }
         if self.worker_id.is_empty() {
             return bad("worker_id", "must not be empty");
+        }
+        if crate::leases::lease::RESERVED_KEYS.contains(&self.worker_id.as_str())
+            || self.worker_id.starts_with("shardId-")
+        {
+            // A KCL 3.5 table keys worker-metrics rows by worker id, beside the leases.
+            return bad(
+                "worker_id",
+                "must not be a lease key or a key the KCL reserves (Leader, Migration3.0, TableMigration3.5)",
+            );
         }
         if self.failover < Duration::from_millis(300) {
             return bad("failover", "must be at least 300 ms");
@@ -111,6 +164,12 @@ impl SchedulerConfig {
         }
         if let Err(problem) = self.failure_policy.validate() {
             return bad("failure_policy", problem);
+        }
+        if self.leader_heartbeat.is_zero() || self.leader_heartbeat * 2 > self.leader_lock_duration {
+            return bad("leader_heartbeat", "must be more than zero and at most half of leader_lock_duration");
+        }
+        if self.max_leases_per_worker == 0 {
+            return bad("max_leases_per_worker", "must be at least 1");
         }
         if self.shard_sync_interval.is_zero() || self.parent_poll_interval.is_zero() {
             return bad("shard_sync_interval / parent_poll_interval", "must not be zero");

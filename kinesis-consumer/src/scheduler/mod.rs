@@ -20,7 +20,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use config::SchedulerConfig;
+pub use config::{LeaseManagement, SchedulerConfig};
 use worker::Worker;
 
 use crate::error::{ConfigError, SchedulerError};
@@ -70,6 +70,7 @@ impl Scheduler {
         let table = LeaseTable::new(dynamodb, config.application_name.clone());
         let mut coordinator_config = CoordinatorConfig::new(config.worker_id.clone()).with_failover(config.failover);
         coordinator_config.max_steal_per_round = config.max_steal_per_round;
+        coordinator_config.handoff_timeout = config.handoff_timeout;
         let coordinator = LeaseCoordinator::with_metrics(table, coordinator_config, metrics.clone());
         let shutdown = CancellationToken::new();
         #[cfg(feature = "metrics")]

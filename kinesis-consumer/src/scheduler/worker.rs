@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -10,16 +11,18 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::SchedulerConfig;
+use super::{LeaseManagement, SchedulerConfig};
 use crate::error::SchedulerError;
 use crate::leases::coordinator::LeaseCoordinator;
 use crate::leases::held::HeldLease;
+use crate::leases::migration::{self, ClientVersion};
 use crate::leases::shard_sync::{SyncError, sync_shards};
 use crate::lifecycle::{self, AbortOnDrop, Context, Exit};
 use crate::metrics::Metrics;
 use crate::processor::ProcessorFactory;
 use crate::retrieval::fan_out::{Retrieval, register};
 use crate::retrieval::kinesis::KinesisApi;
+use crate::worker_metrics::{RowPlace, WorkerMetrics};
 
 /// First and largest wait before a shard sync asked for is tried again after it failed.
 const SYNC_RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(10));
@@ -45,6 +48,29 @@ impl<F: ProcessorFactory> Worker<F> {
                 Err(e) => return Err(SchedulerError::LeaseTable(e)),
             }
             self.pause(&mut backoff).await;
+        }
+        let mut version = self.client_version(ClientVersion::Absent).await;
+        if version == ClientVersion::Absent && self.config.lease_management == LeaseManagement::Kcl3 {
+            let table = self.coordinator.table();
+            loop {
+                let started = match table.create_owner_index_if_missing(self.config.table_create_timeout).await {
+                    Ok(()) => migration::start_3x(table.client(), table.name(), &self.config.worker_id).await,
+                    Err(error) => Err(error),
+                };
+                match started {
+                    Ok(started) => {
+                        version = started;
+                        break;
+                    }
+                    Err(e) if e.kind.is_retryable() => {}
+                    Err(e) => return Err(SchedulerError::LeaseTable(e)),
+                }
+                self.pause(&mut backoff).await;
+                if self.shutdown.is_cancelled() {
+                    return Ok(());
+                }
+            }
+            tracing::info!(worker = %self.config.worker_id, ?version, "a new table in KCL 3.x lease management");
         }
         let consumer_arn: Option<Arc<str>> = match &self.config.retrieval {
             Retrieval::Polling => None,
@@ -86,6 +112,24 @@ impl<F: ProcessorFactory> Worker<F> {
                 }
             }))
         };
+
+        // KCL 3.x: the WorkerMetricStats row, sampled every second, written every 30 s while the
+        // table asks for it.
+        let publishing = Arc::new(AtomicBool::new(version.publishes_worker_metrics()));
+        let metrics_place = self.worker_metrics_place().await;
+        let _publisher = AbortOnDrop(tokio::spawn(publish_worker_metrics(
+            table.client().clone(),
+            metrics_place.clone(),
+            self.config.worker_id.clone(),
+            self.config.cpu_source,
+            publishing.clone(),
+            self.metrics.clone(),
+        )));
+
+        // KCL 3.x: every worker contends for the leader lock; the leader assigns the leases.
+        let stop_leading = CancellationToken::new();
+        let mut leading: Option<AbortOnDrop> = None;
+        self.lead_if_3x(&version, &mut leading, &stop_leading);
 
         let stop_consumers = CancellationToken::new();
         let mut consumers: JoinSet<Exit> = JoinSet::new();
@@ -133,7 +177,10 @@ impl<F: ProcessorFactory> Worker<F> {
                     take.as_mut().reset(Instant::now() + (take_interval / 2).mul_f64(1.02 + fastrand::f64() * 0.08));
                     let full = !half_way;
                     half_way = !half_way;
-                    let round = if full {
+                    let round = if version.leader_assigns() {
+                        // A leader assigns; this worker finds what it was given.
+                        self.coordinator.discovery_round().await
+                    } else if full {
                         self.coordinator.take_round(Instant::now()).await
                     } else {
                         self.coordinator.expiry_round(Instant::now()).await
@@ -155,6 +202,9 @@ impl<F: ProcessorFactory> Worker<F> {
                     if self.sync_logged().await {
                         sync_wanted = false;
                     }
+                    version = self.client_version(version).await;
+                    publishing.store(version.publishes_worker_metrics(), Ordering::Relaxed);
+                    self.lead_if_3x(&version, &mut leading, &stop_leading);
                 }
                 _ = self.sync_now.notified() => sync_wanted = true,
                 _ = &mut retry_sync, if sync_wanted => {
@@ -185,6 +235,19 @@ impl<F: ProcessorFactory> Worker<F> {
         if drained.is_err() {
             tracing::warn!("processors did not finish within the shutdown timeout; stopping them");
             consumers.abort_all();
+        }
+        // The lock goes first, so that another worker leads (and assigns these leases) at once.
+        stop_leading.cancel();
+        if let Some(task) = leading.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task.wait()).await;
+        }
+        // No leader assigns anything to a worker that is gone (unlike the KCL, #1452).
+        publishing.store(false, Ordering::Relaxed);
+        if version.publishes_worker_metrics()
+            && let Some(place) = &metrics_place
+            && let Err(error) = crate::worker_metrics::delete(table.client(), place, &self.config.worker_id).await
+        {
+            tracing::warn!(%error, "deleting this worker's WorkerMetricStats row failed; it ages out in 60 s");
         }
         stop_renewing.cancel();
         let _ = (&mut renewing.0).await;
@@ -259,6 +322,11 @@ impl<F: ProcessorFactory> Worker<F> {
                 self.sync_now.notify_one();
             }
             Ok(Exit::Shutdown) => {}
+            Ok(Exit::HandedOff) => {
+                if let Err(error) = self.coordinator.transfer_held(held).await {
+                    tracing::warn!(shard_id = key, %error, "transferring a lease failed; the leader forces it after its timeout");
+                }
+            }
             Ok(Exit::Failed) => self.release(held).await,
             Ok(Exit::Restart) => {
                 tracing::info!(
@@ -302,11 +370,109 @@ impl<F: ProcessorFactory> Worker<F> {
         }
     }
 
+    /// Starts contending for the leader lock when the table is in KCL 3.x lease management (and
+    /// stops when it no longer is).
+    fn lead_if_3x(&self, version: &ClientVersion, leading: &mut Option<AbortOnDrop>, stop: &CancellationToken) {
+        if !version.leader_assigns() {
+            *leading = None;
+            return;
+        }
+        if leading.is_some() {
+            return;
+        }
+        let config = crate::leader::LeaderConfig {
+            worker_id: self.config.worker_id.clone(),
+            failover: self.config.failover,
+            interval: self.config.failover * 2,
+            lock_duration: self.config.leader_lock_duration,
+            heartbeat: self.config.leader_heartbeat,
+            handoff_timeout: self.config.handoff_timeout,
+            max_per_worker: self.config.max_leases_per_worker,
+            worker_fresh: crate::worker_metrics::REPORT_INTERVAL * 2,
+        };
+        let table = self.coordinator.table().clone();
+        *leading =
+            Some(AbortOnDrop(tokio::spawn(crate::leader::run(table, config, self.metrics.clone(), stop.clone()))));
+    }
+
+    /// What the table's `Migration3.0` row says now; `current` when it cannot be read.
+    async fn client_version(&self, current: ClientVersion) -> ClientVersion {
+        match migration::read(self.coordinator.table().client(), self.coordinator.table().name()).await {
+            Ok(version) => {
+                if version != current {
+                    tracing::info!(worker = %self.config.worker_id, ?version, leader_assigns = version.leader_assigns(),
+                        "lease management of the table");
+                    if version.publishes_worker_metrics() {
+                        // The KCL creates it when a table enters 3.x (or the upgrade to it);
+                        // discovery needs it.
+                        let table = self.coordinator.table();
+                        if let Err(error) = table.create_owner_index_if_missing(self.config.table_create_timeout).await
+                        {
+                            tracing::warn!(%error, "creating the lease-owner index failed; trying again later");
+                            return current;
+                        }
+                    }
+                }
+                version
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the table's Migration3.0 row failed");
+                current
+            }
+        }
+    }
+
+    /// Where this worker's WorkerMetricStats row goes; `None` when that cannot be found out (no
+    /// row is written then).
+    async fn worker_metrics_place(&self) -> Option<RowPlace> {
+        let table = self.coordinator.table();
+        match migration::worker_metrics_place(table.client(), table.name()).await {
+            Ok(place) => Some(place),
+            Err(error) => {
+                tracing::warn!(%error, "finding the WorkerMetricStats table failed; this worker publishes no metrics");
+                None
+            }
+        }
+    }
+
     async fn pause(&self, backoff: &mut Duration) {
         tokio::select! {
             _ = self.shutdown.cancelled() => {}
             _ = tokio::time::sleep(*backoff) => {}
         }
         *backoff = (*backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Samples this worker's CPU every second and writes its WorkerMetricStats row every 30 s (the
+/// first after 2 s) while `publishing` is set.
+async fn publish_worker_metrics(
+    client: aws_sdk_dynamodb::Client,
+    place: Option<RowPlace>,
+    worker_id: String,
+    source: crate::CpuSource,
+    publishing: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) {
+    let Some(place) = place else { return };
+    let mut figures = WorkerMetrics::new(source);
+    let mut sample = tokio::time::interval(crate::worker_metrics::cpu::SAMPLE_INTERVAL);
+    sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut next_report = Instant::now() + crate::worker_metrics::FIRST_REPORT;
+    loop {
+        sample.tick().await;
+        figures.sample(Instant::now());
+        if Instant::now() < next_report {
+            continue;
+        }
+        next_report = Instant::now() + crate::worker_metrics::REPORT_INTERVAL;
+        let row = figures.next_figures();
+        if !publishing.load(Ordering::Relaxed) {
+            continue;
+        }
+        match crate::worker_metrics::publish(&client, &place, &worker_id, row, std::time::SystemTime::now()).await {
+            Ok(()) => Metrics::add(&metrics.worker_metrics_published, 1),
+            Err(error) => tracing::warn!(%error, "writing this worker's WorkerMetricStats row failed"),
+        }
     }
 }

@@ -281,8 +281,8 @@ pub async fn split_first_shard(client: &aws_sdk_kinesis::Client, stream: &str) -
     parent
 }
 
-/// The KCL 2.x lease attributes and their types, and the one attribute of this library's own
-/// (`leaseOwnerInstance`, which the KCL leaves alone).
+/// The KCL's lease attributes and their types (2.x, and the 3.x additions), and the one
+/// attribute of this library's own (`leaseOwnerInstance`, which the KCL leaves alone).
 pub const KCL_ATTRIBUTES: &[(&str, &str)] = &[
     ("leaseOwnerInstance", "S"),
     ("leaseKey", "S"),
@@ -297,7 +297,15 @@ pub const KCL_ATTRIBUTES: &[(&str, &str)] = &[
     ("childShardIds", "SS"),
     ("startingHashKey", "S"),
     ("endingHashKey", "S"),
+    ("checkpointOwner", "S"),
+    ("throughputKBps", "N"),
+    ("entityType", "S"),
 ];
+
+/// Whether a row of the lease table is a lease (no `entityType`, or `LEASE`).
+pub fn is_lease_row(item: &std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>) -> bool {
+    item.get("entityType").is_none_or(|t| t.as_s().is_ok_and(|t| t == "LEASE"))
+}
 
 /// The DynamoDB type of an attribute value, as the KCL schema names it.
 pub fn type_of(value: &aws_sdk_dynamodb::types::AttributeValue) -> &'static str {

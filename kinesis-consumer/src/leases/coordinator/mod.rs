@@ -30,12 +30,20 @@ pub struct CoordinatorConfig {
     pub failover: Duration,
     /// The most leases stolen in one take round (KCL: 1).
     pub max_steal_per_round: usize,
+    /// How long a graceful handoff waits for the processor's last checkpoint before the lease is
+    /// transferred anyway (KCL `gracefulLeaseHandoffTimeoutMillis`: 30 s).
+    pub handoff_timeout: Duration,
 }
 
 impl CoordinatorConfig {
     /// The KCL's defaults for a worker.
     pub fn new(worker_id: impl Into<String>) -> Self {
-        CoordinatorConfig { worker_id: worker_id.into(), failover: Duration::from_secs(10), max_steal_per_round: 1 }
+        CoordinatorConfig {
+            worker_id: worker_id.into(),
+            failover: Duration::from_secs(10),
+            max_steal_per_round: 1,
+            handoff_timeout: Duration::from_secs(30),
+        }
     }
 
     /// The same, with another failover time.
@@ -147,7 +155,12 @@ impl LeaseCoordinator {
         }
         let lease = held.lock().await;
         held.mark_lost();
-        if let Outcome::Done(_) = self.inner.table.release(&lease).await? {
+        if lease.checkpoint_owner.is_some() {
+            // Handing off: the leader chose the next owner; give it the lease.
+            if let Outcome::Done(_) = self.inner.table.transfer(&lease).await? {
+                Metrics::add(&self.inner.metrics.handoffs_completed, 1);
+            }
+        } else if let Outcome::Done(_) = self.inner.table.release(&lease).await? {
             Metrics::add(&self.inner.metrics.leases_released, 1);
         }
         Ok(())
@@ -195,17 +208,34 @@ impl LeaseCoordinator {
         }
     }
 
-    /// Renews one lease; `Ok(false)` when it is lost.
-    async fn renew(&self, held: &HeldLease) -> Result<bool, LeaseTableError> {
+    /// Renews one lease; `Ok(false)` when it is lost (or, at the end of a handoff whose
+    /// processor did not finish in time, transferred).
+    async fn renew(&self, held: &Arc<HeldLease>) -> Result<bool, LeaseTableError> {
+        if let Some(deadline) = held.handoff_deadline()
+            && Instant::now() >= deadline
+        {
+            tracing::warn!(
+                lease = held.key(),
+                "the processor did not finish a graceful handoff in time; transferring the lease"
+            );
+            Metrics::add(&self.inner.metrics.handoffs_timed_out, 1);
+            self.transfer_held(held).await?;
+            return Ok(false);
+        }
         let mut lease = held.lock().await;
         if held.is_lost() {
             return Ok(false);
         }
         let sent = Instant::now();
-        match self.inner.table.renew(&lease).await? {
+        let throughput = held.throughput_kbps(sent);
+        match self.inner.table.renew(&lease, throughput).await? {
             Outcome::Done(renewed) => {
                 *lease = *renewed;
                 held.written(sent);
+                if lease.checkpoint_owner.is_some() && !held.is_handing_off() {
+                    Metrics::add(&self.inner.metrics.handoffs_started, 1);
+                    held.request_handoff(sent + self.inner.config.handoff_timeout);
+                }
                 Ok(true)
             }
             Outcome::Lost => {
@@ -213,6 +243,27 @@ impl LeaseCoordinator {
                 Ok(false)
             }
         }
+    }
+
+    /// Ends a graceful handoff of `held` (if it is still the hold of its lease): the lease passes
+    /// to the owner the leader chose, and is forgotten here.
+    ///
+    /// # Errors
+    /// When the write fails for another reason than its condition.
+    pub(crate) async fn transfer_held(&self, held: &Arc<HeldLease>) -> Result<(), LeaseTableError> {
+        if !self.forget_held(held) {
+            return Ok(());
+        }
+        let lease = held.lock().await;
+        held.mark_lost();
+        match self.inner.table.transfer(&lease).await? {
+            Outcome::Done(now) => {
+                Metrics::add(&self.inner.metrics.handoffs_completed, 1);
+                tracing::info!(lease = held.key(), to = ?now.owner, "lease handed off");
+            }
+            Outcome::Lost => tracing::warn!(lease = held.key(), "the handoff was taken back or forced by the leader"),
+        }
+        Ok(())
     }
 
     /// Lists the table, watches the counters, and takes (or steals) leases up to this worker's
@@ -311,18 +362,43 @@ impl LeaseCoordinator {
         Ok(gained)
     }
 
+    /// KCL 3.x: finds the leases a leader assigned to this worker (through the
+    /// `LeaseOwnerToLeaseKeyIndex`) and starts holding them; the next renewal fences them. A lease
+    /// still being handed to this worker (its `checkpointOwner` set) waits until the old owner
+    /// transferred it; a lease held here already is left alone. Returns the leases gained.
+    ///
+    /// # Errors
+    /// When the Query fails, or a GetItem fails.
+    pub(crate) async fn discovery_round(&self) -> Result<Vec<Arc<HeldLease>>, LeaseTableError> {
+        let me = self.inner.config.worker_id.as_str();
+        let keys = self.inner.table.lease_keys_of(me).await?;
+        let mut gained = Vec::new();
+        for key in keys {
+            if self.held_map().contains_key(&key) {
+                continue;
+            }
+            let sent = Instant::now();
+            let Some(lease) = self.inner.table.get(&key).await? else { continue };
+            if lease.owner.as_deref() != Some(me) || lease.checkpoint_owner.is_some() {
+                continue;
+            }
+            let held = Arc::new(HeldLease::new(lease, sent, self.inner.config.validity(), sent));
+            self.held_map().insert(key.clone(), held.clone());
+            Metrics::add(&self.inner.metrics.leases_discovered, 1);
+            tracing::info!(lease = %key, worker = me, "lease assigned by the leader");
+            gained.push(held);
+        }
+        self.count_held();
+        Ok(gained)
+    }
+
     /// Gives one held lease up (its shard is done, or its processing stopped) and forgets it.
     ///
     /// # Errors
     /// When the write fails for another reason than a lost lease.
     pub async fn release(&self, key: &str) -> Result<(), LeaseTableError> {
-        let Some(held) = self.forget(key) else { return Ok(()) };
-        let lease = held.lock().await;
-        held.mark_lost();
-        if let Outcome::Done(_) = self.inner.table.release(&lease).await? {
-            Metrics::add(&self.inner.metrics.leases_released, 1);
-        }
-        Ok(())
+        let Some(held) = self.held_map().get(key).cloned() else { return Ok(()) };
+        self.release_held(&held).await
     }
 
     /// Gives every held lease up (graceful shutdown), so that other workers take them at once.

@@ -1,0 +1,182 @@
+//! The leader of a KCL 3.x fleet: the worker holding the leader lock assigns every lease.
+//!
+//! Every worker of a table in KCL 3.x lease management runs this task. Every assignment interval
+//! (KCL: 2 x failover) it tries to lead ([`lock`]); the leader then reads the table (leases and
+//! WorkerMetricStats rows), watches the lease counters, and makes the moves the assignment
+//! decides ([`crate::assignment::count`]): free and expired leases assigned at once, planned
+//! moves made as graceful handoffs. A handoff whose old owner neither transferred the lease nor
+//! kept renewing it within the handoff timeout (plus a failover time) is transferred by the
+//! leader. A leader whose runs fail three times in a row gives the lock up; so does a worker
+//! that shuts down gracefully.
+
+pub(crate) mod lock;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::assignment::count::{Fleet, Move, plan};
+use crate::assignment::taker::Observations;
+use crate::error::LeaseTableError;
+use crate::leases::lease::Lease;
+use crate::leases::table::LeaseTable;
+use crate::metrics::Metrics;
+use lock::LeaderLock;
+
+/// How a leader runs.
+#[derive(Clone, Debug)]
+pub(crate) struct LeaderConfig {
+    pub worker_id: String,
+    pub failover: Duration,
+    /// How often the leader assigns (KCL `leaseAssignmentIntervalMillis`: 2 x failover).
+    pub interval: Duration,
+    /// The leader lock's duration (KCL: 120 s) and heartbeat (KCL: 30 s).
+    pub lock_duration: Duration,
+    pub heartbeat: Duration,
+    pub handoff_timeout: Duration,
+    pub max_per_worker: usize,
+    /// A worker is active while its WorkerMetricStats row is at most this old (KCL: 60 s).
+    pub worker_fresh: Duration,
+}
+
+/// Runs of a leader before it balances again (KCL `varianceBalancingFrequency`: 3).
+const BALANCE_EVERY: u64 = 3;
+/// Failed runs in a row after which a leader gives the lock up (KCL: 3).
+const FAILURES_TO_STEP_DOWN: u32 = 3;
+
+/// Contends for leadership and leads until `stop`; then gives the lock up.
+pub(crate) async fn run(table: LeaseTable, config: LeaderConfig, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let mut lock = LeaderLock::new(table.client().clone(), table.name(), &config.worker_id, config.lock_duration);
+    let mut state = LeaderState::default();
+    let mut assign = tokio::time::interval(config.interval);
+    assign.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut heartbeat = tokio::time::interval(config.heartbeat);
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            _ = heartbeat.tick() => {
+                if lock.holds(Instant::now()) {
+                    match lock.heartbeat().await {
+                        Ok(true) => {}
+                        Ok(false) => state = LeaderState::default(),
+                        Err(error) => tracing::warn!(%error, "leader lock heartbeat failed"),
+                    }
+                }
+            }
+            _ = assign.tick() => {
+                let leading = match lock.try_lead().await {
+                    Ok(leading) => leading,
+                    Err(error) => {
+                        tracing::warn!(%error, "reading the leader lock failed");
+                        false
+                    }
+                };
+                if !leading {
+                    state = LeaderState::default();
+                    continue;
+                }
+                if state.runs == 0 {
+                    Metrics::add(&metrics.leader_elections, 1);
+                }
+                match state.run_once(&table, &config, &metrics).await {
+                    Ok(()) => failures = 0,
+                    Err(error) => {
+                        failures += 1;
+                        tracing::warn!(%error, failures, "the leader's assignment run failed");
+                        if failures >= FAILURES_TO_STEP_DOWN {
+                            tracing::warn!("giving the leader lock up after {failures} failed runs");
+                            let _ = lock.release().await;
+                            state = LeaderState::default();
+                            failures = 0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Err(error) = lock.release().await {
+        tracing::warn!(%error, "releasing the leader lock failed; it expires");
+    }
+}
+
+/// What a leader keeps between its runs (forgotten when it stops leading, as the KCL's).
+#[derive(Debug, Default)]
+struct LeaderState {
+    runs: u64,
+    observations: Observations,
+    /// Leases being handed off, and when the leader transfers them if the old owner has not.
+    handoffs: HashMap<String, Instant>,
+}
+
+impl LeaderState {
+    async fn run_once(
+        &mut self,
+        table: &LeaseTable,
+        config: &LeaderConfig,
+        metrics: &Metrics,
+    ) -> Result<(), LeaseTableError> {
+        let (leases, workers) = table.scan_fleet().await?;
+        let now = Instant::now();
+        let epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let active: BTreeSet<String> = workers
+            .iter()
+            .filter(|w| w.last_update_seconds + config.worker_fresh.as_secs() >= epoch)
+            .map(|w| w.worker_id.clone())
+            .collect();
+        self.observations.observe(&leases, now);
+        self.runs += 1;
+
+        // Handoffs the old owner did not finish: transferred by the leader after the timeout.
+        self.handoffs.retain(|key, _| leases.iter().any(|l| &l.key == key && l.checkpoint_owner.is_some()));
+        for lease in leases.iter().filter(|l| l.checkpoint_owner.is_some()) {
+            let deadline =
+                *self.handoffs.entry(lease.key.clone()).or_insert(now + config.handoff_timeout + config.failover);
+            if now >= deadline
+                && let Some(to) = lease.owner.as_deref()
+                && table.assign(lease, to, false).await?
+            {
+                tracing::warn!(lease = %lease.key, to, "a handoff was not finished in time; the leader transferred it");
+                Metrics::add(&metrics.leases_assigned, 1);
+                self.handoffs.remove(&lease.key);
+            }
+        }
+
+        let moves = {
+            let failover = config.failover;
+            let observations = &self.observations;
+            let expired = |l: &Lease| observations.is_expired(l, now, failover);
+            plan(&Fleet {
+                leases: &leases,
+                active: &active,
+                expired: &expired,
+                max_per_worker: config.max_per_worker,
+                balance: self.runs % BALANCE_EVERY == 1,
+            })
+        };
+        for step in moves {
+            match step {
+                Move::Assign { key, to } => {
+                    let Some(lease) = leases.iter().find(|l| l.key == key) else { continue };
+                    if table.assign(lease, &to, true).await? {
+                        tracing::info!(lease = %key, to = %to, from = ?lease.actual_owner(), "lease assigned");
+                        Metrics::add(&metrics.leases_assigned, 1);
+                    }
+                }
+                Move::HandOff { key, from, to } => {
+                    if table.hand_off(&key, &from, &to).await? {
+                        tracing::info!(lease = %key, %from, %to, "graceful handoff started");
+                        Metrics::add(&metrics.handoffs_initiated, 1);
+                        self.handoffs.insert(key, now + config.handoff_timeout + config.failover);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

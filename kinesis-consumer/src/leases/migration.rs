@@ -1,0 +1,190 @@
+//! Which lease management a table is in: the KCL's `Migration3.0` row.
+//!
+//! | `cv` | lease management |
+//! |---|---|
+//! | `CLIENT_VERSION_3X`, `CLIENT_VERSION_3X_WITH_ROLLBACK` | KCL 3.x: a leader assigns leases; workers publish WorkerMetricStats, find their leases through the `LeaseOwnerToLeaseKeyIndex`, and hand leases off gracefully. Nobody takes or steals. |
+//! | `CLIENT_VERSION_UPGRADE_FROM_2X`, `CLIENT_VERSION_2X`, no row | KCL 2.x: each worker takes and steals. During `UPGRADE_FROM_2X` workers publish WorkerMetricStats too, so that the leader can decide to flip the table to 3.x. |
+//!
+//! The row lives in the lease table (KCL 3.5, key `leaseKey`), or for a table of KCL 3.0 to 3.4
+//! in `<app>-CoordinatorState` (key `key`). The row wins over a worker's configuration, as in the
+//! KCL (`MigrationClientVersionStateInitializer`).
+
+use aws_sdk_dynamodb::types::AttributeValue;
+
+use crate::error::{LeaseTableError, classify_sdk};
+
+/// The key of the row.
+pub(crate) const MIGRATION_KEY: &str = "Migration3.0";
+
+/// What the `Migration3.0` row says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum ClientVersion {
+    /// No row: a KCL 2.x table (or one no KCL 3.x worker has seen yet).
+    Absent,
+    /// `CLIENT_VERSION_2X`: rolled back to 2.x.
+    Kcl2,
+    /// `CLIENT_VERSION_UPGRADE_FROM_2X`: 2.x behaviour, worker metrics published.
+    UpgradeFrom2x,
+    /// `CLIENT_VERSION_3X` or `CLIENT_VERSION_3X_WITH_ROLLBACK`.
+    Kcl3,
+    /// A value this library does not know: treated as 2.x, and said so in the log.
+    Unknown(String),
+}
+
+impl ClientVersion {
+    fn parse(cv: &str) -> Self {
+        match cv {
+            "CLIENT_VERSION_3X" | "CLIENT_VERSION_3X_WITH_ROLLBACK" => ClientVersion::Kcl3,
+            "CLIENT_VERSION_UPGRADE_FROM_2X" => ClientVersion::UpgradeFrom2x,
+            "CLIENT_VERSION_2X" => ClientVersion::Kcl2,
+            other => ClientVersion::Unknown(other.to_owned()),
+        }
+    }
+
+    /// Whether a leader assigns the leases (no taking, no stealing).
+    pub(crate) fn leader_assigns(&self) -> bool {
+        *self == ClientVersion::Kcl3
+    }
+
+    /// Whether workers publish their WorkerMetricStats rows.
+    pub(crate) fn publishes_worker_metrics(&self) -> bool {
+        matches!(self, ClientVersion::Kcl3 | ClientVersion::UpgradeFrom2x)
+    }
+}
+
+/// Reads the row of the lease table `table`, or failing that of `<table>-CoordinatorState`.
+///
+/// # Errors
+/// When a GetItem fails (other than for a missing legacy table).
+pub(crate) async fn read(client: &aws_sdk_dynamodb::Client, table: &str) -> Result<ClientVersion, LeaseTableError> {
+    let places = [(table.to_owned(), crate::leases::lease::LEASE_KEY), (format!("{table}-CoordinatorState"), "key")];
+    for (table, key) in places {
+        let got = client
+            .get_item()
+            .table_name(&table)
+            .key(key, AttributeValue::S(MIGRATION_KEY.into()))
+            .consistent_read(true)
+            .send()
+            .await;
+        match got {
+            Ok(out) => {
+                if let Some(cv) = out.item().and_then(|item| item.get("cv")).and_then(|v| v.as_s().ok()) {
+                    return Ok(ClientVersion::parse(cv));
+                }
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_not_found_exception()) => {}
+            Err(e) => return Err(classify("GetItem", e)),
+        }
+    }
+    Ok(ClientVersion::Absent)
+}
+
+/// Writes the row a new KCL 3.x application writes (`cv` `CLIENT_VERSION_3X`, with the history
+/// entry of its start), unless the table has one. Returns what the table says afterwards.
+///
+/// # Errors
+/// When PutItem or GetItem fail for another reason than the row existing.
+pub(crate) async fn start_3x(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    worker_id: &str,
+) -> Result<ClientVersion, LeaseTableError> {
+    use std::collections::HashMap;
+    let s = |v: &str| AttributeValue::S(v.to_owned());
+    let millis = std::time::SystemTime::now().duration_since(std::time::SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let now = AttributeValue::N(millis.as_millis().to_string());
+    let history = AttributeValue::L(vec![AttributeValue::M(HashMap::from([
+        ("cv".to_owned(), s("CLIENT_VERSION_INIT")),
+        ("mb".to_owned(), s(worker_id)),
+        ("mts".to_owned(), now.clone()),
+    ]))]);
+    let put = client
+        .put_item()
+        .table_name(table)
+        .item(crate::leases::lease::LEASE_KEY, s(MIGRATION_KEY))
+        .item(crate::leases::lease::ENTITY_TYPE, s("CLIENT_VERSION_MIGRATION"))
+        .item("cv", s("CLIENT_VERSION_3X"))
+        .item("mb", s(worker_id))
+        .item("mts", now)
+        .item("h", history)
+        .condition_expression("attribute_not_exists(#key)")
+        .expression_attribute_names("#key", crate::leases::lease::LEASE_KEY)
+        .send()
+        .await;
+    match put {
+        Ok(_) => Ok(ClientVersion::Kcl3),
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => {
+            read(client, table).await
+        }
+        Err(e) => Err(classify("PutItem", e)),
+    }
+}
+
+/// Where this worker's WorkerMetricStats row goes: the 3.0-3.4 table `<app>-WorkerMetricStats`
+/// when the application still has its `<app>-CoordinatorState` table and has not finished the
+/// 3.5 table migration (`TableMigration3.5` `tm` COMPLETE or PENDING); the lease table otherwise.
+///
+/// # Errors
+/// When a DescribeTable or GetItem fails.
+pub(crate) async fn worker_metrics_place(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+) -> Result<crate::worker_metrics::RowPlace, LeaseTableError> {
+    use crate::worker_metrics::RowPlace;
+    let legacy = format!("{table}-CoordinatorState");
+    match client.describe_table().table_name(&legacy).send().await {
+        Ok(_) => {}
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_not_found_exception()) => {
+            return Ok(RowPlace::LeaseTable(table.to_owned()));
+        }
+        Err(e) => return Err(classify("DescribeTable", e)),
+    }
+    let out = client
+        .get_item()
+        .table_name(table)
+        .key(crate::leases::lease::LEASE_KEY, AttributeValue::S("TableMigration3.5".into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(|e| classify("GetItem", e))?;
+    let migrated = out
+        .item()
+        .and_then(|item| item.get("tm"))
+        .and_then(|v| v.as_s().ok())
+        .is_some_and(|tm| tm == "TABLE_MIGRATION_STATUS_COMPLETE" || tm == "TABLE_MIGRATION_STATUS_PENDING");
+    Ok(if migrated {
+        RowPlace::LeaseTable(table.to_owned())
+    } else {
+        RowPlace::Legacy(format!("{table}-WorkerMetricStats"))
+    })
+}
+
+fn classify<E, R>(operation: &'static str, error: aws_sdk_dynamodb::error::SdkError<E, R>) -> LeaseTableError
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let (kind, code) = classify_sdk(&error, kinesis_core::ErrorClass::of_dynamodb_code);
+    LeaseTableError::new(kind, operation, code, Some(Box::new(error)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_row_says_who_assigns() {
+        for (cv, assigns, publishes) in [
+            ("CLIENT_VERSION_3X", true, true),
+            ("CLIENT_VERSION_3X_WITH_ROLLBACK", true, true),
+            ("CLIENT_VERSION_UPGRADE_FROM_2X", false, true),
+            ("CLIENT_VERSION_2X", false, false),
+            ("CLIENT_VERSION_9X", false, false),
+        ] {
+            let version = ClientVersion::parse(cv);
+            assert_eq!(version.leader_assigns(), assigns, "{cv}");
+            assert_eq!(version.publishes_worker_metrics(), publishes, "{cv}");
+        }
+        assert!(!ClientVersion::Absent.leader_assigns());
+    }
+}
