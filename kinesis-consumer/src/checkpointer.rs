@@ -232,6 +232,12 @@ impl Checkpointer {
         sequence_number: &str,
         sub_sequence_number: u64,
     ) -> Result<(), CheckpointError> {
+        let checkpoint = self.checked(sequence_number, sub_sequence_number).await?;
+        self.write(self.at_end_or(checkpoint)).await
+    }
+
+    /// The position, if this processor may record it.
+    async fn checked(&self, sequence_number: &str, sub_sequence_number: u64) -> Result<Checkpoint, CheckpointError> {
         let invalid = |reason| CheckpointError::InvalidPosition {
             shard_id: self.held.key().to_owned(),
             position: format!("{sequence_number}/{sub_sequence_number}"),
@@ -266,9 +272,69 @@ impl Checkpointer {
                 "not a record delivered on this lease (a sequence number of another shard?)"
             }));
         }
-        let checkpoint =
-            Checkpoint { position: Position::Sequence(sequence_number.to_owned()), sub_sequence: sub_sequence_number };
-        self.write(self.at_end_or(checkpoint)).await
+        Ok(Checkpoint { position: Position::Sequence(sequence_number.to_owned()), sub_sequence: sub_sequence_number })
+    }
+
+    /// The first phase of a two-phase checkpoint (the KCL's `prepareCheckpoint`), at the end of
+    /// the batch: the position is recorded as the lease's *pending* checkpoint, and becomes its
+    /// checkpoint when [`PreparedCheckpoint::commit`] is called. Use it when a side effect must be
+    /// made durable between the two (a transaction committed elsewhere): a worker that takes the
+    /// lease over in between reads the shard from the last *committed* checkpoint, and finds the
+    /// pending one in [`crate::Initialization::pending_checkpoint`], so that it can finish or
+    /// undo what was prepared.
+    ///
+    /// # Errors
+    /// As [`Checkpointer::checkpoint`]; [`CheckpointError::InvalidPosition`] when nothing was
+    /// delivered yet.
+    pub async fn prepare_checkpoint(&mut self) -> Result<PreparedCheckpoint, CheckpointError> {
+        let end = match &self.batch {
+            Some((handed, id)) => handed.finish(*id),
+            None => self.end.clone(),
+        };
+        let Some(end) = end else {
+            return Err(CheckpointError::InvalidPosition {
+                shard_id: self.held.key().to_owned(),
+                position: String::new(),
+                reason: "nothing was delivered to prepare a checkpoint at",
+            });
+        };
+        self.prepare_at(self.at_end_or(end)).await
+    }
+
+    /// [`Checkpointer::prepare_checkpoint`] at a given position, checked as
+    /// [`Checkpointer::checkpoint_at`] checks it.
+    ///
+    /// # Errors
+    /// As [`Checkpointer::checkpoint_at`].
+    pub async fn prepare_checkpoint_at(
+        &mut self,
+        sequence_number: &str,
+        sub_sequence_number: u64,
+    ) -> Result<PreparedCheckpoint, CheckpointError> {
+        let checkpoint = self.checked(sequence_number, sub_sequence_number).await?;
+        self.prepare_at(self.at_end_or(checkpoint)).await
+    }
+
+    async fn prepare_at(&mut self, pending: Checkpoint) -> Result<PreparedCheckpoint, CheckpointError> {
+        let shard_id = self.held.key().to_owned();
+        let mut lease = self.held.lock().await;
+        if self.held.is_lost() {
+            return Err(CheckpointError::LeaseLost { shard_id });
+        }
+        let sent = Instant::now();
+        match self.table.prepare(&lease, &pending).await {
+            Ok(Outcome::Done(written)) => {
+                *lease = *written;
+                self.held.written(sent);
+                drop(lease);
+                Ok(PreparedCheckpoint { checkpointer: self.clone(), pending })
+            }
+            Ok(Outcome::Lost) => {
+                self.held.mark_lost();
+                Err(CheckpointError::LeaseLost { shard_id })
+            }
+            Err(source) => Err(CheckpointError::Table { shard_id, source }),
+        }
     }
 
     async fn write(&mut self, checkpoint: Checkpoint) -> Result<(), CheckpointError> {
@@ -320,6 +386,32 @@ impl Checkpointer {
                 Err(CheckpointError::Table { shard_id, source })
             }
         }
+    }
+}
+
+/// A checkpoint prepared with [`Checkpointer::prepare_checkpoint`]: recorded as the lease's
+/// pending checkpoint, not yet its checkpoint.
+#[derive(Debug)]
+#[must_use = "a prepared checkpoint is not the checkpoint until it is committed"]
+pub struct PreparedCheckpoint {
+    checkpointer: Checkpointer,
+    pending: Checkpoint,
+}
+
+impl PreparedCheckpoint {
+    /// The position prepared.
+    pub fn pending(&self) -> &Checkpoint {
+        &self.pending
+    }
+
+    /// The second phase: the prepared position becomes the checkpoint (and the pending one is
+    /// cleared).
+    ///
+    /// # Errors
+    /// As [`Checkpointer::checkpoint`].
+    pub async fn commit(mut self) -> Result<(), CheckpointError> {
+        let pending = self.pending.clone();
+        self.checkpointer.write(pending).await
     }
 }
 

@@ -69,7 +69,7 @@ pub mod test_util;
 mod worker_metrics;
 
 pub use batches::{Batches, ShardBatch};
-pub use checkpointer::Checkpointer;
+pub use checkpointer::{Checkpointer, PreparedCheckpoint};
 pub use error::{CheckpointError, ConfigError, ErrorKind, KinesisError, LeaseTableError, SchedulerError};
 pub use failure::{DestinationError, FailedRecords, FailedRecordsFile, FailedRecordsStream, FailurePolicy, OnFailure};
 pub use leases::lease::{Checkpoint, Lease, Position};

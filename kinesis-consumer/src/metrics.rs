@@ -39,6 +39,7 @@ pub(crate) struct Metrics {
     pub leader_elections: AtomicU64,
     pub leases_assigned: AtomicU64,
     pub handoffs_initiated: AtomicU64,
+    pub leases_cleaned_up: AtomicU64,
     pub held: AtomicU64,
     pub millis_behind: Mutex<BTreeMap<String, i64>>,
 }
@@ -96,6 +97,7 @@ impl Metrics {
             shard_syncs: get(&self.shard_syncs),
             subscriptions: get(&self.subscriptions),
             resubscriptions: get(&self.resubscriptions),
+            leases_cleaned_up: get(&self.leases_cleaned_up),
             handoffs_initiated: get(&self.handoffs_initiated),
             leases_assigned: get(&self.leases_assigned),
             leader_elections: get(&self.leader_elections),
@@ -169,6 +171,8 @@ pub struct MetricsSnapshot {
     pub subscriptions: u64,
     /// Of those, subscriptions made again after one ended or failed.
     pub resubscriptions: u64,
+    /// Leases of finished shards deleted (their children checkpointed, their parents gone).
+    pub leases_cleaned_up: u64,
     /// Times this worker became the leader of a KCL 3.x fleet.
     pub leader_elections: u64,
     /// Leases this worker assigned as the leader (free, expired, or a handoff it finished).

@@ -25,6 +25,11 @@ pub struct Initialization {
     pub shard_id: String,
     /// The checkpoint processing resumes after (or the initial position).
     pub checkpoint: Checkpoint,
+    /// A checkpoint the previous holder prepared and did not commit
+    /// ([`crate::Checkpointer::prepare_checkpoint`]): what it processed beyond `checkpoint` may
+    /// have had effects, which this processor can finish or undo. Records after `checkpoint`
+    /// are delivered again.
+    pub pending_checkpoint: Option<Checkpoint>,
 }
 
 /// Processes the records of one shard.

@@ -288,7 +288,9 @@ async fn parent_gone(fan_out: bool) {
         started.elapsed()
     );
     let rows = leases.list().await.unwrap();
-    assert_eq!(rows.iter().find(|l| l.key == gone).unwrap().checkpoint.position, Position::ShardEnd);
+    // Finished (SHARD_END), or already cleaned up: its shard is gone and it has no children listed.
+    let parent = rows.iter().find(|l| l.key == gone);
+    assert!(parent.is_none_or(|l| l.checkpoint.position == Position::ShardEnd), "{parent:?}");
     worker.shutdown().await.unwrap();
 }
 

@@ -91,6 +91,29 @@ async fn reshard_in_the_middle_of_consumption(
     }
     assert!(lineages >= 4, "two children of the split and two parents of the merge were processed: {lineages}");
     log.assert_exclusive();
+
+    // Cleanup: once the children checkpointed, the finished parents' leases are deleted, oldest
+    // first, and not created again; the open shards keep theirs.
+    let leases = kinesis_consumer::LeaseTable::new(dynamodb.client(), &table);
+    let open: std::collections::BTreeSet<String> =
+        shards.iter().filter(|s| !s.closed).map(|s| s.shard_id.clone()).collect();
+    let mut left: Vec<String>;
+    let cleaned = {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            left = leases.list().await.unwrap().into_iter().map(|l| l.key).collect();
+            if left.iter().cloned().collect::<std::collections::BTreeSet<_>>() == open {
+                break true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    assert!(cleaned, "only the open shards' leases are left: {left:?}, open {open:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(leases.list().await.unwrap().len(), open.len(), "finished leases are not created again");
     for w in workers {
         w.shutdown().await.unwrap();
     }

@@ -10,7 +10,15 @@
 //!   `AT_TIMESTAMP`, every shard starts there, and children wait for their parents.
 //!
 //! Leases are written with a conditional create, so workers syncing at the same time write each
-//! lease once. Parents are written before their children.
+//! lease once. Parents are written before their children. A shard with a leased descendant gets
+//! no lease: it was processed and its lease cleaned up (as the KCL's shard syncer skips it).
+//!
+//! **Cleanup** ([`finished_leases`], the KCL's `LeaseCleanupManager`): a lease at SHARD_END is
+//! deleted once every child shard has a lease that checkpointed past its start and none of its
+//! own parents has a lease any more (so a lineage is removed from the oldest down, and a child
+//! never waits on a parent that is gone for the wrong reason). A lease at SHARD_END whose shard
+//! the stream no longer lists and which has no children is garbage, and deleted too. Deletes are
+//! conditional on the counter seen.
 //!
 //! A shard id is not an identity across a stream's lifetime: a stream deleted and created again
 //! under the same name numbers its shards from 0 again, over other hash ranges. A lease whose
@@ -42,6 +50,17 @@ pub enum InitialPosition {
 /// The leases to create for the shards that have none, parents first.
 pub fn new_leases(shards: &[Shard], existing: &[Lease], initial: InitialPosition) -> Vec<Lease> {
     let leased: HashSet<&str> = existing.iter().map(|l| l.key.as_str()).collect();
+    // The ancestors of every leased shard: processed, and perhaps cleaned up.
+    let by_id: HashMap<&str, &Shard> = shards.iter().map(|s| (s.shard_id.as_str(), s)).collect();
+    let mut ancestors: HashSet<&str> = HashSet::new();
+    let mut stack: Vec<&str> = leased.iter().copied().collect();
+    while let Some(id) = stack.pop() {
+        for parent in by_id.get(id).into_iter().flat_map(|s| s.parents()) {
+            if ancestors.insert(parent) {
+                stack.push(parent);
+            }
+        }
+    }
     let children: HashMap<&str, Vec<&str>> = shards.iter().fold(HashMap::new(), |mut map, shard| {
         for parent in shard.parents() {
             map.entry(parent).or_default().push(shard.shard_id.as_str());
@@ -50,7 +69,7 @@ pub fn new_leases(shards: &[Shard], existing: &[Lease], initial: InitialPosition
     });
     let mut leases = Vec::new();
     for shard in parents_first(shards) {
-        if leased.contains(shard.shard_id.as_str()) {
+        if leased.contains(shard.shard_id.as_str()) || ancestors.contains(shard.shard_id.as_str()) {
             continue;
         }
         let position = if shard.parents().any(|p| leased.contains(p)) {
@@ -73,6 +92,31 @@ pub fn new_leases(shards: &[Shard], existing: &[Lease], initial: InitialPosition
         leases.push(lease);
     }
     leases
+}
+
+/// The leases at SHARD_END that are done with (see the module docs): every child has a lease
+/// checkpointed past its start and no parent has a lease; or the shard is no longer listed and
+/// has no children.
+pub fn finished_leases<'a>(shards: &[Shard], existing: &'a [Lease]) -> Vec<&'a Lease> {
+    let by_key: HashMap<&str, &Lease> = existing.iter().map(|l| (l.key.as_str(), l)).collect();
+    let listed: HashSet<&str> = shards.iter().map(|s| s.shard_id.as_str()).collect();
+    existing
+        .iter()
+        .filter(|lease| lease.checkpoint.position == Position::ShardEnd)
+        .filter(|lease| lease.parent_shard_ids.iter().all(|p| !by_key.contains_key(p.as_str())))
+        .filter(|lease| {
+            let mut children: HashSet<&str> = lease.child_shard_ids.iter().map(String::as_str).collect();
+            children.extend(shards.iter().filter(|s| s.parents().any(|p| p == lease.key)).map(|s| s.shard_id.as_str()));
+            if children.is_empty() {
+                return !listed.contains(lease.key.as_str());
+            }
+            children.iter().all(|child| {
+                by_key
+                    .get(child)
+                    .is_some_and(|c| matches!(c.checkpoint.position, Position::Sequence(_) | Position::ShardEnd))
+            })
+        })
+        .collect()
 }
 
 /// The leases that belong to an older stream of the same name: their shard is listed with another
@@ -153,6 +197,14 @@ pub(crate) async fn sync_shards(
             }
         }
         existing = table.list().await?;
+    }
+    for lease in finished_leases(&shards, &existing) {
+        if table.delete(lease).await? {
+            tracing::info!(stream = api.stream(), shard_id = %lease.key, "finished lease cleaned up");
+            if let Some(metrics) = metrics {
+                crate::metrics::Metrics::add(&metrics.leases_cleaned_up, 1);
+            }
+        }
     }
     let mut created = 0;
     for mut lease in new_leases(&shards, &existing, initial) {
@@ -266,6 +318,54 @@ mod tests {
         let mut closed = shards.clone();
         closed[0].open = false;
         assert!(stale_leases(&closed, &ended).is_empty(), "a closed shard at SHARD_END is simply done");
+    }
+
+    fn at(key: &str, position: Position, parents: &[&str], children: &[&str]) -> Lease {
+        let mut lease = Lease::new(key, position);
+        lease.parent_shard_ids = parents.iter().map(|p| (*p).to_owned()).collect();
+        lease.child_shard_ids = children.iter().map(|c| (*c).to_owned()).collect();
+        lease
+    }
+
+    #[test]
+    fn a_finished_lease_goes_once_its_children_checkpointed_and_its_parents_are_gone() {
+        let seq = || Position::Sequence("1".into());
+        let keys = |leases: Vec<&Lease>| leases.into_iter().map(|l| l.key.clone()).collect::<Vec<_>>();
+        let shards = resharded();
+        // p0 ended; c1 checkpointed, c2 not yet: p0 stays.
+        let leases = vec![
+            at("p0", Position::ShardEnd, &[], &["c1", "c2"]),
+            at("c1", seq(), &["p0"], &[]),
+            at("c2", Position::TrimHorizon, &["p0"], &[]),
+        ];
+        assert!(finished_leases(&shards, &leases).is_empty());
+        // Both children moved: p0 goes. c2 ended too, but its parent p0 still has a lease.
+        let leases = vec![
+            at("p0", Position::ShardEnd, &[], &["c1", "c2"]),
+            at("c1", seq(), &["p0"], &[]),
+            at("c2", Position::ShardEnd, &["p0"], &["m4"]),
+            at("p3", Position::ShardEnd, &[], &["m4"]),
+            at("m4", seq(), &["c2", "p3"], &[]),
+        ];
+        assert_eq!(keys(finished_leases(&shards, &leases)), ["p0", "p3"]);
+        // Next round, p0 gone: c2 goes (its child m4 checkpointed).
+        let leases: Vec<Lease> = leases.into_iter().filter(|l| l.key != "p0" && l.key != "p3").collect();
+        assert_eq!(keys(finished_leases(&shards, &leases)), ["c2"]);
+        // A shard that aged out of the stream with no children: garbage.
+        let leases = vec![at("gone", Position::ShardEnd, &[], &[])];
+        assert_eq!(keys(finished_leases(&shards, &leases)), ["gone"]);
+        let leases = vec![at("c1", Position::ShardEnd, &[], &[])];
+        assert!(finished_leases(&shards, &leases).is_empty(), "listed and childless: kept");
+    }
+
+    #[test]
+    fn a_cleaned_up_lineage_is_not_leased_again() {
+        // p0 and c2 (and p3) cleaned up; c1 and m4 leased.
+        let leases = vec![
+            at("c1", Position::Sequence("1".into()), &["p0"], &[]),
+            at("m4", Position::TrimHorizon, &["c2", "p3"], &[]),
+        ];
+        assert!(new_leases(&resharded(), &leases, InitialPosition::TrimHorizon).is_empty());
     }
 
     #[test]

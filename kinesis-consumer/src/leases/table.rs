@@ -659,6 +659,25 @@ impl LeaseTable {
         .await
     }
     }
+
+    /// The first phase of a two-phase checkpoint (the KCL's `prepareCheckpoint`): records
+    /// `pending` as `pendingCheckpoint` on a held lease, fenced as [`LeaseTable::checkpoint`]. A
+    /// worker that takes the lease over hands it to its processor's `initialize`.
+    ///
+    /// # Errors
+    /// When UpdateItem fails for another reason than the condition.
+    pub(crate) async fn prepare(&self, lease: &Lease, pending: &Checkpoint) -> Result<Outcome, LeaseTableError> {
+        self.owned_write(lease, |seen, owner| {
+            Update::new(seen, "SET #counter = #counter + :one, #pending = :pending, #pending_sub = :pending_sub")
+                .held_by(seen, owner)
+                .not_at_shard_end()
+                .value(":pending", AttributeValue::S(pending.position.as_str().to_owned()))
+                .value(":pending_sub", AttributeValue::N(pending.sub_sequence.to_string()))
+                .name("#pending", lease::PENDING_CHECKPOINT)
+                .name("#pending_sub", lease::PENDING_CHECKPOINT_SUB_SEQUENCE)
+        })
+        .await
+    }
 }
 
 /// A conditional UpdateItem on one lease: `#counter = :seen` (and `#owner = :owner` when fenced

@@ -51,7 +51,11 @@ impl<P: Processor> ShardConsumer<P> {
             Position::ShardEnd => return ControlFlow::Break(Exit::ShardEnded),
         };
         self.processor
-            .initialize(&Initialization { shard_id: shard_id.to_string(), checkpoint: lease.checkpoint.clone() })
+            .initialize(&Initialization {
+                shard_id: shard_id.to_string(),
+                checkpoint: lease.checkpoint.clone(),
+                pending_checkpoint: lease.pending_checkpoint.clone(),
+            })
             .await;
         self.initialized = true;
         let unpacker = Unpacker::new(shard_id.clone(), lease.hash_range, resume_after);
