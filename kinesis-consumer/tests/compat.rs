@@ -337,12 +337,22 @@ async fn the_lease_table_is_the_kcl_table_both_ways() {
     // A table this crate creates has the same shape.
     let ours = unique_name("ours");
     let log = Log::default();
-    let worker = start_worker(&bed, config(&stream, &ours, "rust"), &log, Duration::ZERO);
+    let mut settings = config(&stream, &ours, "rust");
+    settings.lease_management = kinesis_consumer::LeaseManagement::Kcl3;
+    let worker = start_worker(&bed, settings, &log, Duration::ZERO);
     assert!(eventually(Duration::from_secs(60), || log.received().len() >= 200).await);
     worker.shutdown().await.unwrap();
     let items = scan(&dynamodb, &ours).await;
-    assert_eq!(items.len(), 2);
-    for item in &items {
+    // A new table in KCL 3.x lease management: its Migration3.0 row as a new KCL 3.x application writes
+    // it; after a graceful shutdown no leader lock and no worker-metrics row are left.
+    let (leases, others): (Vec<_>, Vec<_>) = items.into_iter().partition(common::is_lease_row);
+    assert_eq!(leases.len(), 2);
+    assert_eq!(others.len(), 1, "{others:?}");
+    let migration = &others[0];
+    assert_eq!(migration["leaseKey"].as_s().unwrap(), "Migration3.0");
+    assert_eq!(migration["cv"].as_s().unwrap(), "CLIENT_VERSION_3X");
+    assert_eq!(migration["entityType"].as_s().unwrap(), "CLIENT_VERSION_MIGRATION");
+    for item in &leases {
         for (name, value) in item {
             let kcl = KCL_ATTRIBUTES.iter().find(|(n, _)| n == name);
             assert_eq!(kcl.map(|(_, t)| *t), Some(type_of(value)), "attribute {name} of {item:?}");

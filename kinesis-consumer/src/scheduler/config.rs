@@ -55,9 +55,11 @@ pub struct SchedulerConfig {
     /// How long a graceful handoff waits for the processor's `shutdown_requested` before the
     /// lease is transferred anyway (KCL `gracefulLeaseHandoffTimeoutMillis`: 30 s).
     pub handoff_timeout: Duration,
-    /// How the leases of a new table are managed (a table that says otherwise in its
-    /// `Migration3.0` row is managed as it says, as by the KCL). Default:
-    /// [`LeaseManagement::Kcl2Compatible`].
+    /// How the leases of a new (empty) table are managed. A table that says otherwise in its
+    /// `Migration3.0` row is managed as it says, as by the KCL; a table with leases and no such
+    /// row is a KCL 2.x table and is managed the 2.x way (its workers would fight a leader).
+    /// Default: [`LeaseManagement::Kcl2Compatible`] in this release (the KCL 3.x's default is
+    /// its 3.x mode, [`LeaseManagement::Kcl3`]).
     pub lease_management: LeaseManagement,
     /// KCL 3.x: how long the leader lock lasts without a heartbeat (KCL
     /// `dynamoDbLockBasedLeaderLeaseDurationInMillis`: 120 s), and how often the leader renews it

@@ -50,7 +50,12 @@ impl<F: ProcessorFactory> Worker<F> {
             self.pause(&mut backoff).await;
         }
         let mut version = self.client_version(ClientVersion::Absent).await;
-        if version == ClientVersion::Absent && self.config.lease_management == LeaseManagement::Kcl3 {
+        // A new (empty) table starts in KCL 3.x lease management; a table with leases and no
+        // Migration3.0 row is a KCL 2.x table, whose workers would fight a leader: it stays 2.x.
+        if version == ClientVersion::Absent
+            && self.config.lease_management == LeaseManagement::Kcl3
+            && self.table_is_empty().await
+        {
             let table = self.coordinator.table();
             loop {
                 let started = match table.create_owner_index_if_missing(self.config.table_create_timeout).await {
@@ -393,6 +398,17 @@ impl<F: ProcessorFactory> Worker<F> {
         let table = self.coordinator.table().clone();
         *leading =
             Some(AbortOnDrop(tokio::spawn(crate::leader::run(table, config, self.metrics.clone(), stop.clone()))));
+    }
+
+    /// Whether the lease table holds no lease (a new table); false when that cannot be read.
+    async fn table_is_empty(&self) -> bool {
+        match self.coordinator.table().list().await {
+            Ok(leases) => leases.is_empty(),
+            Err(error) => {
+                tracing::warn!(%error, "listing the lease table failed; treating it as a KCL 2.x table");
+                false
+            }
+        }
     }
 
     /// What the table's `Migration3.0` row says now; `current` when it cannot be read.

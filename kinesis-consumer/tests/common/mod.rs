@@ -146,7 +146,7 @@ impl Processor for Logging {
     }
 }
 
-/// Short timings, reading from the oldest record.
+/// Short timings, reading from the oldest record, KCL 2.x lease management.
 pub fn config(stream: &str, table: &str, worker: &str) -> SchedulerConfig {
     let mut config = SchedulerConfig::new(stream, table);
     config.worker_id = worker.to_owned();
@@ -157,6 +157,9 @@ pub fn config(stream: &str, table: &str, worker: &str) -> SchedulerConfig {
     config.polling.idle_time_between_reads = Duration::from_millis(100);
     config.polling.min_time_between_reads = Duration::from_millis(50);
     config.table_create_timeout = Duration::from_secs(30);
+    // These tests are of the KCL 2.x lease management (taking, stealing, failover by expiry);
+    // tests/kcl3.rs has the 3.x fleet.
+    config.lease_management = kinesis_consumer::LeaseManagement::Kcl2Compatible;
     config
 }
 
