@@ -178,6 +178,17 @@ where
     (class.into(), code)
 }
 
+/// Classifies a DynamoDB SDK error of `operation` (lease table, leader lock, worker metrics)
+/// before it is boxed.
+pub(crate) fn dynamodb_error<E, R>(operation: &'static str, error: SdkError<E, R>) -> LeaseTableError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let (kind, code) = classify_sdk(&error, kinesis_core::ErrorClass::of_dynamodb_code);
+    LeaseTableError::new(kind, operation, code, Some(Box::new(error)))
+}
+
 impl From<kinesis_core::ServiceError> for KinesisError {
     fn from(error: kinesis_core::ServiceError) -> Self {
         let (kind, operation, code) = (error.class.into(), error.operation, error.code.clone());

@@ -27,7 +27,7 @@ use std::time::Duration;
 use aws_sdk_dynamodb::types::AttributeValue;
 use tokio::time::Instant;
 
-use crate::error::{LeaseTableError, classify_sdk};
+use crate::error::{LeaseTableError, dynamodb_error as classify};
 use crate::leases::lease::{ENTITY_TYPE, LEASE_KEY};
 
 /// The key of the row.
@@ -266,15 +266,6 @@ enum Acquire {
     New,
     Released,
     Expired(String),
-}
-
-fn classify<E, R>(operation: &'static str, error: aws_sdk_dynamodb::error::SdkError<E, R>) -> LeaseTableError
-where
-    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    let (kind, code) = classify_sdk(&error, kinesis_core::ErrorClass::of_dynamodb_code);
-    crate::LeaseTableError::new(kind, operation, code, Some(Box::new(error)))
 }
 
 #[cfg(test)]

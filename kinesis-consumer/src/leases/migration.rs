@@ -11,7 +11,7 @@
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use crate::error::{LeaseTableError, classify_sdk};
+use crate::error::{LeaseTableError, dynamodb_error as classify};
 
 /// The key of the row.
 pub(crate) const MIGRATION_KEY: &str = "Migration3.0";
@@ -157,15 +157,6 @@ pub(crate) async fn worker_metrics_place(
     } else {
         RowPlace::Legacy(format!("{table}-WorkerMetricStats"))
     })
-}
-
-fn classify<E, R>(operation: &'static str, error: aws_sdk_dynamodb::error::SdkError<E, R>) -> LeaseTableError
-where
-    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    let (kind, code) = classify_sdk(&error, kinesis_core::ErrorClass::of_dynamodb_code);
-    LeaseTableError::new(kind, operation, code, Some(Box::new(error)))
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use aws_sdk_dynamodb::types::{
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus,
 };
 
-use crate::error::{ErrorKind, LeaseTableError, classify_sdk};
+use crate::error::{ErrorKind, LeaseTableError, dynamodb_error as classify};
 use crate::leases::lease::{self, Checkpoint, Lease};
 
 /// The result of a conditional change.
@@ -781,16 +781,6 @@ impl Update {
 
 fn is_condition_failed<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
     error.code() == Some("ConditionalCheckFailedException")
-}
-
-/// Classifies an SDK error before it is boxed.
-fn classify<E, R>(operation: &'static str, error: SdkError<E, R>) -> LeaseTableError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    let (kind, code) = classify_sdk(&error, kinesis_core::ErrorClass::of_dynamodb_code);
-    LeaseTableError::new(kind, operation, code, Some(Box::new(error)))
 }
 
 /// A random id for a running instance.

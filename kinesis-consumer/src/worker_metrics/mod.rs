@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use crate::error::{LeaseTableError, classify_sdk};
+use crate::error::{LeaseTableError, dynamodb_error as classify};
 use cpu::CpuSource;
 
 /// How often the row is written (KCL `workerMetricsReporterFreqInMillis`: 30 s).
@@ -170,15 +170,6 @@ pub(crate) async fn delete(
         Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(()),
         Err(e) => Err(classify("DeleteItem", e)),
     }
-}
-
-fn classify<E, R>(operation: &'static str, error: aws_sdk_dynamodb::error::SdkError<E, R>) -> LeaseTableError
-where
-    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    let (kind, code) = classify_sdk(&error, kinesis_core::ErrorClass::of_dynamodb_code);
-    LeaseTableError::new(kind, operation, code, Some(Box::new(error)))
 }
 
 #[cfg(test)]
