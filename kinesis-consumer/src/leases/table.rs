@@ -229,28 +229,7 @@ impl LeaseTable {
     /// # Errors
     /// When a Scan fails, or a row is not a valid lease.
     pub async fn list(&self) -> Result<Vec<Lease>, LeaseTableError> {
-        let mut leases = Vec::new();
-        let mut start: Option<HashMap<String, AttributeValue>> = None;
-        loop {
-            let out = self
-                .client
-                .scan()
-                .table_name(&self.name)
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| classify("Scan", e))?;
-            for item in out.items() {
-                if let Some(lease) = Lease::from_item(item).map_err(|what| LeaseTableError::invalid("Scan", what))? {
-                    leases.push(lease);
-                }
-            }
-            match out.last_evaluated_key() {
-                Some(key) if !key.is_empty() => start = Some(key.clone()),
-                _ => return Ok(leases),
-            }
-        }
+        Ok(self.scan_fleet().await?.0)
     }
 
     /// The keys of the leases whose `leaseOwner` is `owner`, from the KCL 3.x index

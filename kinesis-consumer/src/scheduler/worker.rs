@@ -477,15 +477,16 @@ async fn publish_worker_metrics(
     let mut next_report = Instant::now() + crate::worker_metrics::FIRST_REPORT;
     loop {
         sample.tick().await;
+        // A table in 2.x lease management wants no row: nothing is sampled either.
+        if !publishing.load(Ordering::Relaxed) {
+            continue;
+        }
         figures.sample(Instant::now());
         if Instant::now() < next_report {
             continue;
         }
         next_report = Instant::now() + crate::worker_metrics::REPORT_INTERVAL;
         let row = figures.next_figures();
-        if !publishing.load(Ordering::Relaxed) {
-            continue;
-        }
         match crate::worker_metrics::publish(&client, &place, &worker_id, row, std::time::SystemTime::now()).await {
             Ok(()) => Metrics::add(&metrics.worker_metrics_published, 1),
             Err(error) => tracing::warn!(%error, "writing this worker's WorkerMetricStats row failed"),
