@@ -648,24 +648,40 @@ async fn kcl_3x_table_is_taken_over_by_our_workers() {
 }
 
 /// Processes the first `stop_after` records of its shard, checkpoints at the last of them (by
-/// sequence and sub-sequence) and ignores the rest.
+/// sequence and sub-sequence) and ignores the rest. The count is kept per shard across workers:
+/// a lease that moves between our two workers at start-up (a 2.x steal) is read again from its
+/// last checkpoint by the new holder, which logs only what no worker logged before it, and
+/// checkpoints again; the old holder's checkpoint then fails with `LeaseLost`, as it must.
 struct FirstOnly {
     worker: String,
     stop_after: usize,
-    done: usize,
     log: SeenLog,
 }
 
 impl Processor for FirstOnly {
     async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
         let mut last = None;
-        for r in batch.records.iter().take(self.stop_after - self.done) {
-            self.log.records.lock().unwrap().push(Seen::of(&self.worker, &batch.shard_id, r));
-            self.done += 1;
-            last = Some(r);
+        {
+            let mut records = self.log.records.lock().unwrap();
+            for r in &batch.records {
+                let seen = Seen::of(&self.worker, &batch.shard_id, r);
+                let again = records.iter().any(|s| {
+                    s.shard == seen.shard && s.sequence == seen.sequence && s.sub_sequence == seen.sub_sequence
+                });
+                if !again {
+                    if records.iter().filter(|s| *s.shard == *batch.shard_id).count() >= self.stop_after {
+                        break;
+                    }
+                    records.push(seen);
+                }
+                last = Some(r);
+            }
         }
         if let Some(r) = last {
-            checkpointer.checkpoint_record(r).await.expect("checkpoint");
+            match checkpointer.checkpoint_record(r).await {
+                Ok(()) | Err(kinesis::consumer::CheckpointError::LeaseLost { .. }) => {}
+                Err(e) => panic!("checkpoint: {e}"),
+            }
         }
     }
 
@@ -688,7 +704,7 @@ async fn our_table_is_taken_over_by_the_kcl() {
             bed.kinesis.client(),
             bed.dynamodb.client(),
             our_config(&stream, &app, &worker),
-            move |_: &str| FirstOnly { worker: worker.clone(), stop_after: STOP_AFTER, done: 0, log: log.clone() },
+            move |_: &str| FirstOnly { worker: worker.clone(), stop_after: STOP_AFTER, log: log.clone() },
         )
         .expect("a valid config")
     };
@@ -697,6 +713,31 @@ async fn our_table_is_taken_over_by_the_kcl() {
         log.records.lock().unwrap().len() >= 2 * STOP_AFTER
     })
     .await;
+    // The last of them checkpointed, by whichever worker holds each lease now.
+    let dynamodb = bed.dynamodb.client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let last: BTreeMap<String, (String, u64)> = log
+            .records
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| (s.shard.clone(), (s.sequence.clone(), s.sub_sequence)))
+            .collect();
+        let items = scan_table(&dynamodb, &app).await;
+        let at_last = last.iter().all(|(shard, (sequence, sub))| {
+            items.iter().any(|i| {
+                attr_s(i, "leaseKey").as_deref() == Some(shard)
+                    && attr_s(i, "checkpoint").as_deref() == Some(sequence)
+                    && attr_s(i, "checkpointSubSequenceNumber") == Some(sub.to_string())
+            })
+        });
+        if at_last {
+            break;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for our checkpoints at {last:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for worker in workers {
         worker.shutdown().await.expect("clean shutdown");
     }
