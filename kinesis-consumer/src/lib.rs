@@ -68,6 +68,7 @@ mod scheduler;
 pub mod test_util;
 mod worker_metrics;
 
+pub use assignment::{AssignmentStrategy, UtilisationConfig};
 pub use batches::{Batches, ShardBatch};
 pub use checkpointer::{Checkpointer, PreparedCheckpoint};
 pub use error::{CheckpointError, ConfigError, ErrorKind, KinesisError, LeaseTableError, SchedulerError};

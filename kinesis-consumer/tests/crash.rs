@@ -11,42 +11,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::process::Child;
 use std::time::Duration;
 
 use common::*;
-use kinesis_consumer::{Batch, Checkpointer, LeaseTable, Position, Processor, Scheduler, cmp_sequence_numbers};
+use kinesis_consumer::{LeaseTable, Position, Scheduler, cmp_sequence_numbers};
 use kinesis_testkit::TestBed;
-
-/// Writes `worker shard sequence sub data` per record, then works `work`, then checkpoints.
-struct Slow {
-    worker: String,
-    shard: String,
-    log: std::fs::File,
-    work: Duration,
-}
-
-impl Processor for Slow {
-    async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
-        let mut lines = String::new();
-        for r in &batch.records {
-            let data = String::from_utf8_lossy(&r.data);
-            lines.push_str(&format!(
-                "{} {} {} {} {data}\n",
-                self.worker, self.shard, r.sequence_number, r.sub_sequence_number
-            ));
-        }
-        // One write per batch: a kill cannot cut a line in two.
-        self.log.write_all(lines.as_bytes()).expect("write the log");
-        tokio::time::sleep(self.work).await;
-        let _ = checkpointer.checkpoint().await;
-    }
-
-    async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) {
-        let _ = checkpointer.checkpoint().await;
-    }
-}
 
 /// The child process: one worker until it is killed. Not a test; the parent runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,12 +29,7 @@ async fn child_worker_entry_point() {
     let work = Duration::from_millis(300);
     let scheduler = Scheduler::start(bed.kinesis.client(), bed.dynamodb.client(), config(&stream, &table, &worker), {
         let worker = worker.clone();
-        move |shard: &str| Slow {
-            worker: worker.clone(),
-            shard: shard.to_owned(),
-            log: std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open the log"),
-            work,
-        }
+        move |shard: &str| FileLogging::open(&worker, shard, &log, work, Duration::ZERO)
     })
     .expect("a valid config");
     scheduler.wait().await.expect("the worker runs until it is killed");
@@ -74,14 +39,6 @@ fn spawn_worker(bed: &TestBed, stream: &str, table: &str, worker: &str, log: &st
     let log = log.to_string_lossy();
     let vars = [("CRASH_STREAM", stream), ("CRASH_TABLE", table), ("CRASH_WORKER", worker), ("CRASH_LOG", &log)];
     spawn_child(bed, "child_worker_entry_point", &vars)
-}
-
-/// (worker, shard, sequence, sub, data) per logged record.
-fn read_log(path: &std::path::Path) -> Vec<(String, String, String, u64, String)> {
-    read_log_lines(path)
-        .into_iter()
-        .filter_map(|[worker, shard, seq, sub, data]| Some((worker, shard, seq, sub.parse().ok()?, data)))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,7 +70,7 @@ async fn a_worker_killed_in_the_middle_of_a_batch_loses_nothing_and_repeats_only
             _ => None,
         })
         .collect();
-    let processed_by_first = read_log(&log).len();
+    let processed_by_first = read_file_log(&log).len();
 
     // A second worker process takes over once the dead one's leases expire.
     let mut second = spawn_worker(&bed, &stream, &table, "second", &log);
@@ -121,13 +78,13 @@ async fn a_worker_killed_in_the_middle_of_a_batch_loses_nothing_and_repeats_only
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent: BTreeSet<String> = load.await.unwrap().into_iter().collect();
     let all = eventually(Duration::from_secs(60), || {
-        let seen: BTreeSet<String> = read_log(&log).into_iter().map(|r| r.4).collect();
+        let seen: BTreeSet<String> = read_file_log(&log).into_iter().map(|r| r.4).collect();
         sent.iter().all(|d| seen.contains(d))
     })
     .await;
     second.kill().expect("stop the second worker");
     second.wait().unwrap();
-    let records = read_log(&log);
+    let records = read_file_log(&log);
     let seen: BTreeSet<&str> = records.iter().map(|r| r.4.as_str()).collect();
     let lost: Vec<&String> = sent.iter().filter(|d| !seen.contains(d.as_str())).collect();
     assert!(

@@ -251,6 +251,9 @@ fn fleet_config(stream: &str, app: &str, worker: &str) -> kinesis_consumer::Sche
     settings.leader_lock_duration = Duration::from_secs(6);
     settings.leader_heartbeat = Duration::from_millis(1500);
     settings.handoff_timeout = Duration::from_secs(10);
+    // Workers in one process report the same CPU, so utilisation cannot tell them apart: these
+    // tests balance by count (`kcl3_processes.rs` tests the utilisation strategy across processes).
+    settings.assignment_strategy = kinesis_consumer::AssignmentStrategy::LeaseCount;
     settings
 }
 

@@ -16,31 +16,10 @@
 //! count for nobody. A lease being handed off (its `checkpointOwner` set) is neither moved nor
 //! counted as free; it counts for its new owner.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
+use super::{Fleet, Move};
 use crate::leases::lease::{Lease, Position};
-
-/// One write the leader makes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Move {
-    /// `assignLease`: the lease goes to `to` at once (it is free, or its owner stopped renewing).
-    Assign { key: String, to: String },
-    /// `initiateGracefulLeaseHandoff`: the owner `from` finishes, checkpoints and transfers.
-    HandOff { key: String, from: String, to: String },
-}
-
-/// What the leader knows at one run.
-pub(crate) struct Fleet<'a> {
-    pub leases: &'a [Lease],
-    /// Workers with a fresh WorkerMetricStats row.
-    pub active: &'a BTreeSet<String>,
-    /// Whether the leader saw the lease's counter stand still for longer than the failover time.
-    pub expired: &'a dyn Fn(&Lease) -> bool,
-    /// The most leases a worker is given (KCL `maxLeasesForWorker`).
-    pub max_per_worker: usize,
-    /// Whether this run balances.
-    pub balance: bool,
-}
 
 /// The moves of one run.
 pub(crate) fn plan(fleet: &Fleet<'_>) -> Vec<Move> {
@@ -115,35 +94,15 @@ pub(crate) fn plan(fleet: &Fleet<'_>) -> Vec<Move> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
-    /// Leases by index: "" free, "w" owned by w, "w>v" handed off from w to v.
-    fn leases(owners: &[&str]) -> Vec<Lease> {
-        owners
-            .iter()
-            .enumerate()
-            .map(|(i, owner)| {
-                let mut lease = Lease::new(format!("shard-{i:02}"), Position::TrimHorizon);
-                match owner.split_once('>') {
-                    Some((from, to)) => {
-                        lease.owner = Some(to.to_owned());
-                        lease.checkpoint_owner = Some(from.to_owned());
-                    }
-                    None if owner.is_empty() => {}
-                    None => lease.owner = Some((*owner).to_owned()),
-                }
-                lease
-            })
-            .collect()
-    }
+    use crate::assignment::table_test::moves_of;
 
-    fn moves_of(got: &[Move]) -> Vec<String> {
-        got.iter()
-            .map(|m| match m {
-                Move::Assign { key, to } => format!("{}->{to}", &key[6..]),
-                Move::HandOff { key, from, to } => format!("{}:{from}~>{to}", &key[6..]),
-            })
-            .collect()
+    fn leases(owners: &[&str]) -> Vec<Lease> {
+        let owners: Vec<(&str, Option<f64>)> = owners.iter().map(|o| (*o, None)).collect();
+        crate::assignment::table_test::leases(&owners)
     }
 
     #[test]

@@ -4,6 +4,96 @@
 //!   even share, steal from the busiest worker.
 //! - [`count`]: the KCL 3.x way, one leader for all: assign free and expired leases, balance by
 //!   lease count with graceful handoffs.
+//! - [`utilisation`]: the KCL 3.x default: assign and balance by worker utilisation (CPU, or the
+//!   throughput of a worker's leases), with graceful handoffs.
 
 pub(crate) mod count;
 pub(crate) mod taker;
+pub(crate) mod utilisation;
+
+use std::collections::BTreeSet;
+
+use crate::leases::lease::Lease;
+pub use utilisation::UtilisationConfig;
+
+/// How a KCL 3.x leader shares the leases among the workers (KCL `leaseAssignmentStrategy`).
+/// Either way, free and expired leases are assigned at once and planned moves are graceful
+/// handoffs, made every third assignment run (KCL `varianceBalancingFrequency`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AssignmentStrategy {
+    /// By worker utilisation (the KCL's default, `WORKER_UTILIZATION_AWARE_ASSIGNMENT`): a worker
+    /// whose CPU (or, without CPU figures, the throughput of its leases) is more than the
+    /// threshold above the fleet's average hands leases carrying load to the least loaded.
+    WorkerUtilisation(UtilisationConfig),
+    /// By lease count (KCL `LEASE_COUNT_BASED_ASSIGNMENT`): holdings end within one lease of each
+    /// other.
+    LeaseCount,
+}
+
+impl Default for AssignmentStrategy {
+    fn default() -> Self {
+        AssignmentStrategy::WorkerUtilisation(UtilisationConfig::default())
+    }
+}
+
+/// One write the leader makes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Move {
+    /// `assignLease`: the lease goes to `to` at once (it is free, or its owner stopped renewing).
+    Assign { key: String, to: String },
+    /// `initiateGracefulLeaseHandoff`: the owner `from` finishes, checkpoints and transfers.
+    HandOff { key: String, from: String, to: String },
+}
+
+/// What the leader knows at one run.
+pub(crate) struct Fleet<'a> {
+    pub leases: &'a [Lease],
+    /// Workers with a fresh WorkerMetricStats row.
+    pub active: &'a BTreeSet<String>,
+    /// Whether the leader saw the lease's counter stand still for longer than the failover time.
+    pub expired: &'a dyn Fn(&Lease) -> bool,
+    /// The most leases a worker is given (KCL `maxLeasesForWorker`).
+    pub max_per_worker: usize,
+    /// Whether this run balances.
+    pub balance: bool,
+}
+
+/// Helpers of the strategies' table tests.
+#[cfg(test)]
+pub(crate) mod table_test {
+    use super::Move;
+    use crate::leases::lease::{Lease, Position};
+
+    /// Leases `shard-00`, `shard-01`, ... by owner: "" free, "w" owned by w, "w>v" being handed
+    /// off from w to v; each with the given throughput (KiB/s), if any.
+    pub(crate) fn leases(owners: &[(&str, Option<f64>)]) -> Vec<Lease> {
+        owners
+            .iter()
+            .enumerate()
+            .map(|(i, (owner, kbps))| {
+                let mut lease = Lease::new(format!("shard-{i:02}"), Position::TrimHorizon);
+                lease.throughput_kbps = *kbps;
+                match owner.split_once('>') {
+                    Some((from, to)) => {
+                        lease.owner = Some(to.to_owned());
+                        lease.checkpoint_owner = Some(from.to_owned());
+                    }
+                    None if owner.is_empty() => {}
+                    None => lease.owner = Some((*owner).to_owned()),
+                }
+                lease
+            })
+            .collect()
+    }
+
+    /// Moves as "00->b" (assigned) and "00:a~>b" (handed off).
+    pub(crate) fn moves_of(got: &[Move]) -> Vec<String> {
+        got.iter()
+            .map(|m| match m {
+                Move::Assign { key, to } => format!("{}->{to}", &key[6..]),
+                Move::HandOff { key, from, to } => format!("{}:{from}~>{to}", &key[6..]),
+            })
+            .collect()
+    }
+}

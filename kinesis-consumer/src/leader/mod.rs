@@ -3,7 +3,8 @@
 //! Every worker of a table in KCL 3.x lease management runs this task. Every assignment interval
 //! (KCL: 2 x failover) it tries to lead ([`lock`]); the leader then reads the table (leases and
 //! WorkerMetricStats rows), watches the lease counters, and makes the moves the assignment
-//! decides ([`crate::assignment::count`]): free and expired leases assigned at once, planned
+//! decides ([`crate::assignment::utilisation`] or [`crate::assignment::count`], as configured):
+//! free and expired leases assigned at once, planned
 //! moves made as graceful handoffs. A handoff whose old owner neither transferred the lease nor
 //! kept renewing it within the handoff timeout (plus a failover time) is transferred by the
 //! leader. A leader whose runs fail three times in a row gives the lock up; so does a worker
@@ -11,15 +12,16 @@
 
 pub(crate) mod lock;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::assignment::count::{Fleet, Move, plan};
 use crate::assignment::taker::Observations;
+use crate::assignment::utilisation::WorkerLoad;
+use crate::assignment::{AssignmentStrategy, Fleet, Move};
 use crate::error::LeaseTableError;
 use crate::leases::lease::Lease;
 use crate::leases::table::LeaseTable;
@@ -40,6 +42,7 @@ pub(crate) struct LeaderConfig {
     pub max_per_worker: usize,
     /// A worker is active while its WorkerMetricStats row is at most this old (KCL: 60 s).
     pub worker_fresh: Duration,
+    pub strategy: AssignmentStrategy,
 }
 
 /// Runs of a leader before it balances again (KCL `varianceBalancingFrequency`: 3).
@@ -124,11 +127,13 @@ impl LeaderState {
         let (leases, workers) = table.scan_fleet().await?;
         let now = Instant::now();
         let epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-        let active: BTreeSet<String> = workers
+        // Active: a fresh row (KCL: at most 60 s old) whose CPU metric is not failing.
+        let loads: BTreeMap<String, WorkerLoad> = workers
             .iter()
-            .filter(|w| w.last_update_seconds + config.worker_fresh.as_secs() >= epoch)
-            .map(|w| w.worker_id.clone())
+            .filter(|w| w.last_update_seconds + config.worker_fresh.as_secs() >= epoch && !w.failing)
+            .map(|w| (w.worker_id.clone(), WorkerLoad { cpu: w.cpu, cpu_max: w.cpu_max }))
             .collect();
+        let active: BTreeSet<String> = loads.keys().cloned().collect();
         self.observations.observe(&leases, now);
         self.runs += 1;
 
@@ -151,13 +156,19 @@ impl LeaderState {
             let failover = config.failover;
             let observations = &self.observations;
             let expired = |l: &Lease| observations.is_expired(l, now, failover);
-            plan(&Fleet {
+            let fleet = Fleet {
                 leases: &leases,
                 active: &active,
                 expired: &expired,
                 max_per_worker: config.max_per_worker,
                 balance: self.runs % BALANCE_EVERY == 1,
-            })
+            };
+            match config.strategy {
+                AssignmentStrategy::WorkerUtilisation(thresholds) => {
+                    crate::assignment::utilisation::plan(&fleet, &loads, &thresholds)
+                }
+                AssignmentStrategy::LeaseCount => crate::assignment::count::plan(&fleet),
+            }
         };
         for step in moves {
             match step {

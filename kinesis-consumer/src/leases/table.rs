@@ -30,11 +30,48 @@ pub enum Outcome {
 }
 
 /// A WorkerMetricStats row, as a leader reads it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct WorkerRow {
     pub worker_id: String,
     /// `lut`: epoch seconds of the worker's last write.
     pub last_update_seconds: u64,
+    /// Its CPU utilisation in percent: the EMA (α 0.5, oldest first) of `sts.C`, skipping `-1`;
+    /// `None` without CPU figures.
+    pub cpu: Option<f64>,
+    /// `opr.C[0]`: its CPU operating range, percent.
+    pub cpu_max: Option<f64>,
+    /// Whether its last CPU figure is `-1` (a failing metric: the KCL leader assigns it nothing).
+    pub failing: bool,
+}
+
+impl WorkerRow {
+    /// Reads the row's `lut`, `sts` and `opr`.
+    fn from_item(id: &str, item: &HashMap<String, AttributeValue>) -> Option<WorkerRow> {
+        let lut = item.get("lut").and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<f64>().ok())?;
+        let numbers = |name: &str| -> Vec<f64> {
+            item.get(name)
+                .and_then(|v| v.as_m().ok())
+                .and_then(|m| m.get("C"))
+                .and_then(|v| v.as_l().ok())
+                .map(|l| l.iter().filter_map(|n| n.as_n().ok().and_then(|n| n.parse::<f64>().ok())).collect())
+                .unwrap_or_default()
+        };
+        let figures = numbers("sts");
+        let failing = figures.last().is_some_and(|f| *f == -1.0);
+        let cpu = figures.iter().filter(|f| **f >= 0.0).fold(None, |ema: Option<f64>, f| {
+            Some(match ema {
+                None => *f,
+                Some(e) => 0.5 * f + 0.5 * e,
+            })
+        });
+        Some(WorkerRow {
+            worker_id: id.to_owned(),
+            last_update_seconds: lut as u64,
+            cpu,
+            cpu_max: numbers("opr").first().copied(),
+            failing,
+        })
+    }
 }
 
 /// The KCL 3.x index of the lease table: hash `leaseOwner`, range `leaseKey`, keys only.
@@ -283,10 +320,12 @@ impl LeaseTable {
             for item in out.items() {
                 let kind = item.get(lease::ENTITY_TYPE).and_then(|v| v.as_s().ok()).map(String::as_str);
                 if kind == Some(crate::worker_metrics::WORKER_METRICS_ENTITY) {
-                    let id = item.get(lease::LEASE_KEY).and_then(|v| v.as_s().ok());
-                    let lut = item.get("lut").and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<f64>().ok());
-                    if let (Some(id), Some(lut)) = (id, lut) {
-                        workers.push(WorkerRow { worker_id: id.clone(), last_update_seconds: lut as u64 });
+                    if let Some(row) = item
+                        .get(lease::LEASE_KEY)
+                        .and_then(|v| v.as_s().ok())
+                        .and_then(|id| WorkerRow::from_item(id, item))
+                    {
+                        workers.push(row);
                     }
                 } else if let Some(lease) =
                     Lease::from_item(item).map_err(|what| LeaseTableError::invalid("Scan", what))?
@@ -765,4 +804,36 @@ fn is_condition_failed<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bo
 /// A random id for a running instance.
 fn new_instance() -> std::sync::Arc<str> {
     format!("{:016x}", fastrand::u64(..)).into()
+}
+
+#[cfg(test)]
+mod worker_row_tests {
+    use super::*;
+
+    fn row(sts: &[f64], opr: Option<f64>) -> HashMap<String, AttributeValue> {
+        let list = |v: &[f64]| AttributeValue::L(v.iter().map(|n| AttributeValue::N(n.to_string())).collect());
+        let mut item = HashMap::from([("lut".to_owned(), AttributeValue::N("1700000000".into()))]);
+        item.insert("sts".into(), AttributeValue::M(HashMap::from([("C".to_owned(), list(sts))])));
+        if let Some(max) = opr {
+            item.insert("opr".into(), AttributeValue::M(HashMap::from([("C".to_owned(), list(&[max]))])));
+        }
+        item
+    }
+
+    #[test]
+    fn cpu_is_the_ema_of_the_figures_oldest_first_skipping_failures() {
+        let w = WorkerRow::from_item("w", &row(&[10.0, 30.0, 50.0], Some(80.0))).unwrap();
+        // 10, then 0.5*30 + 0.5*10 = 20, then 0.5*50 + 0.5*20 = 35.
+        assert_eq!(
+            (w.cpu, w.cpu_max, w.failing, w.last_update_seconds),
+            (Some(35.0), Some(80.0), false, 1_700_000_000)
+        );
+        let w = WorkerRow::from_item("w", &row(&[10.0, -1.0, 30.0], None)).unwrap();
+        assert_eq!((w.cpu, w.cpu_max, w.failing), (Some(20.0), None, false));
+        let w = WorkerRow::from_item("w", &row(&[10.0, -1.0], None)).unwrap();
+        assert!(w.failing, "a last figure of -1 is a failing metric");
+        let w = WorkerRow::from_item("w", &row(&[], None)).unwrap();
+        assert_eq!(w.cpu, None, "no figures: balanced by throughput");
+        assert!(WorkerRow::from_item("w", &HashMap::new()).is_none(), "no lut: not a row");
+    }
 }

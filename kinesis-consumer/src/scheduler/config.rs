@@ -70,6 +70,13 @@ pub struct SchedulerConfig {
     pub leader_heartbeat: Duration,
     /// KCL 3.x: the most leases the leader gives one worker (KCL `maxLeasesForWorker`: no limit).
     pub max_leases_per_worker: usize,
+    /// KCL 3.x: how the leader shares the leases (KCL `leaseAssignmentStrategy`). Default: by
+    /// worker utilisation with the KCL's thresholds, as the KCL.
+    pub assignment_strategy: crate::AssignmentStrategy,
+    /// KCL 3.x: how often this worker writes its WorkerMetricStats row (KCL
+    /// `workerMetricsReporterFreqInMillis`: 30 s). A leader counts a worker active while its row
+    /// is at most twice this old, so every worker of a fleet must use the same value.
+    pub worker_metrics_interval: Duration,
 }
 
 /// How the leases of a table are shared among workers.
@@ -116,6 +123,8 @@ impl SchedulerConfig {
             leader_lock_duration: Duration::from_secs(120),
             leader_heartbeat: Duration::from_secs(30),
             max_leases_per_worker: usize::MAX,
+            assignment_strategy: crate::AssignmentStrategy::default(),
+            worker_metrics_interval: Duration::from_secs(30),
         }
     }
 
@@ -170,6 +179,14 @@ impl SchedulerConfig {
         if self.leader_heartbeat.is_zero() || self.leader_heartbeat * 2 > self.leader_lock_duration {
             return bad("leader_heartbeat", "must be more than zero and at most half of leader_lock_duration");
         }
+        if self.worker_metrics_interval < Duration::from_secs(1) {
+            return bad("worker_metrics_interval", "must be at least 1 s (the CPU is sampled every second)");
+        }
+        if let crate::AssignmentStrategy::WorkerUtilisation(u) = self.assignment_strategy
+            && !(1..=100).contains(&u.dampening_percent)
+        {
+            return bad("assignment_strategy", "dampening_percent must be 1 to 100");
+        }
         if self.max_leases_per_worker == 0 {
             return bad("max_leases_per_worker", "must be at least 1");
         }
@@ -177,5 +194,27 @@ impl SchedulerConfig {
             return bad("shard_sync_interval / parent_poll_interval", "must not be zero");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kcl3_settings_are_checked() {
+        let good = SchedulerConfig::new("stream", "app");
+        assert!(good.validate().is_ok());
+        let field = |change: &dyn Fn(&mut SchedulerConfig)| {
+            let mut config = good.clone();
+            change(&mut config);
+            config.validate().err().map(|e| e.field)
+        };
+        assert_eq!(field(&|c| c.worker_metrics_interval = Duration::from_millis(500)), Some("worker_metrics_interval"));
+        assert_eq!(field(&|c| c.max_leases_per_worker = 0), Some("max_leases_per_worker"));
+        let utilisation = crate::UtilisationConfig { dampening_percent: 0, ..Default::default() };
+        let strategy = crate::AssignmentStrategy::WorkerUtilisation(utilisation);
+        assert_eq!(field(&|c| c.assignment_strategy = strategy), Some("assignment_strategy"));
+        assert_eq!(field(&|c| c.assignment_strategy = crate::AssignmentStrategy::LeaseCount), None);
     }
 }

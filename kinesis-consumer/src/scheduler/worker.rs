@@ -128,6 +128,7 @@ impl<F: ProcessorFactory> Worker<F> {
             self.config.worker_id.clone(),
             self.config.cpu_source,
             publishing.clone(),
+            self.config.worker_metrics_interval,
             self.metrics.clone(),
         )));
 
@@ -393,7 +394,8 @@ impl<F: ProcessorFactory> Worker<F> {
             heartbeat: self.config.leader_heartbeat,
             handoff_timeout: self.config.handoff_timeout,
             max_per_worker: self.config.max_leases_per_worker,
-            worker_fresh: crate::worker_metrics::REPORT_INTERVAL * 2,
+            worker_fresh: self.config.worker_metrics_interval * 2,
+            strategy: self.config.assignment_strategy,
         };
         let table = self.coordinator.table().clone();
         *leading =
@@ -468,6 +470,7 @@ async fn publish_worker_metrics(
     worker_id: String,
     source: crate::CpuSource,
     publishing: Arc<AtomicBool>,
+    interval: Duration,
     metrics: Arc<Metrics>,
 ) {
     let Some(place) = place else { return };
@@ -485,7 +488,7 @@ async fn publish_worker_metrics(
         if Instant::now() < next_report {
             continue;
         }
-        next_report = Instant::now() + crate::worker_metrics::REPORT_INTERVAL;
+        next_report = Instant::now() + interval;
         let row = figures.next_figures();
         match crate::worker_metrics::publish(&client, &place, &worker_id, row, std::time::SystemTime::now()).await {
             Ok(()) => Metrics::add(&metrics.worker_metrics_published, 1),

@@ -1,7 +1,7 @@
 //! The WorkerMetricStats row (KCL 3.x): how loaded this worker is, for a leader to balance by.
 //!
 //! A KCL 3.x leader assigns leases only to workers whose row it finds fresh (`lut` at most 60 s
-//! old), so every worker of a 3.x fleet writes its row every 30 s (the first 2 s after start),
+//! old), so every worker of a 3.x fleet writes its row every `SchedulerConfig::worker_metrics_interval` (KCL: 30 s; the first 2 s after start),
 //! as the KCL's `WorkerMetricStatsReporter` does:
 //!
 //! | attribute | type | value |
@@ -28,8 +28,6 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use crate::error::{LeaseTableError, dynamodb_error as classify};
 use cpu::CpuSource;
 
-/// How often the row is written (KCL `workerMetricsReporterFreqInMillis`: 30 s).
-pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(30);
 /// The first write, after start (the KCL: two sample intervals).
 pub(crate) const FIRST_REPORT: Duration = Duration::from_secs(2);
 /// How many figures per metric a row keeps (KCL `noOfPersistedMetricsPerWorkerMetrics`).

@@ -392,3 +392,65 @@ pub async fn until_checkpointed(leases: &kinesis_consumer::LeaseTable, shards: u
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A processor of a worker in a child process: appends `worker shard sequence sub data` per record
+/// to a log file (one write per batch, so a kill cannot cut a line in two), burns
+/// `burn_per_record` of CPU per record, sleeps `work`, then checkpoints; it checkpoints at shard
+/// end and when asked to shut down or hand the lease off.
+pub struct FileLogging {
+    pub worker: String,
+    pub shard: String,
+    pub log: std::fs::File,
+    pub work: Duration,
+    pub burn_per_record: Duration,
+}
+
+impl FileLogging {
+    /// A processor of `worker` for `shard` appending to the file at `log`.
+    pub fn open(worker: &str, shard: &str, log: &str, work: Duration, burn_per_record: Duration) -> Self {
+        FileLogging {
+            worker: worker.to_owned(),
+            shard: shard.to_owned(),
+            log: std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open the log"),
+            work,
+            burn_per_record,
+        }
+    }
+}
+
+impl Processor for FileLogging {
+    async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
+        use std::io::Write as _;
+        let mut lines = String::new();
+        for r in &batch.records {
+            let data = String::from_utf8_lossy(&r.data);
+            lines.push_str(&format!(
+                "{} {} {} {} {data}\n",
+                self.worker, self.shard, r.sequence_number, r.sub_sequence_number
+            ));
+        }
+        self.log.write_all(lines.as_bytes()).expect("write the log");
+        let end = std::time::Instant::now() + self.burn_per_record * batch.records.len() as u32;
+        while std::time::Instant::now() < end {
+            std::hint::spin_loop();
+        }
+        tokio::time::sleep(self.work).await;
+        let _ = checkpointer.checkpoint().await;
+    }
+
+    async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) {
+        let _ = checkpointer.checkpoint().await;
+    }
+
+    async fn shutdown_requested(&mut self, checkpointer: &mut Checkpointer) {
+        let _ = checkpointer.checkpoint().await;
+    }
+}
+
+/// (worker, shard, sequence, sub, data) per record of a `FileLogging` log.
+pub fn read_file_log(path: &std::path::Path) -> Vec<(String, String, String, u64, String)> {
+    read_log_lines(path)
+        .into_iter()
+        .filter_map(|[worker, shard, seq, sub, data]| Some((worker, shard, seq, sub.parse().ok()?, data)))
+        .collect()
+}
