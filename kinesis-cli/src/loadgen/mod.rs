@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kinesis_producer::{DeliveryError, Producer, ProducerConfig, Receipt, ReceiptFuture, UserRecord};
 use tokio::sync::mpsc;
@@ -77,6 +77,11 @@ pub struct LoadgenArgs {
     /// Consumer workers of the `--verify` group.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// How the `--verify` group shares its leases: `kcl3` (a leader assigns them, planned moves are
+    /// graceful handoffs, nothing is delivered twice by them) or `kcl2` (workers take and steal; a
+    /// stolen lease is read again from its last checkpoint).
+    #[arg(long, value_enum, default_value_t = LeaseMode::Kcl3)]
+    pub lease_management: LeaseMode,
     /// The lease table of the `--verify` group. Default: a new table per run, named after the
     /// stream (left in place: delete it with the AWS CLI when you are done).
     #[arg(long)]
@@ -96,6 +101,15 @@ pub struct LoadgenArgs {
     /// How long `--verify` waits, after the last acknowledgement, for records still to arrive.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub verify_timeout: Duration,
+}
+
+/// The lease management of the `--verify` consumer group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LeaseMode {
+    /// KCL 2.x: every worker takes and steals.
+    Kcl2,
+    /// KCL 3.x: a leader assigns; planned moves are graceful handoffs.
+    Kcl3,
 }
 
 /// A pace per producer.
@@ -382,14 +396,16 @@ pub async fn run_loadgen(clients: &Clients, args: LoadgenArgs, local: bool) -> R
         let table = args.table.clone().unwrap_or_else(|| {
             format!("{stream}-verify-{}", uuid::Uuid::new_v4().simple().to_string().get(..8).unwrap_or("run"))
         });
-        println!("verify: {} consumer workers, lease table {table}", args.workers);
+        println!(
+            "verify: {} consumer workers, lease table {table}, {:?} lease management",
+            args.workers, args.lease_management
+        );
         Some(Group::start(
             &clients.kinesis,
             &clients.dynamodb,
             &stream,
             &table,
-            args.workers,
-            verify::start_position(created, run_started),
+            (args.workers, args.lease_management, verify::start_position(created, run_started)),
             &tally,
         )?)
     } else {

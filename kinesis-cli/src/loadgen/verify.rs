@@ -146,7 +146,8 @@ pub struct Group {
 }
 
 impl Group {
-    /// Starts `workers` workers on `stream`, with the lease table `table`, from `start`.
+    /// Starts `workers` workers on `stream`, with the lease table `table`, in lease management
+    /// `mode`, reading from `start`.
     ///
     /// # Errors
     /// When the consumer configuration is refused.
@@ -155,8 +156,7 @@ impl Group {
         dynamodb: &aws_sdk_dynamodb::Client,
         stream: &str,
         table: &str,
-        workers: usize,
-        start: InitialPosition,
+        (workers, mode, start): (usize, super::LeaseMode, InitialPosition),
         tally: &Arc<Tally>,
     ) -> Result<Self, kinesis_consumer::ConfigError> {
         let mut started = Vec::with_capacity(workers);
@@ -168,6 +168,13 @@ impl Group {
             // last records of a run are read soon after they are written.
             config.failover = Duration::from_secs(4);
             config.polling.idle_time_between_reads = Duration::from_millis(250);
+            config.lease_management = match mode {
+                super::LeaseMode::Kcl2 => kinesis_consumer::LeaseManagement::Kcl2Compatible,
+                super::LeaseMode::Kcl3 => kinesis_consumer::LeaseManagement::Kcl3,
+            };
+            // The group's workers share one process, so their CPU figures are the same: the
+            // leader balances them by count.
+            config.assignment_strategy = kinesis_consumer::AssignmentStrategy::LeaseCount;
             let tally = tally.clone();
             started.push(Scheduler::start(kinesis.clone(), dynamodb.clone(), config, move |_shard: &str| Count {
                 tally: tally.clone(),
