@@ -920,7 +920,15 @@ async fn mixed_fleet(mode: &str, duration: Duration) -> FleetReport {
         Scheduler::start(
             bed.kinesis.client(),
             bed.dynamodb.client(),
-            our_config(&stream, &app, &worker),
+            {
+                let mut config = our_config(&stream, &app, &worker);
+                // Beside KCL workers in 2x mode, ours must be told: they may find the table
+                // before the KCL has written a lease or its `Migration3.0` row.
+                if mode == "2x" {
+                    config.lease_management = kinesis::consumer::LeaseManagement::Kcl2Compatible;
+                }
+                config
+            },
             move |shard: &str| {
                 let n = holders.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 FleetProcessor { holder: format!("{worker}#{n}"), shard: shard.to_owned(), log: log.clone() }

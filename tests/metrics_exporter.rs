@@ -188,7 +188,14 @@ async fn snapshots_are_published_under_the_kpl_kcl_and_cloudwatch_names() -> Res
     assert_eq!(at("RecordsProcessed"), records);
     assert_eq!(at("DataBytesProcessed"), data_bytes as f64);
     assert_eq!(at("CurrentLeases"), 4.0);
-    assert_eq!(at("TakenLeases"), 4.0);
+    // In 3.x lease management (the default) the leader assigns the leases and the worker finds
+    // them; in 2.x it takes them.
+    assert_eq!(at("TakenLeases") + at("DiscoveredLeases"), 4.0);
+    assert_eq!(at("DiscoveredLeases"), snapshot.leases_discovered as f64);
+    // Renewals and checkpoints are UpdateItems, counted by operation.
+    let updates = value(&page, "DynamoDbRequests", &[labels[0], labels[1], labels[2], ("operation", "UpdateItem")]);
+    assert!(updates >= 4.0, "UpdateItem requests: {updates}");
+    assert_eq!(updates, snapshot.dynamodb_requests["UpdateItem"] as f64);
     assert_eq!(at("LostLeases"), 0.0);
     assert!(at("Checkpoints") >= 4.0, "a checkpoint a batch, at least one batch a shard");
     assert!(at("GetRecordsCalls") >= 4.0);

@@ -30,9 +30,20 @@
 //! | `ShardSyncs`                           | counter | `shard_syncs`                 | ours                 |
 //! | `Subscriptions`                        | counter | `subscriptions`               | ours                 |
 //! | `Resubscriptions`                      | counter | `resubscriptions`             | ours                 |
+//! | `DiscoveredLeases`                     | counter | `leases_discovered`           | ours (KCL 3.x)       |
+//! | `LeaderElections`                      | counter | `leader_elections`            | ours (KCL 3.x)       |
+//! | `LeasesAssigned`                       | counter | `leases_assigned`             | ours (KCL 3.x)       |
+//! | `HandoffsInitiated`                    | counter | `handoffs_initiated`          | ours (KCL 3.x)       |
+//! | `HandoffsStarted`                      | counter | `handoffs_started`            | ours (KCL 3.x)       |
+//! | `HandoffsCompleted`                    | counter | `handoffs_completed`          | ours (KCL 3.x)       |
+//! | `HandoffsTimedOut`                     | counter | `handoffs_timed_out`          | ours (KCL 3.x)       |
+//! | `LeasesCleanedUp`                      | counter | `leases_cleaned_up`           | ours                 |
+//! | `DynamoDbRequests` (label `operation`) | counter | `dynamodb_requests[op]`       | ours                 |
 //!
 //! The KCL publishes per operation and period; here every counter is the worker's total since it
-//! started (set with `absolute`), and `TakenLeases` counts every lease taken, stolen ones included.
+//! started (set with `absolute`), and `TakenLeases` counts every lease taken, stolen ones included
+//! (KCL 2.x lease management); in 3.x lease management a worker takes none itself, and
+//! `DiscoveredLeases` counts those a leader assigned to it.
 //! `GetRecords.IteratorAgeMilliseconds` is the largest `MillisBehindLatest` of the shards this
 //! worker reads (0 when it reads none): how far behind the tip it is, which is what CloudWatch's
 //! iterator age shows for a consumer that keeps up with its reads. CloudWatch's own metric is the
@@ -73,6 +84,14 @@ const COUNTERS: &[Counter] = &[
     ("RecordsBeforeCheckpoint", |s| s.records_before_checkpoint),
     ("CorruptAggregates", |s| s.corrupt_aggregates),
     ("ShardSyncs", |s| s.shard_syncs),
+    ("DiscoveredLeases", |s| s.leases_discovered),
+    ("LeaderElections", |s| s.leader_elections),
+    ("LeasesAssigned", |s| s.leases_assigned),
+    ("HandoffsInitiated", |s| s.handoffs_initiated),
+    ("HandoffsStarted", |s| s.handoffs_started),
+    ("HandoffsCompleted", |s| s.handoffs_completed),
+    ("HandoffsTimedOut", |s| s.handoffs_timed_out),
+    ("LeasesCleanedUp", |s| s.leases_cleaned_up),
     ("Subscriptions", |s| s.subscriptions),
     ("Resubscriptions", |s| s.resubscriptions),
 ];
@@ -105,6 +124,11 @@ impl MetricsSnapshot {
         gauge!("CurrentLeases", labels.clone()).set(self.leases_held as f64);
         for (shard_id, &millis) in &self.millis_behind_latest {
             gauge!("MillisBehindLatest", with_shard(&labels, shard_id)).set(millis as f64);
+        }
+        for (operation, &n) in &self.dynamodb_requests {
+            let mut labels = labels.clone();
+            labels.push(Label::new("operation", operation.clone()));
+            counter!("DynamoDbRequests", labels).absolute(n);
         }
         let age = self.millis_behind_latest.values().copied().max().unwrap_or(0);
         gauge!("GetRecords.IteratorAgeMilliseconds", labels).set(age as f64);

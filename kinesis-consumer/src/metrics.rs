@@ -42,6 +42,8 @@ pub(crate) struct Metrics {
     pub leases_cleaned_up: AtomicU64,
     pub held: AtomicU64,
     pub millis_behind: Mutex<BTreeMap<String, i64>>,
+    /// DynamoDB requests sent (each attempt), by operation.
+    pub dynamodb_requests: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Metrics {
@@ -54,6 +56,17 @@ impl Metrics {
         Metrics::add(&self.sub_records_out_of_range, counts.out_of_range as u64);
         Metrics::add(&self.records_before_checkpoint, counts.before_checkpoint as u64);
         Metrics::add(&self.corrupt_aggregates, counts.corrupt as u64);
+    }
+
+    /// Counts one DynamoDB request (an attempt) of `operation`.
+    pub(crate) fn dynamodb_request(&self, operation: &str) {
+        let mut requests = self.dynamodb_requests.lock().unwrap_or_else(|e| e.into_inner());
+        match requests.get_mut(operation) {
+            Some(n) => *n += 1,
+            None => {
+                requests.insert(operation.to_owned(), 1);
+            }
+        }
     }
 
     pub(crate) fn behind(&self, shard_id: &str, millis: Option<i64>) {
@@ -76,6 +89,7 @@ impl Metrics {
             bytes_processed: get(&self.bytes_processed),
             process_calls: get(&self.process_calls),
             millis_behind_latest: self.millis_behind.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            dynamodb_requests: self.dynamodb_requests.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             checkpoints: get(&self.checkpoints),
             checkpoint_failures: get(&self.checkpoint_failures),
             leases_taken: get(&self.leases_taken),
@@ -125,6 +139,11 @@ pub struct MetricsSnapshot {
     pub process_calls: u64,
     /// `MillisBehindLatest` of each shard being read, from its last GetRecords.
     pub millis_behind_latest: BTreeMap<String, i64>,
+    /// DynamoDB requests this worker sent since it started, by operation (`GetItem`, `Query`,
+    /// `Scan`, `UpdateItem`, ...): lease renewals, checkpoints, discovery, the leader's scans,
+    /// the leader lock and the worker-metrics row. Each attempt counts, retries included: what
+    /// the lease table is billed for (on-demand: per request).
+    pub dynamodb_requests: BTreeMap<String, u64>,
     /// Checkpoints written.
     pub checkpoints: u64,
     /// Checkpoints refused (lease lost) or failed.
@@ -189,4 +208,35 @@ pub struct MetricsSnapshot {
     pub leases_discovered: u64,
     /// WorkerMetricStats rows written (KCL 3.x: every 30 s).
     pub worker_metrics_published: u64,
+}
+
+/// Makes a DynamoDB client that counts every request it sends into `metrics`, by operation.
+pub(crate) fn counting_requests(
+    client: &aws_sdk_dynamodb::Client,
+    metrics: &std::sync::Arc<Metrics>,
+) -> aws_sdk_dynamodb::Client {
+    let config = client.config().to_builder().interceptor(CountRequests(metrics.clone())).build();
+    aws_sdk_dynamodb::Client::from_conf(config)
+}
+
+/// The interceptor behind [`counting_requests`]: one count per attempt, just before it is sent.
+#[derive(Debug)]
+struct CountRequests(std::sync::Arc<Metrics>);
+
+impl aws_sdk_dynamodb::config::Intercept for CountRequests {
+    fn name(&self) -> &'static str {
+        "CountDynamoDbRequests"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &aws_sdk_dynamodb::config::RuntimeComponents,
+        config: &mut aws_sdk_dynamodb::config::ConfigBag,
+    ) -> Result<(), aws_sdk_dynamodb::error::BoxError> {
+        let operation =
+            config.load::<aws_smithy_runtime_api::client::orchestrator::Metadata>().map_or("unknown", |m| m.name());
+        self.0.dynamodb_request(operation);
+        Ok(())
+    }
 }

@@ -248,8 +248,8 @@ async fn a_handoff_whose_processor_does_not_finish_is_transferred_at_the_timeout
 fn fleet_config(stream: &str, app: &str, worker: &str) -> kinesis_consumer::SchedulerConfig {
     let mut settings = config(stream, app, worker);
     settings.lease_management = kinesis_consumer::LeaseManagement::Kcl3;
-    settings.leader_lock_duration = Duration::from_secs(6);
-    settings.leader_heartbeat = Duration::from_millis(1500);
+    settings.leader_lock_duration = Some(Duration::from_secs(6));
+    settings.leader_heartbeat = Some(Duration::from_millis(1500));
     settings.handoff_timeout = Duration::from_secs(10);
     // Workers in one process report the same CPU, so utilisation cannot tell them apart: these
     // tests balance by count (`kcl3_processes.rs` tests the utilisation strategy across processes).
@@ -373,4 +373,31 @@ async fn a_killed_leader_is_replaced_within_the_lock_duration() {
     common::all_received(&log, &sent, Duration::from_secs(30)).await;
     assert_eq!(second.metrics().leases_held, 4);
     second.shutdown().await.unwrap();
+}
+
+/// A worker killed and started again under the same worker id (a restarted process with a fixed
+/// id) takes its own leader lock back at its first run instead of waiting out the lock's
+/// duration, and resumes its leases from their checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restarted_under_its_id_leads_again_at_once() {
+    let (bed, stream, app) = bed_and_stream(2).await;
+    let log = Log::default();
+    let mut settings = fleet_config(&stream, &app, "only");
+    settings.leader_lock_duration = Some(Duration::from_secs(60));
+    settings.leader_heartbeat = Some(Duration::from_secs(10));
+    let first = start_worker(&bed, settings.clone(), &log, Duration::ZERO);
+    assert!(eventually(Duration::from_secs(30), || first.metrics().leader_elections == 1).await);
+    common::put_plain(&bed.kinesis.client(), &stream, "before", 100).await;
+    assert!(eventually(Duration::from_secs(30), || first.metrics().leases_held == 2).await);
+    first.abort();
+    let restarted_at = tokio::time::Instant::now();
+    let again = start_worker(&bed, settings, &log, Duration::ZERO);
+    let sent = common::put_plain(&bed.kinesis.client(), &stream, "after", 100).await;
+    assert!(
+        eventually(Duration::from_secs(20), || again.metrics().leader_elections == 1).await,
+        "the restarted worker leads again well within the lock's 60 s"
+    );
+    println!("led again {:?} after the restart", restarted_at.elapsed());
+    common::all_received(&log, &sent, Duration::from_secs(30)).await;
+    again.shutdown().await.unwrap();
 }

@@ -21,8 +21,8 @@ use tokio::time::Instant;
 fn process_config(stream: &str, table: &str, worker: &str) -> kinesis_consumer::SchedulerConfig {
     let mut settings = config(stream, table, worker);
     settings.lease_management = kinesis_consumer::LeaseManagement::Kcl3;
-    settings.leader_lock_duration = Duration::from_secs(6);
-    settings.leader_heartbeat = Duration::from_millis(1500);
+    settings.leader_lock_duration = Some(Duration::from_secs(6));
+    settings.leader_heartbeat = Some(Duration::from_millis(1500));
     settings.handoff_timeout = Duration::from_secs(10);
     settings.worker_metrics_interval = Duration::from_secs(2);
     settings.cpu_source = kinesis_consumer::CpuSource::Process;

@@ -144,8 +144,11 @@ impl LeaderLock {
         let condition = match &row {
             None => Acquire::New,
             Some(row) if row.released => Acquire::Released,
-            // This worker's own lock, from before a restart (or a heartbeat whose answer was
-            // lost): it is taken over like any other once it expires.
+            // This worker's own lock, from before a restart under the same worker id (or a
+            // heartbeat whose answer was lost): nobody else holds it, so it is taken back at once
+            // (conditioned on the version seen) instead of after its duration; worker ids are
+            // unique in a fleet, as the KCL requires.
+            Some(row) if row.owner == self.me => Acquire::Expired(row.version.clone()),
             Some(row) if self.observer.expired(row, now) => Acquire::Expired(row.version.clone()),
             Some(_) => return Ok(false),
         };

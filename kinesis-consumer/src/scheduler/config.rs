@@ -58,16 +58,19 @@ pub struct SchedulerConfig {
     /// How the leases of a new (empty) table are managed. A table that says otherwise in its
     /// `Migration3.0` row is managed as it says, as by the KCL; a table with leases and no such
     /// row is a KCL 2.x table and is managed the 2.x way (its workers would fight a leader).
-    /// Default: [`LeaseManagement::Kcl2Compatible`] in this release (the KCL 3.x's default is
-    /// its 3.x mode, [`LeaseManagement::Kcl3`]).
+    /// Default: [`LeaseManagement::Kcl3`], as the KCL 3.x. Set
+    /// [`LeaseManagement::Kcl2Compatible`] for a new table that KCL 2.x workers will share.
     pub lease_management: LeaseManagement,
-    /// KCL 3.x: how long the leader lock lasts without a heartbeat (KCL
-    /// `dynamoDbLockBasedLeaderLeaseDurationInMillis`: 120 s), and how often the leader renews it
-    /// (`dynamoDbLockBasedLeaderHeartbeatPeriodInMillis`: 30 s). A killed leader is replaced
-    /// after about the duration.
-    pub leader_lock_duration: Duration,
-    /// See `leader_lock_duration`.
-    pub leader_heartbeat: Duration,
+    /// KCL 3.x: how long the leader lock lasts without a heartbeat. A killed leader is replaced
+    /// once another worker has seen its lock unchanged for this long, and until then nothing is
+    /// assigned (a dead worker's leases wait too). `None` (default): 3 x `failover` (30 s with the
+    /// default failover). The KCL's `dynamoDbLockBasedLeaderLeaseDurationInMillis` is 120 s; the
+    /// lock row carries its duration, which KCL workers honour, so a fleet mixing both keeps one
+    /// rule. A worker restarted under the same `worker_id` takes its own lock back at once.
+    pub leader_lock_duration: Option<Duration>,
+    /// KCL 3.x: how often the leader renews its lock. `None` (default): a third of the lock's
+    /// duration (the KCL: 30 s of 120 s). At most half of it.
+    pub leader_heartbeat: Option<Duration>,
     /// KCL 3.x: the most leases the leader gives one worker (KCL `maxLeasesForWorker`: no limit).
     pub max_leases_per_worker: usize,
     /// KCL 3.x: how the leader shares the leases (KCL `leaseAssignmentStrategy`). Default: by
@@ -87,13 +90,13 @@ pub enum LeaseManagement {
     /// from the busiest worker; a stolen lease is read again from its last checkpoint. For a
     /// table shared with KCL 2.x workers (or KCL 3.x ones in
     /// `CLIENT_VERSION_CONFIG_COMPATIBLE_WITH_2X`).
-    #[default]
     Kcl2Compatible,
     /// The KCL 3.x way: one worker holds the leader lock and assigns every lease; a planned move
     /// is a graceful handoff (the old owner's processor gets `shutdown_requested`, checkpoints,
     /// and the new owner starts at exactly that checkpoint), so nothing is delivered twice.
     /// Workers publish WorkerMetricStats rows and find their leases through the
     /// `LeaseOwnerToLeaseKeyIndex`. A new table gets the KCL's `Migration3.0` row saying so.
+    #[default]
     Kcl3,
 }
 
@@ -120,12 +123,18 @@ impl SchedulerConfig {
             cpu_source: crate::CpuSource::default(),
             handoff_timeout: Duration::from_secs(30),
             lease_management: LeaseManagement::default(),
-            leader_lock_duration: Duration::from_secs(120),
-            leader_heartbeat: Duration::from_secs(30),
+            leader_lock_duration: None,
+            leader_heartbeat: None,
             max_leases_per_worker: usize::MAX,
             assignment_strategy: crate::AssignmentStrategy::default(),
             worker_metrics_interval: Duration::from_secs(30),
         }
+    }
+
+    /// The leader lock's duration and heartbeat in effect.
+    pub(crate) fn leader_lock(&self) -> (Duration, Duration) {
+        let lock = self.leader_lock_duration.unwrap_or(self.failover * 3);
+        (lock, self.leader_heartbeat.unwrap_or(lock / 3))
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
@@ -176,8 +185,12 @@ impl SchedulerConfig {
         if let Err(problem) = self.failure_policy.validate() {
             return bad("failure_policy", problem);
         }
-        if self.leader_heartbeat.is_zero() || self.leader_heartbeat * 2 > self.leader_lock_duration {
-            return bad("leader_heartbeat", "must be more than zero and at most half of leader_lock_duration");
+        let (lock, heartbeat) = self.leader_lock();
+        if lock.is_zero() || heartbeat.is_zero() || heartbeat * 2 > lock {
+            return bad(
+                "leader_heartbeat",
+                "the lock's duration and heartbeat must be more than zero, the heartbeat at most half the duration",
+            );
         }
         if self.worker_metrics_interval < Duration::from_secs(1) {
             return bad("worker_metrics_interval", "must be at least 1 s (the CPU is sampled every second)");

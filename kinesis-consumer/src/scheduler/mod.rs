@@ -67,6 +67,7 @@ impl Scheduler {
     ) -> Result<Scheduler, ConfigError> {
         config.validate()?;
         let metrics = Arc::new(Metrics::default());
+        let dynamodb = crate::metrics::counting_requests(&dynamodb, &metrics);
         let table = LeaseTable::new(dynamodb, config.application_name.clone());
         let mut coordinator_config = CoordinatorConfig::new(config.worker_id.clone()).with_failover(config.failover);
         coordinator_config.max_steal_per_round = config.max_steal_per_round;
