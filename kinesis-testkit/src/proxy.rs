@@ -278,6 +278,11 @@ impl FaultProxy {
         self.state.black_holed.load(Ordering::Relaxed)
     }
 
+    /// Requests seen so far, faulted or not, by operation.
+    pub fn request_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.state.requests.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
     /// Requests seen for `operation`, faulted or not.
     pub fn requests(&self, operation: &str) -> u64 {
         self.state.requests.lock().unwrap_or_else(|p| p.into_inner()).get(operation).copied().unwrap_or(0)

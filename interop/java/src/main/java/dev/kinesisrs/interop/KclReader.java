@@ -45,7 +45,7 @@ import software.amazon.kinesis.retrieval.polling.PollingConfig;
  *
  * <pre>
  * KclReader --stream NAME --app APPLICATION [--worker ID] [--position TRIM_HORIZON|LATEST]
- *           [--failover-ms 10000] [--mode 3x|2x] [--idle-ms 200] [--max-records 10000]
+ *           [--failover-ms 10000] [--shard-sync-ms FAILOVER] [--mode 3x|2x] [--idle-ms 200] [--max-records 10000]
  *           [--checkpoint batch|never] [--stop-after N] [--report records|batches]
  * </pre>
  *
@@ -75,6 +75,7 @@ public final class KclReader {
         String worker = args.get("worker", UUID.randomUUID().toString());
         InitialPositionInStream position = InitialPositionInStream.valueOf(args.get("position", "TRIM_HORIZON"));
         long failoverMs = args.getLong("failover-ms", 10_000);
+        long shardSyncMs = args.getLong("shard-sync-ms", Math.max(1_000, failoverMs));
         String mode = args.get("mode", "3x");
         long idleMs = args.getLong("idle-ms", 200);
         int maxRecords = (int) args.getLong("max-records", 10_000);
@@ -109,7 +110,7 @@ public final class KclReader {
 
         LeaseManagementConfig lease = configs.leaseManagementConfig()
                 .failoverTimeMillis(failoverMs)
-                .shardSyncIntervalMillis(Math.max(1_000, failoverMs));
+                .shardSyncIntervalMillis(shardSyncMs);
         // No EC2 metadata probe off AWS; the worker still publishes its WorkerMetricStats row.
         lease.workerUtilizationAwareAssignmentConfig().disableWorkerMetrics(true);
         CoordinatorConfig coordinator = configs.coordinatorConfig();
