@@ -401,3 +401,87 @@ async fn a_leader_restarted_under_its_id_leads_again_at_once() {
     common::all_received(&log, &sent, Duration::from_secs(30)).await;
     again.shutdown().await.unwrap();
 }
+
+/// Issue 14, "Migration": a table of two workers in KCL 2.x lease management (leases taken, no
+/// `Migration3.0` row) is upgraded in place while they run. A worker configured `Kcl3` joins: it
+/// finds a 2.x table, creates the lease-owner index and writes `CLIENT_VERSION_UPGRADE_FROM_2X`
+/// (as a KCL 3.x worker does); the 2.x workers follow the row and publish WorkerMetricStats; once
+/// every lease owner has published for the stabilisation time, the table flips to
+/// `CLIENT_VERSION_3X_WITH_ROLLBACK` and every worker runs 3.x: a leader assigns, nobody steals,
+/// and a graceful stop afterwards moves its leases without delivering a record twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_2x_table_is_upgraded_to_3x_in_place() {
+    let (bed, stream, app) = bed_and_stream(4).await;
+    let log = Log::default();
+    let old = ["old-1", "old-2"].map(|w| start_worker(&bed, config(&stream, &app, w), &log, Duration::ZERO));
+    common::put_plain(&bed.kinesis.client(), &stream, "before", 200).await;
+    assert!(
+        eventually(Duration::from_secs(30), || old.iter().map(|w| w.metrics().leases_held).sum::<u64>() == 4).await,
+        "the 2.x workers hold every lease"
+    );
+    let table = Leader { client: bed.dynamodb.client(), table: app.clone() };
+    assert!(!table.rows().await.contains_key("Migration3.0"), "a 2.x table has no Migration3.0 row");
+
+    let mut settings = fleet_config(&stream, &app, "new-1");
+    settings.upgrade_stabilisation = Duration::from_secs(3);
+    let new = start_worker(&bed, settings, &log, Duration::ZERO);
+    let cv = |rows: &HashMap<String, HashMap<String, AttributeValue>>| {
+        rows.get("Migration3.0").and_then(|r| text(r, "cv")).unwrap_or_default()
+    };
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = cv(&table.rows().await);
+        if seen.last() != Some(&now) {
+            seen.push(now.clone());
+        }
+        if now == "CLIENT_VERSION_3X_WITH_ROLLBACK" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the table did not flip to 3.x: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        seen.contains(&"CLIENT_VERSION_UPGRADE_FROM_2X".to_owned()),
+        "the upgrade went through UPGRADE_FROM_2X: {seen:?}"
+    );
+    let rows = table.rows().await;
+    let history: Vec<String> = rows["Migration3.0"]["h"]
+        .as_l()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.as_m().ok().and_then(|m| m.get("cv")).and_then(|v| v.as_s().ok()).cloned())
+        .collect();
+    assert_eq!(history, ["CLIENT_VERSION_UPGRADE_FROM_2X", "CLIENT_VERSION_INIT"], "the row's history, newest first");
+    for w in ["old-1", "old-2"] {
+        assert!(rows.contains_key(w), "{w} published its WorkerMetricStats row during the upgrade: {:?}", rows.keys());
+    }
+
+    // 3.x from now on: a leader, nobody steals; a graceful stop hands nothing out twice.
+    let workers = [&old[0], &old[1], &new];
+    assert!(
+        eventually(Duration::from_secs(30), || workers.iter().map(|w| w.metrics().leader_elections).sum::<u64>() >= 1)
+            .await,
+        "a leader after the flip"
+    );
+    // Every worker reads the row once a shard-sync interval (1 s here): all of them are in 3.x.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stolen = |ws: &[&Scheduler]| ws.iter().map(|w| w.metrics().leases_stolen).sum::<u64>();
+    let stolen_at_flip = stolen(&workers);
+    let sent = common::put_plain(&bed.kinesis.client(), &stream, "after", 300).await;
+    common::all_received(&log, &sent, Duration::from_secs(30)).await;
+    assert_eq!(stolen(&workers), stolen_at_flip, "a lease was stolen after the flip");
+    let [old_1, old_2] = old;
+    old_1.shutdown().await.unwrap();
+    let stolen_of_the_rest = stolen(&[&old_2, &new]);
+    let more = common::put_plain(&bed.kinesis.client(), &stream, "later", 300).await;
+    common::all_received(&log, &more, Duration::from_secs(30)).await;
+    assert_eq!(stolen(&[&old_2, &new]), stolen_of_the_rest, "a lease was stolen after the flip");
+    let received = log.received();
+    let twice: Vec<&String> =
+        sent.iter().chain(more.iter()).filter(|d| received.get(*d).copied().unwrap_or(0) > 1).collect();
+    assert!(twice.is_empty(), "after the flip, {} records were delivered twice, e.g. {:?}", twice.len(), twice.first());
+    log.assert_exclusive();
+    old_2.shutdown().await.unwrap();
+    new.shutdown().await.unwrap();
+}

@@ -89,21 +89,52 @@ pub(crate) async fn start_3x(
     table: &str,
     worker_id: &str,
 ) -> Result<ClientVersion, LeaseTableError> {
-    use std::collections::HashMap;
+    create_row(client, table, worker_id, "CLIENT_VERSION_3X").await
+}
+
+/// Starts the upgrade of a KCL 2.x table (leases, no row), as a KCL 3.x worker configured for it
+/// does: `cv` `CLIENT_VERSION_UPGRADE_FROM_2X`. Workers keep the 2.x lease management and publish
+/// WorkerMetricStats rows until [`flip_to_3x`]. Returns what the table says afterwards.
+///
+/// # Errors
+/// When PutItem or GetItem fail for another reason than the row existing.
+pub(crate) async fn start_upgrade(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    worker_id: &str,
+) -> Result<ClientVersion, LeaseTableError> {
+    create_row(client, table, worker_id, "CLIENT_VERSION_UPGRADE_FROM_2X").await
+}
+
+fn history_entry(cv: &str, worker_id: &str, now: &AttributeValue) -> AttributeValue {
     let s = |v: &str| AttributeValue::S(v.to_owned());
-    let millis = std::time::SystemTime::now().duration_since(std::time::SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let now = AttributeValue::N(millis.as_millis().to_string());
-    let history = AttributeValue::L(vec![AttributeValue::M(HashMap::from([
-        ("cv".to_owned(), s("CLIENT_VERSION_INIT")),
+    AttributeValue::M(std::collections::HashMap::from([
+        ("cv".to_owned(), s(cv)),
         ("mb".to_owned(), s(worker_id)),
         ("mts".to_owned(), now.clone()),
-    ]))]);
+    ]))
+}
+
+fn now_millis() -> AttributeValue {
+    let millis = std::time::SystemTime::now().duration_since(std::time::SystemTime::UNIX_EPOCH).unwrap_or_default();
+    AttributeValue::N(millis.as_millis().to_string())
+}
+
+async fn create_row(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    worker_id: &str,
+    cv: &str,
+) -> Result<ClientVersion, LeaseTableError> {
+    let s = |v: &str| AttributeValue::S(v.to_owned());
+    let now = now_millis();
+    let history = AttributeValue::L(vec![history_entry("CLIENT_VERSION_INIT", worker_id, &now)]);
     let put = client
         .put_item()
         .table_name(table)
         .item(crate::leases::lease::LEASE_KEY, s(MIGRATION_KEY))
         .item(crate::leases::lease::ENTITY_TYPE, s("CLIENT_VERSION_MIGRATION"))
-        .item("cv", s("CLIENT_VERSION_3X"))
+        .item("cv", s(cv))
         .item("mb", s(worker_id))
         .item("mts", now)
         .item("h", history)
@@ -112,12 +143,73 @@ pub(crate) async fn start_3x(
         .send()
         .await;
     match put {
-        Ok(_) => Ok(ClientVersion::Kcl3),
+        Ok(_) => Ok(ClientVersion::parse(cv)),
         Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => {
             read(client, table).await
         }
         Err(e) => Err(classify("PutItem", e)),
     }
+}
+
+/// Ends the upgrade, as the KCL's `MigrationReadyMonitor` does once the fleet has been ready for
+/// its stabilisation time: `cv` `CLIENT_VERSION_UPGRADE_FROM_2X` becomes
+/// `CLIENT_VERSION_3X_WITH_ROLLBACK`, the state left recorded in the row's history. Every worker
+/// switches at its next read of the row. `Ok(false)`: the row no longer said UPGRADE_FROM_2X.
+/// (The 3.5 single-table layout only.)
+///
+/// # Errors
+/// When UpdateItem fails for another reason than its condition.
+pub(crate) async fn flip_to_3x(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    worker_id: &str,
+) -> Result<bool, LeaseTableError> {
+    let s = |v: &str| AttributeValue::S(v.to_owned());
+    let now = now_millis();
+    let update = client
+        .update_item()
+        .table_name(table)
+        .key(crate::leases::lease::LEASE_KEY, s(MIGRATION_KEY))
+        .condition_expression("#cv = :from")
+        .update_expression("SET #cv = :to, #mb = :mb, #mts = :mts, #h = list_append(:entry, if_not_exists(#h, :none))")
+        .expression_attribute_names("#cv", "cv")
+        .expression_attribute_names("#mb", "mb")
+        .expression_attribute_names("#mts", "mts")
+        .expression_attribute_names("#h", "h")
+        .expression_attribute_values(":from", s("CLIENT_VERSION_UPGRADE_FROM_2X"))
+        .expression_attribute_values(":to", s("CLIENT_VERSION_3X_WITH_ROLLBACK"))
+        .expression_attribute_values(":mb", s(worker_id))
+        .expression_attribute_values(":mts", now.clone())
+        .expression_attribute_values(
+            ":entry",
+            AttributeValue::L(vec![history_entry("CLIENT_VERSION_UPGRADE_FROM_2X", worker_id, &now)]),
+        )
+        .expression_attribute_values(":none", AttributeValue::L(Vec::new()))
+        .send()
+        .await;
+    match update {
+        Ok(_) => Ok(true),
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(false),
+        Err(e) => Err(classify("UpdateItem", e)),
+    }
+}
+
+/// Whether an upgrading fleet is ready for 3.x (the KCL's `MigrationReadyMonitor`): every lease
+/// has an owner, and every owner has a WorkerMetricStats row at most `fresh_secs` old at
+/// `now_epoch` (so every worker holding a lease runs 3.x-capable code). The lease-owner index
+/// being ACTIVE is the caller's part.
+pub(crate) fn upgrade_ready(
+    leases: &[crate::leases::lease::Lease],
+    workers: &[crate::leases::table::WorkerRow],
+    fresh_secs: u64,
+    now_epoch: u64,
+) -> bool {
+    !leases.is_empty()
+        && leases.iter().all(|lease| {
+            lease.owner.as_deref().is_some_and(|owner| {
+                workers.iter().any(|w| w.worker_id == owner && w.last_update_seconds + fresh_secs > now_epoch)
+            })
+        })
 }
 
 /// Where this worker's WorkerMetricStats row goes: the 3.0-3.4 table `<app>-WorkerMetricStats`
@@ -162,6 +254,36 @@ pub(crate) async fn worker_metrics_place(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upgrade_is_ready_when_every_lease_owner_publishes_worker_metrics() {
+        use crate::leases::lease::{Lease, Position};
+        use crate::leases::table::WorkerRow;
+        let lease = |owner: Option<&str>| {
+            let mut l = Lease::new("shard", Position::TrimHorizon);
+            l.owner = owner.map(str::to_owned);
+            l
+        };
+        let row = |id: &str, lut: u64| WorkerRow {
+            worker_id: id.to_owned(),
+            last_update_seconds: lut,
+            cpu: None,
+            cpu_max: None,
+            failing: false,
+        };
+        let workers = [row("a", 1_000), row("b", 990)];
+        // (leases, now, ready)
+        let cases: &[(Vec<Lease>, u64, bool)] = &[
+            (vec![lease(Some("a")), lease(Some("b"))], 1_000, true),
+            (vec![lease(Some("a")), lease(Some("c"))], 1_000, false),
+            (vec![lease(Some("a")), lease(None)], 1_000, false),
+            (vec![lease(Some("a")), lease(Some("b"))], 1_050, false),
+            (vec![], 1_000, false),
+        ];
+        for (i, (leases, now, ready)) in cases.iter().enumerate() {
+            assert_eq!(upgrade_ready(leases, &workers, 60, *now), *ready, "case {i}");
+        }
+    }
 
     #[test]
     fn the_row_says_who_assigns() {

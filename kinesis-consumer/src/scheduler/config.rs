@@ -80,6 +80,12 @@ pub struct SchedulerConfig {
     /// `workerMetricsReporterFreqInMillis`: 30 s). A leader counts a worker active while its row
     /// is at most twice this old, so every worker of a fleet must use the same value.
     pub worker_metrics_interval: Duration,
+    /// KCL 2.x -> 3.x upgrade: how long a fleet upgrading a 2.x table must be ready (every
+    /// lease owner publishing WorkerMetricStats, the lease-owner index ACTIVE) without a break
+    /// before the table is flipped to 3.x (KCL: 600 s). A `Kcl3` worker starts the upgrade when it
+    /// finds a 2.x table (leases, no `Migration3.0` row); `Kcl2Compatible` workers on that table
+    /// follow it.
+    pub upgrade_stabilisation: Duration,
 }
 
 /// How the leases of a table are shared among workers.
@@ -128,6 +134,7 @@ impl SchedulerConfig {
             max_leases_per_worker: usize::MAX,
             assignment_strategy: crate::AssignmentStrategy::default(),
             worker_metrics_interval: Duration::from_secs(30),
+            upgrade_stabilisation: Duration::from_secs(600),
         }
     }
 

@@ -50,16 +50,17 @@ impl<F: ProcessorFactory> Worker<F> {
             self.pause(&mut backoff).await;
         }
         let mut version = self.client_version(ClientVersion::Absent).await;
-        // A new (empty) table starts in KCL 3.x lease management; a table with leases and no
-        // Migration3.0 row is a KCL 2.x table, whose workers would fight a leader: it stays 2.x.
-        if version == ClientVersion::Absent
-            && self.config.lease_management == LeaseManagement::Kcl3
-            && self.table_is_empty().await
-        {
+        // A new (empty) table starts in KCL 3.x lease management. A table with leases and no
+        // Migration3.0 row is a KCL 2.x table, whose workers would fight a leader: it starts the
+        // KCL's upgrade instead (2.x lease management, worker metrics published, 3.x once every
+        // lease owner publishes them; see `upgrade_step`).
+        if version == ClientVersion::Absent && self.config.lease_management == LeaseManagement::Kcl3 {
+            let empty = self.table_is_empty().await;
             let table = self.coordinator.table();
             loop {
                 let started = match table.create_owner_index_if_missing(self.config.table_create_timeout).await {
-                    Ok(()) => migration::start_3x(table.client(), table.name(), &self.config.worker_id).await,
+                    Ok(()) if empty => migration::start_3x(table.client(), table.name(), &self.config.worker_id).await,
+                    Ok(()) => migration::start_upgrade(table.client(), table.name(), &self.config.worker_id).await,
                     Err(error) => Err(error),
                 };
                 match started {
@@ -75,7 +76,7 @@ impl<F: ProcessorFactory> Worker<F> {
                     return Ok(());
                 }
             }
-            tracing::info!(worker = %self.config.worker_id, ?version, "a new table in KCL 3.x lease management");
+            tracing::info!(worker = %self.config.worker_id, ?version, empty, "the table's lease management");
         }
         let consumer_arn: Option<Arc<str>> = match &self.config.retrieval {
             Retrieval::Polling => None,
@@ -155,6 +156,8 @@ impl<F: ProcessorFactory> Worker<F> {
         let retry_sync = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(retry_sync);
         let mut sync_wanted = false;
+        // KCL 2.x -> 3.x upgrade: since when the fleet has been ready without a break.
+        let mut upgrade_ready_since: Option<Instant> = None;
         let mut sync_backoff = crate::retrieval::polling::backoff(SYNC_RETRY_BACKOFF);
         loop {
             tokio::select! {
@@ -209,6 +212,9 @@ impl<F: ProcessorFactory> Worker<F> {
                         sync_wanted = false;
                     }
                     version = self.client_version(version).await;
+                    if version == ClientVersion::UpgradeFrom2x && self.upgrade_step(&mut upgrade_ready_since).await {
+                        version = self.client_version(version).await;
+                    }
                     publishing.store(version.publishes_worker_metrics(), Ordering::Relaxed);
                     self.lead_if_3x(&version, &mut leading, &stop_leading);
                 }
@@ -408,6 +414,46 @@ impl<F: ProcessorFactory> Worker<F> {
             Ok(leases) => leases.is_empty(),
             Err(error) => {
                 tracing::warn!(%error, "listing the lease table failed; treating it as a KCL 2.x table");
+                false
+            }
+        }
+    }
+
+    /// One check of an upgrading table (the KCL's `MigrationReadyMonitor`, here on every worker:
+    /// the flip is conditional, so only one write wins): the lease-owner index ACTIVE and every
+    /// lease owner publishing WorkerMetricStats, without a break for `upgrade_stabilisation`,
+    /// flips the table to 3.x. Returns whether this call flipped it.
+    async fn upgrade_step(&self, ready_since: &mut Option<Instant>) -> bool {
+        let table = self.coordinator.table();
+        let fresh = (self.config.worker_metrics_interval * 2).as_secs();
+        let now_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let ready = match table.scan_fleet().await {
+            Ok((leases, workers)) => migration::upgrade_ready(&leases, &workers, fresh, now_epoch),
+            Err(error) => {
+                tracing::warn!(%error, "reading the fleet for the 3.x upgrade failed");
+                return false;
+            }
+        } && table.create_owner_index_if_missing(self.config.table_create_timeout).await.is_ok();
+        if !ready {
+            *ready_since = None;
+            return false;
+        }
+        let since = *ready_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < self.config.upgrade_stabilisation {
+            return false;
+        }
+        match migration::flip_to_3x(table.client(), table.name(), &self.config.worker_id).await {
+            Ok(flipped) => {
+                if flipped {
+                    tracing::info!(worker = %self.config.worker_id, "the table is upgraded to KCL 3.x lease management");
+                }
+                flipped
+            }
+            Err(error) => {
+                tracing::warn!(%error, "flipping the table to KCL 3.x failed");
                 false
             }
         }
