@@ -15,7 +15,7 @@ use std::process::Child;
 use std::time::Duration;
 
 use common::*;
-use kinesis_consumer::{LeaseTable, Position, Scheduler, cmp_sequence_numbers};
+use kinesis_consumer::{LeaseTable, Scheduler, cmp_sequence_numbers};
 use kinesis_testkit::TestBed;
 
 /// The child process: one worker until it is killed. Not a test; the parent runs it.
@@ -60,16 +60,7 @@ async fn a_worker_killed_in_the_middle_of_a_batch_loses_nothing_and_repeats_only
     tokio::time::sleep(Duration::from_millis(700)).await;
     first.kill().expect("SIGKILL");
     first.wait().unwrap();
-    let at_kill: BTreeMap<String, (String, u64)> = leases
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|l| match l.checkpoint.position {
-            Position::Sequence(seq) => Some((l.key, (seq, l.checkpoint.sub_sequence))),
-            _ => None,
-        })
-        .collect();
+    let at_kill = checkpoints_now(&leases).await;
     let processed_by_first = read_file_log(&log).len();
 
     // A second worker process takes over once the dead one's leases expire.

@@ -221,18 +221,10 @@ async fn a_killed_worker_s_leases_move_to_the_others_and_repeat_only_after_its_c
     fleet.0[victim].kill().expect("SIGKILL");
     fleet.0[victim].wait().unwrap();
     let killed_at = Instant::now();
-    let at_kill: BTreeMap<String, (String, u64)> = leases
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|l| match l.checkpoint.position {
-            Position::Sequence(seq) => Some((l.key, (seq, l.checkpoint.sub_sequence))),
-            _ => None,
-        })
-        .collect();
+    let rows_at_kill = leases.list().await.unwrap();
+    let at_kill = checkpoints_of(&rows_at_kill);
     let dead_leases: BTreeSet<String> =
-        leases.list().await.unwrap().into_iter().filter(|l| l.owner.as_deref() == Some(dead)).map(|l| l.key).collect();
+        rows_at_kill.into_iter().filter(|l| l.owner.as_deref() == Some(dead)).map(|l| l.key).collect();
 
     // Moved: the leader's runs are 3 s apart (2 x failover of 1.5 s); two of them, and the new
     // owners' discovery, fit in 12 s.

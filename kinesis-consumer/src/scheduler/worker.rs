@@ -392,12 +392,13 @@ impl<F: ProcessorFactory> Worker<F> {
         if leading.is_some() {
             return;
         }
+        let (lock_duration, heartbeat) = self.config.leader_lock();
         let config = crate::leader::LeaderConfig {
             worker_id: self.config.worker_id.clone(),
             failover: self.config.failover,
             interval: self.config.failover * 2,
-            lock_duration: self.config.leader_lock().0,
-            heartbeat: self.config.leader_lock().1,
+            lock_duration,
+            heartbeat,
             handoff_timeout: self.config.handoff_timeout,
             max_per_worker: self.config.max_leases_per_worker,
             worker_fresh: self.config.worker_metrics_interval * 2,

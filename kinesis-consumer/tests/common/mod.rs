@@ -454,3 +454,20 @@ pub fn read_file_log(path: &std::path::Path) -> Vec<(String, String, String, u64
         .filter_map(|[worker, shard, seq, sub, data]| Some((worker, shard, seq, sub.parse().ok()?, data)))
         .collect()
 }
+
+/// Each lease's checkpoint now, for those at a sequence number: (sequence, sub-sequence) by key.
+pub async fn checkpoints_now(leases: &kinesis_consumer::LeaseTable) -> BTreeMap<String, (String, u64)> {
+    checkpoints_of(&leases.list().await.unwrap())
+}
+
+/// The checkpoints of `rows` that are at a sequence number: (sequence, sub-sequence) by key.
+pub fn checkpoints_of(rows: &[kinesis_consumer::Lease]) -> BTreeMap<String, (String, u64)> {
+    rows.iter()
+        .filter_map(|l| match &l.checkpoint.position {
+            kinesis_consumer::Position::Sequence(seq) => {
+                Some((l.key.clone(), (seq.clone(), l.checkpoint.sub_sequence)))
+            }
+            _ => None,
+        })
+        .collect()
+}
