@@ -126,11 +126,11 @@ impl LeaderState {
     ) -> Result<(), LeaseTableError> {
         let (leases, workers) = table.scan_fleet().await?;
         let now = Instant::now();
-        let epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let epoch = crate::worker_metrics::epoch_seconds(SystemTime::now());
         // Active: a fresh row (KCL: at most 60 s old) whose CPU metric is not failing.
         let loads: BTreeMap<String, WorkerLoad> = workers
             .iter()
-            .filter(|w| w.last_update_seconds + config.worker_fresh.as_secs() >= epoch && !w.failing)
+            .filter(|w| w.is_fresh(config.worker_fresh, epoch) && !w.failing)
             .map(|w| (w.worker_id.clone(), WorkerLoad { cpu: w.cpu, cpu_max: w.cpu_max }))
             .collect();
         let active: BTreeSet<String> = loads.keys().cloned().collect();

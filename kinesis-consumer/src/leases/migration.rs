@@ -195,20 +195,21 @@ pub(crate) async fn flip_to_3x(
 }
 
 /// Whether an upgrading fleet is ready for 3.x (the KCL's `MigrationReadyMonitor`): every lease
-/// has an owner, and every owner has a WorkerMetricStats row at most `fresh_secs` old at
+/// has an owner, and every owner has a WorkerMetricStats row at most `fresh` old at
 /// `now_epoch` (so every worker holding a lease runs 3.x-capable code). The lease-owner index
 /// being ACTIVE is the caller's part.
 pub(crate) fn upgrade_ready(
     leases: &[crate::leases::lease::Lease],
     workers: &[crate::leases::table::WorkerRow],
-    fresh_secs: u64,
+    fresh: std::time::Duration,
     now_epoch: u64,
 ) -> bool {
     !leases.is_empty()
         && leases.iter().all(|lease| {
-            lease.owner.as_deref().is_some_and(|owner| {
-                workers.iter().any(|w| w.worker_id == owner && w.last_update_seconds + fresh_secs > now_epoch)
-            })
+            lease
+                .owner
+                .as_deref()
+                .is_some_and(|owner| workers.iter().any(|w| w.worker_id == owner && w.is_fresh(fresh, now_epoch)))
         })
 }
 
@@ -277,11 +278,13 @@ mod tests {
             (vec![lease(Some("a")), lease(Some("b"))], 1_000, true),
             (vec![lease(Some("a")), lease(Some("c"))], 1_000, false),
             (vec![lease(Some("a")), lease(None)], 1_000, false),
-            (vec![lease(Some("a")), lease(Some("b"))], 1_050, false),
+            // b's row is 60 s old (fresh), then 61 s (stale).
+            (vec![lease(Some("a")), lease(Some("b"))], 1_050, true),
+            (vec![lease(Some("a")), lease(Some("b"))], 1_051, false),
             (vec![], 1_000, false),
         ];
         for (i, (leases, now, ready)) in cases.iter().enumerate() {
-            assert_eq!(upgrade_ready(leases, &workers, 60, *now), *ready, "case {i}");
+            assert_eq!(upgrade_ready(leases, &workers, std::time::Duration::from_secs(60), *now), *ready, "case {i}");
         }
     }
 

@@ -45,6 +45,12 @@ pub(crate) struct WorkerRow {
 }
 
 impl WorkerRow {
+    /// Whether the row was written at most `window` before `now_epoch` (epoch seconds): a worker
+    /// the leader counts as active, and one an upgrade counts as running 3.x-capable code.
+    pub fn is_fresh(&self, window: std::time::Duration, now_epoch: u64) -> bool {
+        self.last_update_seconds + window.as_secs() >= now_epoch
+    }
+
     /// Reads the row's `lut`, `sts` and `opr`.
     fn from_item(id: &str, item: &HashMap<String, AttributeValue>) -> Option<WorkerRow> {
         let lut = item.get("lut").and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<f64>().ok())?;

@@ -138,6 +138,13 @@ impl SchedulerConfig {
         }
     }
 
+    /// How old a worker's WorkerMetricStats row may be for the worker to count as running: twice
+    /// `worker_metrics_interval` (so one missed write is forgiven). The leader's "active worker"
+    /// and the 2.x -> 3.x upgrade's readiness both use it.
+    pub(crate) fn worker_fresh(&self) -> Duration {
+        self.worker_metrics_interval * 2
+    }
+
     /// The leader lock's duration and heartbeat in effect.
     pub(crate) fn leader_lock(&self) -> (Duration, Duration) {
         let lock = self.leader_lock_duration.unwrap_or(self.failover * 3);

@@ -401,7 +401,7 @@ impl<F: ProcessorFactory> Worker<F> {
             heartbeat,
             handoff_timeout: self.config.handoff_timeout,
             max_per_worker: self.config.max_leases_per_worker,
-            worker_fresh: self.config.worker_metrics_interval * 2,
+            worker_fresh: self.config.worker_fresh(),
             strategy: self.config.assignment_strategy,
         };
         let table = self.coordinator.table().clone();
@@ -426,13 +426,9 @@ impl<F: ProcessorFactory> Worker<F> {
     /// flips the table to 3.x. Returns whether this call flipped it.
     async fn upgrade_step(&self, ready_since: &mut Option<Instant>) -> bool {
         let table = self.coordinator.table();
-        let fresh = (self.config.worker_metrics_interval * 2).as_secs();
-        let now_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let now_epoch = crate::worker_metrics::epoch_seconds(std::time::SystemTime::now());
         let ready = match table.scan_fleet().await {
-            Ok((leases, workers)) => migration::upgrade_ready(&leases, &workers, fresh, now_epoch),
+            Ok((leases, workers)) => migration::upgrade_ready(&leases, &workers, self.config.worker_fresh(), now_epoch),
             Err(error) => {
                 tracing::warn!(%error, "reading the fleet for the 3.x upgrade failed");
                 return false;

@@ -98,7 +98,8 @@ fn number(value: f64) -> String {
     crate::leases::lease::format_kbps(value)
 }
 
-fn epoch_seconds(now: SystemTime) -> u64 {
+/// `now` in whole seconds since the Unix epoch (the unit of a WorkerMetricStats row's `lut`).
+pub(crate) fn epoch_seconds(now: SystemTime) -> u64 {
     now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
