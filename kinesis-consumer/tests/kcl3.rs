@@ -347,6 +347,31 @@ async fn planned_moves_in_a_fleet_of_ours_deliver_nothing_twice() {
     }
 }
 
+/// A new application's first worker (a new table in KCL 3.x lease management) processes records
+/// within seconds, not after an assignment interval. The leader's first run comes before the
+/// worker's first WorkerMetricStats row, so it finds no active worker; it runs again soon (with
+/// backoff) while leases are left without an owner, and wakes its own worker's discovery when it
+/// assigns it a lease. (The KCL waits the interval, 2 x failover: here 60 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_fleet_processes_within_seconds_not_an_assignment_interval() {
+    let (bed, stream, app) = bed_and_stream(4).await;
+    let sent = common::put_plain(&bed.kinesis.client(), &stream, "first", 100).await;
+    let log = Log::default();
+    let mut settings = fleet_config(&stream, &app, "only");
+    settings.failover = Duration::from_secs(30);
+    let started = tokio::time::Instant::now();
+    let worker = start_worker(&bed, settings, &log, Duration::ZERO);
+    common::all_received(&log, &sent, Duration::from_secs(60)).await;
+    let took = started.elapsed();
+    println!("a new 3.x fleet processed its first records {took:?} after its start");
+    assert!(
+        took < Duration::from_secs(15),
+        "every record {took:?} after the start: the leader waited for its 60 s interval instead of running again soon"
+    );
+    assert_eq!(worker.metrics().leader_elections, 1);
+    worker.shutdown().await.unwrap();
+}
+
 /// A leader killed (no graceful stop: its lock row stays) is replaced once another worker has
 /// seen the lock unchanged for its duration, and the dead worker's leases go to the survivor.
 /// (The KCL's #1803 reports a dead leader's lock never taken over.)

@@ -59,6 +59,46 @@ pub(crate) struct Fleet<'a> {
     pub balance: bool,
 }
 
+/// How many live leases want an owner: free (no owner, not mid-handoff) or expired. The same
+/// leases both strategies assign first; a lease at SHARD_END wants none.
+pub(crate) fn wanting_owner(leases: &[Lease], expired: &dyn Fn(&Lease) -> bool) -> usize {
+    leases
+        .iter()
+        .filter(|l| l.checkpoint.position != crate::leases::lease::Position::ShardEnd)
+        .filter(|l| (l.owner.is_none() && l.checkpoint_owner.is_none()) || expired(l))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::leases::lease::Position;
+
+    #[test]
+    fn leases_wanting_an_owner_are_the_free_and_the_expired_not_the_finished() {
+        // (case, owners as in table_test::leases, expired, shard-ended, wanting)
+        type Case = (&'static str, &'static [&'static str], &'static [usize], &'static [usize], usize);
+        #[rustfmt::skip]
+        let cases: &[Case] = &[
+            ("a new table: every lease", &["", "", ""], &[], &[], 3),
+            ("held and renewed: none", &["a", "b"], &[], &[], 0),
+            ("an expired owner", &["a", "b"], &[1], &[], 1),
+            ("mid-handoff is not free", &["a>b", ""], &[], &[], 1),
+            ("a stalled handoff that expired", &["a>b"], &[0], &[], 1),
+            ("finished leases want nobody", &["", "", "a"], &[2], &[0, 2], 1),
+        ];
+        for &(name, owners, expired, ended, want) in cases {
+            let owners: Vec<(&str, Option<f64>)> = owners.iter().map(|o| (*o, None)).collect();
+            let mut leases = table_test::leases(&owners);
+            for &i in ended {
+                leases[i].checkpoint.position = Position::ShardEnd;
+            }
+            let is_expired = |l: &Lease| expired.iter().any(|&i| l.key == format!("shard-{i:02}"));
+            assert_eq!(wanting_owner(&leases, &is_expired), want, "{name}");
+        }
+    }
+}
+
 /// Helpers of the strategies' table tests.
 #[cfg(test)]
 pub(crate) mod table_test {

@@ -4,7 +4,9 @@
 //! (KCL: 2 x failover) it tries to lead ([`lock`]); the leader then reads the table (leases and
 //! WorkerMetricStats rows), watches the lease counters, and makes the moves the assignment
 //! decides ([`crate::assignment::utilisation`] or [`crate::assignment::count`], as configured):
-//! free and expired leases assigned at once, planned
+//! free and expired leases assigned at once (and, while some are left without an owner, as at a
+//! new fleet's start before any worker has published metrics, the next run comes within
+//! seconds, with backoff, instead of after the interval), planned
 //! moves made as graceful handoffs. A handoff whose old owner neither transferred the lease nor
 //! kept renewing it within the handoff timeout (plus a failover time) is transferred by the
 //! leader. A leader whose runs fail three times in a row gives the lock up; so does a worker
@@ -16,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -43,19 +46,42 @@ pub(crate) struct LeaderConfig {
     /// A worker is active while its WorkerMetricStats row is at most this old (KCL: 60 s).
     pub worker_fresh: Duration,
     pub strategy: AssignmentStrategy,
+    /// Woken when this leader assigned a lease to its own worker, which then looks for its
+    /// leases at once instead of at its next discovery round.
+    pub assigned_here: Arc<Notify>,
 }
 
 /// Runs of a leader before it balances again (KCL `varianceBalancingFrequency`: 3).
 const BALANCE_EVERY: u64 = 3;
 /// Failed runs in a row after which a leader gives the lock up (KCL: 3).
 const FAILURES_TO_STEP_DOWN: u32 = 3;
+/// The first wait before a leader runs again when its run left leases without an owner (no
+/// active worker yet, as at start-up before the first WorkerMetricStats row, or every worker at
+/// its cap); it grows by half each time, up to the assignment interval. The KCL waits the whole
+/// interval (2 x failover), so a new fleet processes nothing for that long.
+const RERUN: Duration = Duration::from_millis(500);
+const RERUN_FACTOR: f32 = 1.5;
+
+/// When the leader runs next: soon (with backoff) while leases are left without an owner, else
+/// after the assignment interval.
+fn rerun_backoff(interval: Duration) -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(RERUN.min(interval))
+        .with_factor(RERUN_FACTOR)
+        .with_max_delay(interval)
+        .without_max_times()
+        .build()
+}
 
 /// Contends for leadership and leads until `stop`; then gives the lock up.
 pub(crate) async fn run(table: LeaseTable, config: LeaderConfig, metrics: Arc<Metrics>, stop: CancellationToken) {
     let mut lock = LeaderLock::new(table.client().clone(), table.name(), &config.worker_id, config.lock_duration);
     let mut state = LeaderState::default();
-    let mut assign = tokio::time::interval(config.interval);
-    assign.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first run at once; later ones after the interval, or sooner while leases wait.
+    let assign = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(assign);
+    let mut rerun = rerun_backoff(config.interval);
     let mut heartbeat = tokio::time::interval(config.heartbeat);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut failures = 0u32;
@@ -72,7 +98,8 @@ pub(crate) async fn run(table: LeaseTable, config: LeaderConfig, metrics: Arc<Me
                     }
                 }
             }
-            _ = assign.tick() => {
+            _ = &mut assign => {
+                assign.as_mut().reset(Instant::now() + config.interval);
                 let leading = match lock.try_lead().await {
                     Ok(leading) => leading,
                     Err(error) => {
@@ -88,7 +115,19 @@ pub(crate) async fn run(table: LeaseTable, config: LeaderConfig, metrics: Arc<Me
                     Metrics::add(&metrics.leader_elections, 1);
                 }
                 match state.run_once(&table, &config, &metrics).await {
-                    Ok(()) => failures = 0,
+                    Ok(outcome) => {
+                        failures = 0;
+                        if outcome.assigned_here {
+                            config.assigned_here.notify_one();
+                        }
+                        if outcome.unplaced > 0 {
+                            let wait = rerun.next().unwrap_or(config.interval);
+                            tracing::debug!(unplaced = outcome.unplaced, ?wait, "leases left without an owner; running again soon");
+                            assign.as_mut().reset(Instant::now() + wait);
+                        } else {
+                            rerun = rerun_backoff(config.interval);
+                        }
+                    }
                     Err(error) => {
                         failures += 1;
                         tracing::warn!(%error, failures, "the leader's assignment run failed");
@@ -108,6 +147,15 @@ pub(crate) async fn run(table: LeaseTable, config: LeaderConfig, metrics: Arc<Me
     }
 }
 
+/// What one run of the leader did, for when it runs next.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RunOutcome {
+    /// Live leases free or expired that this run gave nobody.
+    unplaced: usize,
+    /// Whether it assigned a lease to its own worker.
+    assigned_here: bool,
+}
+
 /// What a leader keeps between its runs (forgotten when it stops leading, as the KCL's).
 #[derive(Debug, Default)]
 struct LeaderState {
@@ -123,8 +171,9 @@ impl LeaderState {
         table: &LeaseTable,
         config: &LeaderConfig,
         metrics: &Metrics,
-    ) -> Result<(), LeaseTableError> {
+    ) -> Result<RunOutcome, LeaseTableError> {
         let (leases, workers) = table.scan_fleet().await?;
+        let mut outcome = RunOutcome::default();
         let now = Instant::now();
         let epoch = crate::worker_metrics::epoch_seconds(SystemTime::now());
         // Active: a fresh row (KCL: at most 60 s old) whose CPU metric is not failing.
@@ -148,14 +197,15 @@ impl LeaderState {
             {
                 tracing::warn!(lease = %lease.key, to, "a handoff was not finished in time; the leader transferred it");
                 Metrics::add(&metrics.leases_assigned, 1);
+                outcome.assigned_here |= to == config.worker_id;
                 self.handoffs.remove(&lease.key);
             }
         }
 
+        let failover = config.failover;
+        let observations = &self.observations;
+        let expired = |l: &Lease| observations.is_expired(l, now, failover);
         let moves = {
-            let failover = config.failover;
-            let observations = &self.observations;
-            let expired = |l: &Lease| observations.is_expired(l, now, failover);
             let fleet = Fleet {
                 leases: &leases,
                 active: &active,
@@ -170,6 +220,9 @@ impl LeaderState {
                 AssignmentStrategy::LeaseCount => crate::assignment::count::plan(&fleet),
             }
         };
+        let wanting = crate::assignment::wanting_owner(&leases, &expired);
+        let assigning = moves.iter().filter(|m| matches!(m, Move::Assign { .. })).count();
+        outcome.unplaced = wanting.saturating_sub(assigning);
         for step in moves {
             match step {
                 Move::Assign { key, to } => {
@@ -177,6 +230,7 @@ impl LeaderState {
                     if table.assign(lease, &to, true).await? {
                         tracing::info!(lease = %key, to = %to, from = ?lease.actual_owner(), "lease assigned");
                         Metrics::add(&metrics.leases_assigned, 1);
+                        outcome.assigned_here |= to == config.worker_id;
                     }
                 }
                 Move::HandOff { key, from, to } => {
@@ -188,6 +242,22 @@ impl LeaderState {
                 }
             }
         }
-        Ok(())
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leader_that_left_leases_runs_again_soon_then_less_often_up_to_its_interval() {
+        let waits: Vec<Duration> = rerun_backoff(Duration::from_secs(20)).take(9).collect();
+        let ms: Vec<u128> = waits.iter().map(|w| w.as_millis()).collect();
+        assert_eq!(ms, [500, 750, 1125, 1687, 2531, 3796, 5695, 8542, 12814]);
+        let capped: Vec<Duration> = rerun_backoff(Duration::from_secs(20)).skip(10).take(3).collect();
+        assert_eq!(capped, [Duration::from_secs(20); 3], "never longer than the interval");
+        let short: Vec<Duration> = rerun_backoff(Duration::from_millis(300)).take(2).collect();
+        assert_eq!(short, [Duration::from_millis(300); 2], "never longer than a short interval either");
     }
 }

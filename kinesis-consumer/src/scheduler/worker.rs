@@ -136,7 +136,9 @@ impl<F: ProcessorFactory> Worker<F> {
         // KCL 3.x: every worker contends for the leader lock; the leader assigns the leases.
         let stop_leading = CancellationToken::new();
         let mut leading: Option<AbortOnDrop> = None;
-        self.lead_if_3x(&version, &mut leading, &stop_leading);
+        // Woken by this process's leader when it assigned this worker a lease.
+        let assigned_here = Arc::new(Notify::new());
+        self.lead_if_3x(&version, &mut leading, &stop_leading, &assigned_here);
 
         let stop_consumers = CancellationToken::new();
         let mut consumers: JoinSet<Exit> = JoinSet::new();
@@ -216,9 +218,11 @@ impl<F: ProcessorFactory> Worker<F> {
                         version = self.client_version(version).await;
                     }
                     publishing.store(version.publishes_worker_metrics(), Ordering::Relaxed);
-                    self.lead_if_3x(&version, &mut leading, &stop_leading);
+                    self.lead_if_3x(&version, &mut leading, &stop_leading, &assigned_here);
                 }
                 _ = self.sync_now.notified() => sync_wanted = true,
+                // The leader here gave this worker a lease: discover it now, not at the next round.
+                _ = assigned_here.notified(), if version.leader_assigns() => take.as_mut().reset(Instant::now()),
                 _ = &mut retry_sync, if sync_wanted => {
                     if self.sync_logged().await {
                         sync_wanted = false;
@@ -384,7 +388,13 @@ impl<F: ProcessorFactory> Worker<F> {
 
     /// Starts contending for the leader lock when the table is in KCL 3.x lease management (and
     /// stops when it no longer is).
-    fn lead_if_3x(&self, version: &ClientVersion, leading: &mut Option<AbortOnDrop>, stop: &CancellationToken) {
+    fn lead_if_3x(
+        &self,
+        version: &ClientVersion,
+        leading: &mut Option<AbortOnDrop>,
+        stop: &CancellationToken,
+        assigned_here: &Arc<Notify>,
+    ) {
         if !version.leader_assigns() {
             *leading = None;
             return;
@@ -403,6 +413,7 @@ impl<F: ProcessorFactory> Worker<F> {
             max_per_worker: self.config.max_leases_per_worker,
             worker_fresh: self.config.worker_fresh(),
             strategy: self.config.assignment_strategy,
+            assigned_here: assigned_here.clone(),
         };
         let table = self.coordinator.table().clone();
         *leading =
