@@ -152,7 +152,7 @@ async fn a_busy_worker_ends_with_fewer_leases_and_an_idle_fleet_moves_none() {
     }
 
     // Idle: once the leases' throughput has decayed, nothing moves over several balancing runs
-    // (every third assignment run: 9 s here).
+    // (every 6 x failover: 9 s here).
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = load.await.unwrap();
     tokio::time::sleep(Duration::from_secs(12)).await;
@@ -174,8 +174,9 @@ async fn a_busy_worker_ends_with_fewer_leases_and_an_idle_fleet_moves_none() {
 }
 
 /// Issue 14, "Crash": a worker that is not the leader is killed with SIGKILL. Its leases go to the
-/// others once the leader has seen their counters stand still for longer than the failover time
-/// (it reads them every assignment run, 2 x failover apart, so that takes two runs at most); the
+/// others once the leader has seen their counters stand still for longer than the failover time:
+/// within the failover time and one KCL assignment round (2 x failover), as the issue asks (the
+/// leader reads every 1.1 x failover, so that is two of its reads after the last renewal); the
 /// new owners deliver nothing at or before the checkpoints the dead worker had written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_s_leases_move_to_the_others_and_repeat_only_after_its_checkpoints() {
@@ -226,8 +227,8 @@ async fn a_killed_worker_s_leases_move_to_the_others_and_repeat_only_after_its_c
     let dead_leases: BTreeSet<String> =
         rows_at_kill.into_iter().filter(|l| l.owner.as_deref() == Some(dead)).map(|l| l.key).collect();
 
-    // Moved: the leader's runs are 3 s apart (2 x failover of 1.5 s); two of them, and the new
-    // owners' discovery, fit in 12 s.
+    // Moved within failover (1.5 s) + one KCL assignment round (2 x failover = 3 s), with 1.5 s
+    // for a busy machine.
     let moved = loop {
         let rows = leases.list().await.unwrap_or_default();
         if rows
@@ -241,7 +242,7 @@ async fn a_killed_worker_s_leases_move_to_the_others_and_repeat_only_after_its_c
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     println!("{dead} (leader {leader}) held {dead_leases:?}; they moved {moved:?} after the kill");
-    assert!(moved < Duration::from_secs(12), "the leases moved only {moved:?} after the kill");
+    assert!(moved < Duration::from_secs(6), "the leases moved only {moved:?} after the kill");
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

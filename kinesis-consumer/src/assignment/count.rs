@@ -1,11 +1,12 @@
 //! The KCL 3.x leader's assignment by lease count: a pure decision, tested as a table.
 //!
-//! Each run of the leader (every 2 x failover):
+//! Each run of the leader (every failover time and a tenth; the KCL's every 2 x failover):
 //! 1. **Expired and unassigned leases first**: a lease with no owner, or whose counter the leader
 //!    saw standing still for longer than the failover time, goes to the active worker holding the
 //!    fewest leases (ties by worker id); never back to an owner whose lease expired. Unassigned
 //!    leases before expired ones, each kind by key.
-//! 2. **Balancing** (every third run, as the KCL's `varianceBalancingFrequency`): while the most
+//! 2. **Balancing** (every 6 x failover, as the KCL's third run of 2 x failover,
+//!    `varianceBalancingFrequency`): while the most
 //!    loaded active worker holds two or more leases more than the least loaded, one lease moves
 //!    from the first to the second by a **graceful handoff**. So a fleet ends with holdings within
 //!    one of each other, and a fleet within one never moves a lease (no churn). The KCL's

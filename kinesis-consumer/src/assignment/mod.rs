@@ -18,7 +18,8 @@ pub use utilisation::UtilisationConfig;
 
 /// How a KCL 3.x leader shares the leases among the workers (KCL `leaseAssignmentStrategy`).
 /// Either way, free and expired leases are assigned at once and planned moves are graceful
-/// handoffs, made every third assignment run (KCL `varianceBalancingFrequency`).
+/// handoffs, made every 6 x failover (the KCL's every third assignment run of 2 x failover,
+/// `varianceBalancingFrequency`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum AssignmentStrategy {

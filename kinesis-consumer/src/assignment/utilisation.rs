@@ -16,7 +16,7 @@
 //! 1. **Expired and unassigned leases first** (as [`super::count`]): each goes to the active
 //!    worker with the lowest `ρ` (then the fewest leases, then by id), never back to an owner
 //!    whose lease expired, within `max_per_worker`; the receiver's `ρ` grows by the lease's load.
-//! 2. **Balancing** (every third run): on each scale, when a worker is outside the band
+//! 2. **Balancing** (every 6 x failover, the KCL's every third run): on each scale, when a worker is outside the band
 //!    `1 ± rebalance_threshold` or above its operating range (`opr.C`), each donor (above the
 //!    band or its range; otherwise the most loaded) sheds `its throughput × (ρ − 1)/ρ ×
 //!    dampening`: its heaviest leases that fit, or its lightest one when none fits. The scale

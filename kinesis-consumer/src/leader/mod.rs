@@ -1,7 +1,8 @@
 //! The leader of a KCL 3.x fleet: the worker holding the leader lock assigns every lease.
 //!
-//! Every worker of a table in KCL 3.x lease management runs this task. Every assignment interval
-//! (KCL: 2 x failover) it tries to lead ([`lock`]); the leader then reads the table (leases and
+//! Every worker of a table in KCL 3.x lease management runs this task. Every failover time and a
+//! tenth (the KCL: every 2 x failover; see [`LeaderConfig::interval`]) it tries to lead
+//! ([`lock`]); the leader then reads the table (leases and
 //! WorkerMetricStats rows), watches the lease counters, and makes the moves the assignment
 //! decides ([`crate::assignment::utilisation`] or [`crate::assignment::count`], as configured):
 //! free and expired leases assigned at once (and, while some are left without an owner, as at a
@@ -36,8 +37,16 @@ use lock::LeaderLock;
 pub(crate) struct LeaderConfig {
     pub worker_id: String,
     pub failover: Duration,
-    /// How often the leader assigns (KCL `leaseAssignmentIntervalMillis`: 2 x failover).
+    /// How often the leader reads the table and assigns free and expired leases: a tenth more
+    /// than the failover time ([`read_interval`]). The KCL's `leaseAssignmentIntervalMillis` is
+    /// 2 x failover; a lease is expired once the leader has seen its counter stand still for more
+    /// than the failover time, so a dead worker's leases then wait up to two such runs (4 x
+    /// failover). Reading every failover time moves them within failover + one KCL interval, for
+    /// one more Scan per failover time.
     pub interval: Duration,
+    /// How often the leader balances (KCL: `varianceBalancingFrequency` 3 x
+    /// `leaseAssignmentIntervalMillis` 2 x failover = 6 x failover); the first run balances.
+    pub balance_every: Duration,
     /// The leader lock's duration (KCL: 120 s) and heartbeat (KCL: 30 s).
     pub lock_duration: Duration,
     pub heartbeat: Duration,
@@ -51,8 +60,16 @@ pub(crate) struct LeaderConfig {
     pub assigned_here: Arc<Notify>,
 }
 
-/// Runs of a leader before it balances again (KCL `varianceBalancingFrequency`: 3).
-const BALANCE_EVERY: u64 = 3;
+/// The leader's read interval for a failover time: a tenth more, so that two runs in a row are
+/// more than a failover time apart even when the first one's Scan took longer than the second's.
+pub(crate) fn read_interval(failover: Duration) -> Duration {
+    failover + failover / 10
+}
+
+/// How often a leader balances, for a failover time (KCL: every third run of 2 x failover).
+pub(crate) fn balance_interval(failover: Duration) -> Duration {
+    failover * 6
+}
 /// Failed runs in a row after which a leader gives the lock up (KCL: 3).
 const FAILURES_TO_STEP_DOWN: u32 = 3;
 /// The first wait before a leader runs again when its run left leases without an owner (no
@@ -160,6 +177,8 @@ struct RunOutcome {
 #[derive(Debug, Default)]
 struct LeaderState {
     runs: u64,
+    /// When it balances next; `None` before its first run.
+    next_balance: Option<Instant>,
     observations: Observations,
     /// Leases being handed off, and when the leader transfers them if the old owner has not.
     handoffs: HashMap<String, Instant>,
@@ -185,6 +204,10 @@ impl LeaderState {
         let active: BTreeSet<String> = loads.keys().cloned().collect();
         self.observations.observe(&leases, now);
         self.runs += 1;
+        let balance = self.next_balance.is_none_or(|at| now >= at);
+        if balance {
+            self.next_balance = Some(now + config.balance_every);
+        }
 
         // Handoffs the old owner did not finish: transferred by the leader after the timeout.
         self.handoffs.retain(|key, _| leases.iter().any(|l| &l.key == key && l.checkpoint_owner.is_some()));
@@ -211,7 +234,7 @@ impl LeaderState {
                 active: &active,
                 expired: &expired,
                 max_per_worker: config.max_per_worker,
-                balance: self.runs % BALANCE_EVERY == 1,
+                balance,
             };
             match config.strategy {
                 AssignmentStrategy::WorkerUtilisation(thresholds) => {

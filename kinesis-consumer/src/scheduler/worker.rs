@@ -406,7 +406,8 @@ impl<F: ProcessorFactory> Worker<F> {
         let config = crate::leader::LeaderConfig {
             worker_id: self.config.worker_id.clone(),
             failover: self.config.failover,
-            interval: self.config.failover * 2,
+            interval: crate::leader::read_interval(self.config.failover),
+            balance_every: crate::leader::balance_interval(self.config.failover),
             lock_duration,
             heartbeat,
             handoff_timeout: self.config.handoff_timeout,
