@@ -1,8 +1,8 @@
 //! The leader of a KCL 3.x fleet: the worker holding the leader lock assigns every lease.
 //!
-//! Every worker of a table in KCL 3.x lease management runs this task. Every failover time and a
-//! tenth (the KCL: every 2 x failover; see [`LeaderConfig::interval`]) it tries to lead
-//! ([`lock`]); the leader then reads the table (leases and
+//! Every worker of a table in KCL 3.x lease management runs this task. Every 2 x failover (the
+//! KCL's assignment interval) a worker that does not lead tries to ([`lock`]); the leader runs
+//! every failover time and a tenth (see [`LeaderConfig::interval`]): it reads the table (leases and
 //! WorkerMetricStats rows), watches the lease counters, and makes the moves the assignment
 //! decides ([`crate::assignment::utilisation`] or [`crate::assignment::count`], as configured):
 //! free and expired leases assigned at once (and, while some are left without an owner, as at a
@@ -44,6 +44,10 @@ pub(crate) struct LeaderConfig {
     /// failover). Reading every failover time moves them within failover + one KCL interval, for
     /// one more Scan per failover time.
     pub interval: Duration,
+    /// How often a worker that does not lead reads the leader lock to see whether it may take it
+    /// (the KCL's assignment interval, 2 x failover): a dead leader is replaced within the lock's
+    /// duration and this.
+    pub contend_every: Duration,
     /// How often the leader balances (KCL: `varianceBalancingFrequency` 3 x
     /// `leaseAssignmentIntervalMillis` 2 x failover = 6 x failover); the first run balances.
     pub balance_every: Duration,
@@ -126,6 +130,7 @@ pub(crate) async fn run(table: LeaseTable, config: LeaderConfig, metrics: Arc<Me
                 };
                 if !leading {
                     state = LeaderState::default();
+                    assign.as_mut().reset(Instant::now() + config.contend_every);
                     continue;
                 }
                 if state.runs == 0 {
