@@ -7,7 +7,7 @@ use kinesis_aggregation::{Aggregator, KinesisRecord};
 use tokio::time::Instant;
 
 use crate::config::ProducerConfig;
-use crate::engine::Pending;
+use crate::pending::Pending;
 use crate::transport::PutEntry;
 
 /// The Kinesis record's data, encoded now or by the sender.
@@ -39,12 +39,6 @@ pub(crate) struct Entry {
     /// The lowest and highest hash key of the members: a reader keeps the Kinesis record on a
     /// shard whose range holds both.
     pub(crate) key_span: (u128, u128),
-}
-
-impl crate::ready::Aged for Entry {
-    fn oldest(&self) -> Instant {
-        self.oldest
-    }
 }
 
 impl Entry {
@@ -147,32 +141,14 @@ fn compressed(config: &ProducerConfig, mut kinesis: KinesisRecord) -> KinesisRec
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::Arc;
-    use std::time::Duration;
 
-    use kinesis_aggregation::{Aggregator, UserRecord};
-    use tokio::sync::{Semaphore, oneshot};
+    use kinesis_aggregation::Aggregator;
     use tokio::time::Instant;
 
     use super::Entry;
     use crate::config::ProducerConfig;
-    use crate::engine::Pending;
-
-    /// A buffered record for unit tests (its receipt is dropped).
-    pub(crate) fn pending(key: &str) -> Pending {
-        let record = UserRecord::new(key.to_owned(), "data");
-        let permits = Arc::new(Semaphore::new(2));
-        let (reply, _) = oneshot::channel();
-        Pending {
-            hash_key: record.hash_key().0,
-            size: record.partition_key.len() + record.data.len(),
-            record,
-            reply,
-            enqueued: Instant::now(),
-            deadline: Instant::now() + Duration::from_secs(30),
-            retry: None,
-            _permits: (permits.clone().try_acquire_owned().unwrap(), permits.try_acquire_owned().unwrap()),
-        }
-    }
+    use crate::pending::Pending;
+    pub(crate) use crate::pending::tests::pending;
 
     /// An entry of `n` records with keys `key-0`.. (aggregated when `n` > 1).
     pub(crate) fn entry(n: usize) -> Entry {

@@ -113,7 +113,7 @@ pub struct DeliveryError {
     code: Option<String>,
     message: Option<String>,
     record: Box<UserRecord>,
-    attempts: crate::receipt::Attempts,
+    attempts: crate::attempt::Attempts,
 }
 
 impl DeliveryError {
@@ -121,7 +121,7 @@ impl DeliveryError {
         kind: ErrorKind,
         code: Option<String>,
         record: UserRecord,
-        attempts: crate::receipt::Attempts,
+        attempts: crate::attempt::Attempts,
     ) -> Self {
         DeliveryError { kind, code, message: None, record: Box::new(record), attempts }
     }
@@ -148,7 +148,7 @@ impl DeliveryError {
     }
 
     /// Every attempt made to send the record.
-    pub fn attempts(&self) -> &[crate::receipt::Attempt] {
+    pub fn attempts(&self) -> &[crate::attempt::Attempt] {
         &self.attempts
     }
 

@@ -25,6 +25,7 @@
 //!   crate's facade, with the CloudWatch stream metrics they stand for (`IncomingRecords`,
 //!   `PutRecords.Success`, ...).
 
+mod attempt;
 mod batch;
 mod config;
 mod confirm;
@@ -35,18 +36,19 @@ mod error;
 pub mod exporter;
 pub mod memory;
 mod metrics;
+mod pending;
 mod producer;
 mod rate_limit;
-mod ready;
 mod receipt;
 mod sender;
 pub mod transport;
 
+pub use attempt::{Attempt, Attempts};
 pub use config::{ProducerConfig, RECORD_OVERHEAD_BYTES};
 pub use error::{BuildError, DeliveryError, ErrorKind, PutError, PutErrorReason};
 pub use kinesis_aggregation::{HashKey, UserRecord};
 pub use memory::{Faults, MemoryTransport, StoredRecord};
 pub use metrics::MetricsSnapshot;
 pub use producer::{Producer, ProducerBuilder};
-pub use receipt::{Attempt, Attempts, Receipt, ReceiptFuture};
+pub use receipt::{Receipt, ReceiptFuture};
 pub use transport::{CallError, EntryResult, KinesisTransport, PutEntry, ShardDescription, StreamLimits, Transport};

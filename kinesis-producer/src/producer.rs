@@ -8,9 +8,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::ProducerConfig;
-use crate::engine::{Command, Engine, Pending, record_size};
+use crate::engine::{Command, Engine};
 use crate::error::{BuildError, PutError, PutErrorReason};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::pending::{Pending, record_size};
 use crate::receipt::ReceiptFuture;
 use crate::transport::{KinesisTransport, Transport};
 

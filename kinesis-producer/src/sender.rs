@@ -12,11 +12,12 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 
-use crate::engine::Pending;
+use crate::attempt::Attempt;
 use crate::entry::Entry;
 use crate::error::ErrorKind;
 use crate::metrics::Metrics;
-use crate::receipt::{Attempt, Receipt};
+use crate::pending::Pending;
+use crate::receipt::Receipt;
 use crate::transport::{CallError, EntryResult, PutEntry, Transport};
 
 /// What a call's task reports to the pipeline task.

@@ -11,14 +11,22 @@ use std::collections::BTreeMap;
 
 use tokio::time::Instant;
 
+use crate::entry::Entry;
+
 /// What the queue needs to know of an entry.
-pub(crate) trait Aged {
+pub(super) trait Aged {
     /// When the oldest user record in it was put.
     fn oldest(&self) -> Instant;
 }
 
+impl Aged for Entry {
+    fn oldest(&self) -> Instant {
+        self.oldest
+    }
+}
+
 /// A shard's ready entries.
-pub(crate) struct ReadyQueue<E> {
+pub(super) struct ReadyQueue<E> {
     /// Keyed by (age, when ordering by age; position).
     entries: BTreeMap<(Option<Instant>, i64), E>,
     /// The next position at the front and at the back.
@@ -29,7 +37,7 @@ pub(crate) struct ReadyQueue<E> {
 
 impl<E: Aged> ReadyQueue<E> {
     /// A queue ordered by age, or (`by_age` false) first in, first out.
-    pub(crate) fn new(by_age: bool) -> Self {
+    pub(super) fn new(by_age: bool) -> Self {
         ReadyQueue { entries: BTreeMap::new(), front: -1, back: 0, by_age }
     }
 
@@ -37,39 +45,40 @@ impl<E: Aged> ReadyQueue<E> {
         self.by_age.then(|| entry.oldest())
     }
 
-    pub(crate) fn push_back(&mut self, entry: E) {
+    pub(super) fn push_back(&mut self, entry: E) {
         self.back += 1;
         self.entries.insert((self.age(&entry), self.back), entry);
     }
 
     /// Puts an entry ahead of every other of its age (in a first-in-first-out queue: of all).
-    pub(crate) fn push_front(&mut self, entry: E) {
+    pub(super) fn push_front(&mut self, entry: E) {
         self.front -= 1;
         self.entries.insert((self.age(&entry), self.front), entry);
     }
 
-    pub(crate) fn front(&self) -> Option<&E> {
+    pub(super) fn front(&self) -> Option<&E> {
         self.entries.first_key_value().map(|(_, entry)| entry)
     }
 
-    pub(crate) fn pop_front(&mut self) -> Option<E> {
+    pub(super) fn pop_front(&mut self) -> Option<E> {
         self.entries.pop_first().map(|(_, entry)| entry)
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
-    pub(crate) fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut E> {
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut E> {
         self.entries.values_mut()
     }
 
     /// The entries, in sending order.
-    pub(crate) fn into_entries(self) -> impl Iterator<Item = E> {
+    pub(super) fn into_entries(self) -> impl Iterator<Item = E> {
         self.entries.into_values()
     }
 }
