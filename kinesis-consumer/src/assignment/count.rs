@@ -19,12 +19,12 @@
 
 use std::collections::BTreeMap;
 
-use super::{Fleet, Move};
-use crate::leases::lease::{Lease, Position};
+use super::{Fleet, Move, Standing};
+use crate::leases::lease::Lease;
 
 /// The moves of one run.
 pub(crate) fn plan(fleet: &Fleet<'_>) -> Vec<Move> {
-    let live: Vec<&Lease> = fleet.leases.iter().filter(|l| l.checkpoint.position != Position::ShardEnd).collect();
+    let live: Vec<&Lease> = fleet.live().collect();
     if fleet.active.is_empty() {
         return Vec::new();
     }
@@ -34,16 +34,16 @@ pub(crate) fn plan(fleet: &Fleet<'_>) -> Vec<Move> {
     let mut free: Vec<&Lease> = Vec::new();
     let mut expired: Vec<&Lease> = Vec::new();
     for lease in &live {
-        match lease.owner.as_deref() {
-            None if lease.checkpoint_owner.is_none() => free.push(lease),
-            _ if (fleet.expired)(lease) => expired.push(lease),
-            Some(owner) => {
+        match fleet.standing(lease) {
+            Standing::Free => free.push(lease),
+            Standing::Expired => expired.push(lease),
+            Standing::Held(owner) => {
                 if let Some(n) = load.get_mut(owner) {
                     *n += 1;
                     held_by.entry(owner).or_default().push(lease);
                 }
             }
-            None => {}
+            Standing::Unowned => {}
         }
     }
     free.sort_by(|a, b| a.key.cmp(&b.key));
@@ -167,7 +167,7 @@ mod tests {
     #[test]
     fn finished_leases_count_for_nobody() {
         let mut all = leases(&["", "", "a"]);
-        all[0].checkpoint.position = Position::ShardEnd;
+        all[0].checkpoint.position = crate::leases::lease::Position::ShardEnd;
         let active: BTreeSet<String> = ["a", "b"].iter().map(|w| w.to_string()).collect();
         let never = |_: &Lease| false;
         let fleet = Fleet { leases: &all, active: &active, expired: &never, max_per_worker: 99, balance: true };

@@ -13,7 +13,7 @@ pub(crate) mod utilisation;
 
 use std::collections::BTreeSet;
 
-use crate::leases::lease::Lease;
+use crate::leases::lease::{Lease, Position};
 pub use utilisation::UtilisationConfig;
 
 /// How a KCL 3.x leader shares the leases among the workers (KCL `leaseAssignmentStrategy`).
@@ -60,20 +60,45 @@ pub(crate) struct Fleet<'a> {
     pub balance: bool,
 }
 
-/// How many live leases want an owner: free (no owner, not mid-handoff) or expired. The same
-/// leases both strategies assign first; a lease at SHARD_END wants none.
-pub(crate) fn wanting_owner(leases: &[Lease], expired: &dyn Fn(&Lease) -> bool) -> usize {
-    leases
-        .iter()
-        .filter(|l| l.checkpoint.position != crate::leases::lease::Position::ShardEnd)
-        .filter(|l| (l.owner.is_none() && l.checkpoint_owner.is_none()) || expired(l))
-        .count()
+/// Where a lease stands at a run of the leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Standing<'l> {
+    /// No owner and not mid-handoff: assigned first.
+    Free,
+    /// Its counter stood still for longer than the failover time: assigned to another worker.
+    Expired,
+    /// Held by (or being handed to) this owner.
+    Held(&'l str),
+    /// No owner but a `checkpointOwner`, not expired: left as it is.
+    Unowned,
+}
+
+impl<'a> Fleet<'a> {
+    /// The leases not at SHARD_END: a finished lease counts for nobody.
+    pub(crate) fn live(&self) -> impl Iterator<Item = &'a Lease> + use<'a> {
+        self.leases.iter().filter(|l| l.checkpoint.position != Position::ShardEnd)
+    }
+
+    /// Where `lease` stands: the one classification both strategies assign by.
+    pub(crate) fn standing<'l>(&self, lease: &'l Lease) -> Standing<'l> {
+        match lease.owner.as_deref() {
+            None if lease.checkpoint_owner.is_none() => Standing::Free,
+            _ if (self.expired)(lease) => Standing::Expired,
+            Some(owner) => Standing::Held(owner),
+            None => Standing::Unowned,
+        }
+    }
+
+    /// How many live leases want an owner (free or expired): what a run that assigns them all
+    /// leaves none of.
+    pub(crate) fn wanting_owner(&self) -> usize {
+        self.live().filter(|l| matches!(self.standing(l), Standing::Free | Standing::Expired)).count()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::leases::lease::Position;
 
     #[test]
     fn leases_wanting_an_owner_are_the_free_and_the_expired_not_the_finished() {
@@ -95,7 +120,10 @@ mod tests {
                 leases[i].checkpoint.position = Position::ShardEnd;
             }
             let is_expired = |l: &Lease| expired.iter().any(|&i| l.key == format!("shard-{i:02}"));
-            assert_eq!(wanting_owner(&leases, &is_expired), want, "{name}");
+            let active = BTreeSet::new();
+            let fleet =
+                Fleet { leases: &leases, active: &active, expired: &is_expired, max_per_worker: 99, balance: false };
+            assert_eq!(fleet.wanting_owner(), want, "{name}");
         }
     }
 }

@@ -35,8 +35,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{Fleet, Move};
-use crate::leases::lease::{Lease, Position};
+use super::{Fleet, Move, Standing};
+use crate::leases::lease::Lease;
 
 /// The thresholds of the utilisation-aware assignment (KCL
 /// `WorkerUtilizationAwareAssignmentConfig`).
@@ -84,7 +84,7 @@ struct Worker<'a> {
 
 /// The moves of one run.
 pub(crate) fn plan(fleet: &Fleet<'_>, loads: &BTreeMap<String, WorkerLoad>, config: &UtilisationConfig) -> Vec<Move> {
-    let live: Vec<&Lease> = fleet.leases.iter().filter(|l| l.checkpoint.position != Position::ShardEnd).collect();
+    let live: Vec<&Lease> = fleet.live().collect();
     let active: Vec<&str> = fleet.active.iter().map(String::as_str).collect();
     if active.is_empty() {
         return Vec::new();
@@ -117,10 +117,10 @@ pub(crate) fn plan(fleet: &Fleet<'_>, loads: &BTreeMap<String, WorkerLoad>, conf
         .collect();
     let (mut free, mut expired) = (Vec::new(), Vec::new());
     for lease in &live {
-        match lease.owner.as_deref() {
-            None if lease.checkpoint_owner.is_none() => free.push(*lease),
-            _ if (fleet.expired)(lease) => expired.push(*lease),
-            Some(owner) => {
+        match fleet.standing(lease) {
+            Standing::Free => free.push(*lease),
+            Standing::Expired => expired.push(*lease),
+            Standing::Held(owner) => {
                 if let Some(w) = workers.get_mut(owner) {
                     w.held += 1;
                     w.throughput += weight(lease);
@@ -129,7 +129,7 @@ pub(crate) fn plan(fleet: &Fleet<'_>, loads: &BTreeMap<String, WorkerLoad>, conf
                     }
                 }
             }
-            None => {}
+            Standing::Unowned => {}
         }
     }
     // Each scale's ratios.
@@ -321,7 +321,7 @@ mod tests {
     fn finished_leases_count_for_nobody() {
         let owners = [("", 1.0), ("", 1.0), ("a", 1.0)];
         let mut all = leases(&owners);
-        all[0].checkpoint.position = Position::ShardEnd;
+        all[0].checkpoint.position = crate::leases::lease::Position::ShardEnd;
         let loads = loads(&["a", "b"]);
         let active: BTreeSet<String> = loads.keys().cloned().collect();
         let never = |_: &Lease| false;

@@ -37,20 +37,6 @@ use lock::LeaderLock;
 pub(crate) struct LeaderConfig {
     pub worker_id: String,
     pub failover: Duration,
-    /// How often the leader reads the table and assigns free and expired leases: a tenth more
-    /// than the failover time ([`read_interval`]). The KCL's `leaseAssignmentIntervalMillis` is
-    /// 2 x failover; a lease is expired once the leader has seen its counter stand still for more
-    /// than the failover time, so a dead worker's leases then wait up to two such runs (4 x
-    /// failover). Reading every failover time moves them within failover + one KCL interval, for
-    /// one more Scan per failover time.
-    pub interval: Duration,
-    /// How often a worker that does not lead reads the leader lock to see whether it may take it
-    /// (the KCL's assignment interval, 2 x failover): a dead leader is replaced within the lock's
-    /// duration and this.
-    pub contend_every: Duration,
-    /// How often the leader balances (KCL: `varianceBalancingFrequency` 3 x
-    /// `leaseAssignmentIntervalMillis` 2 x failover = 6 x failover); the first run balances.
-    pub balance_every: Duration,
     /// The leader lock's duration (KCL: 120 s) and heartbeat (KCL: 30 s).
     pub lock_duration: Duration,
     pub heartbeat: Duration,
@@ -64,16 +50,32 @@ pub(crate) struct LeaderConfig {
     pub assigned_here: Arc<Notify>,
 }
 
-/// The leader's read interval for a failover time: a tenth more, so that two runs in a row are
-/// more than a failover time apart even when the first one's Scan took longer than the second's.
-pub(crate) fn read_interval(failover: Duration) -> Duration {
-    failover + failover / 10
+impl LeaderConfig {
+    /// How often the leader reads the table and assigns free and expired leases: a tenth more
+    /// than the failover time, so that two runs in a row are more than a failover time apart even
+    /// when the first one's Scan took longer than the second's. The KCL's
+    /// `leaseAssignmentIntervalMillis` is 2 x failover; a lease is expired once the leader has seen
+    /// its counter stand still for more than the failover time, so a dead worker's leases then
+    /// wait up to two such runs (4 x failover). Reading every failover time moves them within
+    /// failover + one KCL interval, for one more Scan per failover time.
+    pub(crate) fn interval(&self) -> Duration {
+        self.failover + self.failover / 10
+    }
+
+    /// How often a worker that does not lead reads the leader lock to see whether it may take it
+    /// (the KCL's assignment interval, 2 x failover): a dead leader is replaced within the lock's
+    /// duration and this.
+    pub(crate) fn contend_every(&self) -> Duration {
+        self.failover * 2
+    }
+
+    /// How often the leader balances (KCL: `varianceBalancingFrequency` 3 x
+    /// `leaseAssignmentIntervalMillis` 2 x failover = 6 x failover); the first run balances.
+    pub(crate) fn balance_every(&self) -> Duration {
+        self.failover * 6
+    }
 }
 
-/// How often a leader balances, for a failover time (KCL: every third run of 2 x failover).
-pub(crate) fn balance_interval(failover: Duration) -> Duration {
-    failover * 6
-}
 /// Failed runs in a row after which a leader gives the lock up (KCL: 3).
 const FAILURES_TO_STEP_DOWN: u32 = 3;
 /// The first wait before a leader runs again when its run left leases without an owner (no
@@ -102,7 +104,7 @@ pub(crate) async fn run(table: LeaseTable, config: LeaderConfig, metrics: Arc<Me
     // The first run at once; later ones after the interval, or sooner while leases wait.
     let assign = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(assign);
-    let mut rerun = rerun_backoff(config.interval);
+    let mut rerun = rerun_backoff(config.interval());
     let mut heartbeat = tokio::time::interval(config.heartbeat);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut failures = 0u32;
@@ -120,7 +122,7 @@ pub(crate) async fn run(table: LeaseTable, config: LeaderConfig, metrics: Arc<Me
                 }
             }
             _ = &mut assign => {
-                assign.as_mut().reset(Instant::now() + config.interval);
+                assign.as_mut().reset(Instant::now() + config.interval());
                 let leading = match lock.try_lead().await {
                     Ok(leading) => leading,
                     Err(error) => {
@@ -130,7 +132,7 @@ pub(crate) async fn run(table: LeaseTable, config: LeaderConfig, metrics: Arc<Me
                 };
                 if !leading {
                     state = LeaderState::default();
-                    assign.as_mut().reset(Instant::now() + config.contend_every);
+                    assign.as_mut().reset(Instant::now() + config.contend_every());
                     continue;
                 }
                 if state.runs == 0 {
@@ -143,11 +145,11 @@ pub(crate) async fn run(table: LeaseTable, config: LeaderConfig, metrics: Arc<Me
                             config.assigned_here.notify_one();
                         }
                         if outcome.unplaced > 0 {
-                            let wait = rerun.next().unwrap_or(config.interval);
+                            let wait = rerun.next().unwrap_or(config.interval());
                             tracing::debug!(unplaced = outcome.unplaced, ?wait, "leases left without an owner; running again soon");
                             assign.as_mut().reset(Instant::now() + wait);
                         } else {
-                            rerun = rerun_backoff(config.interval);
+                            rerun = rerun_backoff(config.interval());
                         }
                     }
                     Err(error) => {
@@ -211,7 +213,7 @@ impl LeaderState {
         self.runs += 1;
         let balance = self.next_balance.is_none_or(|at| now >= at);
         if balance {
-            self.next_balance = Some(now + config.balance_every);
+            self.next_balance = Some(now + config.balance_every());
         }
 
         // Handoffs the old owner did not finish: transferred by the leader after the timeout.
@@ -230,10 +232,12 @@ impl LeaderState {
             }
         }
 
-        let failover = config.failover;
-        let observations = &self.observations;
-        let expired = |l: &Lease| observations.is_expired(l, now, failover);
-        let moves = {
+        // The fleet (and its `expired`, not `Send`) lives in this block only, not across the
+        // writes below.
+        let (moves, wanting) = {
+            let failover = config.failover;
+            let observations = &self.observations;
+            let expired = |l: &Lease| observations.is_expired(l, now, failover);
             let fleet = Fleet {
                 leases: &leases,
                 active: &active,
@@ -241,14 +245,14 @@ impl LeaderState {
                 max_per_worker: config.max_per_worker,
                 balance,
             };
-            match config.strategy {
+            let moves = match config.strategy {
                 AssignmentStrategy::WorkerUtilisation(thresholds) => {
                     crate::assignment::utilisation::plan(&fleet, &loads, &thresholds)
                 }
                 AssignmentStrategy::LeaseCount => crate::assignment::count::plan(&fleet),
-            }
+            };
+            (moves, fleet.wanting_owner())
         };
-        let wanting = crate::assignment::wanting_owner(&leases, &expired);
         let assigning = moves.iter().filter(|m| matches!(m, Move::Assign { .. })).count();
         outcome.unplaced = wanting.saturating_sub(assigning);
         for step in moves {

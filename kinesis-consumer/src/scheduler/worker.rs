@@ -406,9 +406,6 @@ impl<F: ProcessorFactory> Worker<F> {
         let config = crate::leader::LeaderConfig {
             worker_id: self.config.worker_id.clone(),
             failover: self.config.failover,
-            interval: crate::leader::read_interval(self.config.failover),
-            contend_every: self.config.failover * 2,
-            balance_every: crate::leader::balance_interval(self.config.failover),
             lock_duration,
             heartbeat,
             handoff_timeout: self.config.handoff_timeout,
