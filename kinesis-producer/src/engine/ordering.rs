@@ -103,6 +103,7 @@ mod tests {
         config.aggregation_max_bytes = 2 * one[0].size / 6 + 40;
         let small = repack(&config, &shard, members(), Instant::now());
         assert!(small.len() > 1, "{:?}", keys(&small));
+        assert!(small.iter().any(|e| e.aggregated && e.members.len() > 1), "still aggregates: {:?}", keys(&small));
         assert_eq!(keys(&small).concat(), ["k0", "k1", "k2", "k3", "k4", "k5"]);
         config.aggregation = false;
         let plain = repack(&config, &shard, members(), Instant::now());

@@ -37,7 +37,7 @@ impl Engine {
             }
         }
         if map_out_of_date {
-            self.map_out_of_date(now);
+            self.shard_map.out_of_date(now);
         }
         match unresolved {
             Unresolved::Call(error, entries) => self.on_call_failed(error, entries, at, duration, now),
@@ -49,7 +49,7 @@ impl Engine {
                             // resharded): a KCL reader drops it whole when any sub-record is
                             // outside the shard. Send every member again, routed by a fresh map.
                             tracing::debug!(predicted = %entry.shard, actual = %shard_id, "aggregate landed on another shard");
-                            self.map_out_of_date(now);
+                            self.shard_map.out_of_date(now);
                             self.metrics.error(STALE_SHARD_MAP, entry.members.len() as u64);
                             for mut member in entry.members {
                                 member.failed_attempt(Attempt {
@@ -97,7 +97,7 @@ impl Engine {
         self.metrics.error(&code, entries.iter().map(|e| e.members.len() as u64).sum());
         tracing::debug!(kind = ?error.kind, %code, message = %error.message, entries = entries.len(), "PutRecords call failed");
         if error.kind == ErrorKind::NotFound {
-            self.map_out_of_date(now);
+            self.shard_map.out_of_date(now);
         }
         if error.kind != ErrorKind::InvalidInput {
             for entry in entries {

@@ -30,7 +30,7 @@ impl Engine {
             // No map yet, an out-of-date one, or a gap in it (mid-reshard): wait, in put order, for
             // the next listing; `step` routes waiting records only once there is a good map.
             if self.shard_map.exists() {
-                self.map_out_of_date(now);
+                self.shard_map.out_of_date(now);
             }
             return self.waiting.push(member, now);
         };

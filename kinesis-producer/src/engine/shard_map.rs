@@ -126,11 +126,6 @@ impl ShardMap {
 }
 
 impl Engine {
-    /// A record landed on another shard than predicted: hold routing until a new listing.
-    pub(super) fn map_out_of_date(&mut self, now: Instant) {
-        self.shard_map.out_of_date(now);
-    }
-
     /// Applies a ListShards answer: judges the stored aggregates waiting for it, installs the new
     /// map, and routes again what was buffered for shards that closed or changed range.
     pub(super) fn on_shard_list(&mut self, number: u64, list: Result<Vec<ShardDescription>, CallError>) {
