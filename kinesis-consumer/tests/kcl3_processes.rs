@@ -109,10 +109,14 @@ impl Drop for Fleet {
 
 /// Issue 14, "Utilisation": one of three workers burns 20 ms of CPU per record; under a steady
 /// load its CPU is far above the fleet's average, so the leader hands leases that carry records
-/// from it to the two that join it, gracefully (nothing delivered twice), until it holds at most
-/// one. Once the load stops, the fleet is
-/// idle and no lease moves again, though the workers' CPU figures go on differing by noise (the
-/// KCL's PR #1814: its leader keeps moving idle leases).
+/// from it to the two that join it, gracefully (nothing delivered twice), until it holds fewer
+/// than either of them: at most 2 of the 8, where balancing by count ends 3/3/2 with the busy
+/// worker, the donor, keeping 3. Whether it goes on to 1 depends on noise: the leader does not
+/// make a move that its estimate says would put the receiver above the fleet's average (the KCL's
+/// rule), and with 8 leases among 3 workers one lease is 3/8 of an average worker's load, so a
+/// calm worker whose CPU reads above 5/8 of the average takes no more. Once the load stops, the
+/// fleet is idle and no lease moves again, though the workers' CPU figures go on differing by
+/// noise (the KCL's PR #1814: its leader keeps moving idle leases).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_worker_ends_with_fewer_leases_and_an_idle_fleet_moves_none() {
     let _serial = SERIAL.lock().await;
@@ -132,22 +136,31 @@ async fn a_busy_worker_ends_with_fewer_leases_and_an_idle_fleet_moves_none() {
         fleet.0.push(spawn_worker(&bed, &stream, &table, calm, &log, Duration::ZERO));
     }
 
-    // Balanced by count the fleet would end 3/3/2. By utilisation the busy worker sheds leases
-    // until it holds at most one, its CPU still the highest, and a calm one holds the rest.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let mut seen = Vec::new();
+    // Balanced by count the fleet would end 3/3/2, the busy worker keeping 3. By utilisation it
+    // sheds leases until it holds fewer than each calm worker.
+    let joined = Instant::now();
+    // 37-47 s here; a loaded 2-core CI machine once took 170 s.
+    let deadline = joined + Duration::from_secs(300);
+    let mut seen: Vec<(u64, BTreeMap<String, usize>)> = Vec::new();
     loop {
         let (held, handing_off) = holdings(&leases).await;
         let busy = held.get("busy").copied().unwrap_or(0);
         let calm = ["calm-1", "calm-2"].map(|w| held.get(w).copied().unwrap_or(0));
-        if seen.last() != Some(&held) {
-            seen.push(held.clone());
+        if seen.last().map(|(_, h)| h) != Some(&held) {
+            seen.push((joined.elapsed().as_secs(), held.clone()));
         }
-        if !handing_off && busy <= 1 && calm.iter().all(|&c| c >= 3) && calm.iter().sum::<usize>() + busy == 8 {
-            println!("holdings over time: {seen:?}");
+        if !handing_off
+            && busy <= 2
+            && calm.iter().all(|&c| c > busy && c >= 3)
+            && calm.iter().sum::<usize>() + busy == 8
+        {
+            println!("holdings over time (seconds after the calm workers started): {seen:?}");
             break;
         }
-        assert!(Instant::now() < deadline, "the busy worker did not shed its leases: {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the busy worker did not shed its leases (seconds after the calm workers started): {seen:?}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
