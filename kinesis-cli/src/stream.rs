@@ -10,6 +10,7 @@ use aws_sdk_kinesis::types::{ShardIteratorType, StreamStatus};
 use base64::Engine as _;
 use clap::{Args, Subcommand};
 use kinesis_aggregation::{Deaggregator, HashKeyRange};
+use kinesis_core::StreamAddress;
 use serde::Serialize;
 
 /// `kinesis stream ...`.
@@ -25,8 +26,8 @@ pub enum StreamCommand {
     },
     /// Print a stream's status and shards as JSON.
     Describe {
-        /// The stream's name.
-        name: String,
+        /// The stream's name, or its ARN (another account's stream).
+        name: StreamAddress,
     },
     /// Print the stream names, one a line.
     List,
@@ -59,8 +60,9 @@ pub enum StreamCommand {
 /// `kinesis put`.
 #[derive(Debug, Args)]
 pub struct PutArgs {
-    /// The stream's name.
-    pub stream: String,
+    /// The stream's name, or its ARN (another account's stream: every call then carries
+    /// `StreamARN`).
+    pub stream: StreamAddress,
     /// The record's data; without it, every line of stdin is a record.
     pub data: Option<String>,
     /// The partition key (default: a new one per record).
@@ -103,8 +105,9 @@ fn parse_from(text: &str) -> Result<From, String> {
 /// `kinesis tail`.
 #[derive(Debug, Args)]
 pub struct TailArgs {
-    /// The stream's name.
-    pub stream: String,
+    /// The stream's name, or its ARN (another account's stream: every call then carries
+    /// `StreamARN`).
+    pub stream: StreamAddress,
     /// Where to start: latest, trim-horizon, "timestamp SECONDS", "at SEQUENCE", "after SEQUENCE".
     #[arg(long, default_value = "latest", value_parser = parse_from)]
     pub from: From,
@@ -172,8 +175,8 @@ struct ShardLine {
     open: bool,
 }
 
-async fn shards(client: &aws_sdk_kinesis::Client, name: &str) -> Result<Vec<ShardLine>, StreamError> {
-    let shards = kinesis_core::list_shards(client, name).await.map_err(kinesis("ListShards"))?;
+async fn shards(client: &aws_sdk_kinesis::Client, stream: &StreamAddress) -> Result<Vec<ShardLine>, StreamError> {
+    let shards = kinesis_core::list_shards(client, stream).await.map_err(kinesis("ListShards"))?;
     Ok(shards
         .into_iter()
         .map(|shard| ShardLine {
@@ -209,16 +212,18 @@ pub async fn run_stream(
             writeln!(out, "{}", serde_json::json!({"stream": name, "shards": shards, "status": "ACTIVE"}))?;
         }
         StreamCommand::Describe { name } => {
+            let (stream_name, stream_arn) = name.request_fields();
             let summary = client
                 .describe_stream_summary()
-                .stream_name(&name)
+                .set_stream_name(stream_name)
+                .set_stream_arn(stream_arn)
                 .send()
                 .await
                 .map_err(kinesis("DescribeStreamSummary"))?;
             let summary = summary.stream_description_summary();
             let shards = shards(client, &name).await?;
             let description = serde_json::json!({
-                "stream": name,
+                "stream": name.name(),
                 "arn": summary.map(|s| s.stream_arn()),
                 "status": summary.map(|s| s.stream_status().as_str()),
                 "open_shards": summary.map(|s| s.open_shard_count()),
@@ -244,7 +249,7 @@ pub async fn run_stream(
             }
         }
         StreamCommand::Split { name, shard, at } => {
-            let all = shards(client, &name).await?;
+            let all = shards(client, &StreamAddress::Name(name.clone())).await?;
             let target = all
                 .iter()
                 .find(|s| s.shard_id == shard)
@@ -306,9 +311,11 @@ pub async fn run_put(
             let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
             format!("{nanos:x}-{i}")
         });
+        let (stream_name, stream_arn) = args.stream.request_fields();
         let put = client
             .put_record()
-            .stream_name(&args.stream)
+            .set_stream_name(stream_name)
+            .set_stream_arn(stream_arn)
             .partition_key(&key)
             .set_explicit_hash_key(args.explicit_hash_key.clone())
             .data(Blob::new(data.into_bytes()))
@@ -353,7 +360,12 @@ pub async fn run_tail(
     }
     let mut readers = Vec::new();
     for shard in shards(client, &args.stream).await?.into_iter().filter(|s| s.open || args.from != From::Latest) {
-        let request = client.get_shard_iterator().stream_name(&args.stream).shard_id(&shard.shard_id);
+        let (stream_name, stream_arn) = args.stream.request_fields();
+        let request = client
+            .get_shard_iterator()
+            .set_stream_name(stream_name.clone())
+            .set_stream_arn(stream_arn.clone())
+            .shard_id(&shard.shard_id);
         let request = match &args.from {
             From::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
             From::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
@@ -372,7 +384,8 @@ pub async fn run_tail(
             // A sequence number belongs to one shard: the others start at their oldest record.
             Err(_) if matches!(args.from, From::At(_) | From::After(_)) => client
                 .get_shard_iterator()
-                .stream_name(&args.stream)
+                .set_stream_name(stream_name)
+                .set_stream_arn(stream_arn)
                 .shard_id(&shard.shard_id)
                 .shard_iterator_type(ShardIteratorType::TrimHorizon)
                 .send()
@@ -392,7 +405,13 @@ pub async fn run_tail(
         let mut any = false;
         for reader in &mut readers {
             let Some(iterator) = reader.iterator.take() else { continue };
-            let page = client.get_records().shard_iterator(iterator).send().await.map_err(kinesis("GetRecords"))?;
+            let page = client
+                .get_records()
+                .set_stream_arn(args.stream.arn().map(|a| a.as_str().to_owned()))
+                .shard_iterator(iterator)
+                .send()
+                .await
+                .map_err(kinesis("GetRecords"))?;
             reader.iterator = page.next_shard_iterator().map(str::to_owned);
             for record in page.records() {
                 any = true;

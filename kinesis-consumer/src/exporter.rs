@@ -147,7 +147,10 @@ impl Publishing {
     pub(crate) fn new(config: &SchedulerConfig) -> Self {
         Publishing {
             labels: [
-                ("stream", config.stream_name.clone()),
+                (
+                    "stream",
+                    config.stream_address().map(|s| s.name().to_owned()).unwrap_or_else(|_| config.stream.clone()),
+                ),
                 ("application", config.application_name.clone()),
                 ("worker", config.worker_id.clone()),
             ],

@@ -117,13 +117,20 @@ impl OnFailure for FailedRecordsFile {
 #[derive(Clone, Debug)]
 pub struct FailedRecordsStream {
     client: aws_sdk_kinesis::Client,
-    stream: String,
+    stream: kinesis_core::StreamAddress,
 }
 
 impl FailedRecordsStream {
-    /// Puts to `stream` through `client`.
-    pub fn new(client: aws_sdk_kinesis::Client, stream: impl Into<String>) -> Self {
-        FailedRecordsStream { client, stream: stream.into() }
+    /// Puts to `stream` (its name, or its ARN: then every call carries `StreamARN`) through
+    /// `client`.
+    ///
+    /// # Errors
+    /// [`kinesis_core::InvalidStream`] when `stream` is neither a stream name nor a stream ARN.
+    pub fn new(
+        client: aws_sdk_kinesis::Client,
+        stream: impl Into<String>,
+    ) -> Result<Self, kinesis_core::InvalidStream> {
+        Ok(FailedRecordsStream { client, stream: kinesis_core::StreamAddress::parse(&stream.into())? })
     }
 }
 
@@ -135,7 +142,8 @@ impl OnFailure for FailedRecordsStream {
             // again in halves, so that the others are stored and the error names the one.
             let mut parts: Vec<&[Record]> = failed.records.chunks(500).rev().collect();
             while let Some(part) = parts.pop() {
-                let mut request = self.client.put_records().stream_name(&self.stream);
+                let (name, arn) = self.stream.request_fields();
+                let mut request = self.client.put_records().set_stream_name(name).set_stream_arn(arn);
                 for r in part {
                     request = request.records(
                         aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()

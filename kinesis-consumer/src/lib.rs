@@ -73,6 +73,7 @@ pub use batches::{Batches, ShardBatch};
 pub use checkpointer::{Checkpointer, PreparedCheckpoint};
 pub use error::{CheckpointError, ConfigError, ErrorKind, KinesisError, LeaseTableError, SchedulerError};
 pub use failure::{DestinationError, FailedRecords, FailedRecordsFile, FailedRecordsStream, FailurePolicy, OnFailure};
+pub use kinesis_core::{InvalidStream, StreamAddress, StreamArn};
 pub use leases::lease::{Checkpoint, Lease, Position};
 pub use leases::shard_sync::InitialPosition;
 pub use leases::table::LeaseTable;

@@ -152,8 +152,9 @@ async fn without_bisection_the_failed_range_goes_to_a_dead_letter_stream() {
     let dead_letters = bed.kinesis.create_stream(1).await.unwrap();
     let mut config = config(&stream, &table, "w");
     config.max_batch_records = 100;
-    config.failure_policy = FailurePolicy::skip_to(1, false, FailedRecordsStream::new(client.clone(), &dead_letters))
-        .with_backoff(Duration::from_millis(10), Duration::from_millis(50));
+    config.failure_policy =
+        FailurePolicy::skip_to(1, false, FailedRecordsStream::new(client.clone(), &dead_letters).unwrap())
+            .with_backoff(Duration::from_millis(10), Duration::from_millis(50));
     let run = start(&bed, config);
     // The poison record and the rest of its batch go to the dead letters; the others are processed.
     assert!(eventually(Duration::from_secs(60), || run.worker.metrics().records_diverted > 0).await);

@@ -1,9 +1,10 @@
 //! One ListShards pager.
 //!
-//! Every page asks for `page_size` shards (at most 10,000) by the stream name, and the next page
-//! starts after the last shard listed (`ExclusiveStartShardId`). A `NextToken` may not be sent
-//! together with the stream name, and a NextToken-only call fails on ferrokinesis; this form
-//! works on AWS and on both emulators. No `ShardFilter` is sent: closed shards are listed too,
+//! Every page asks for `page_size` shards (at most 10,000) by the stream's name or ARN, and the
+//! next page starts after the last shard listed (`ExclusiveStartShardId`). A `NextToken` may not
+//! be sent together with the stream's name or ARN, and a NextToken-only call fails on ferrokinesis;
+//! this form works on AWS and on both emulators (by ARN: on AWS and kinesis-local; ferrokinesis
+//! 0.7 lists by name only). No `ShardFilter` is sent: closed shards are listed too,
 //! as far as the service still lists them (it drops those closed longer ago than the retention
 //! period).
 
@@ -12,6 +13,7 @@ use std::collections::HashSet;
 use kinesis_aggregation::HashKeyRange;
 
 use crate::errors::ServiceError;
+use crate::stream::StreamAddress;
 
 /// The most ListShards calls one listing makes (10,000 shards a page: far more shards than a
 /// stream may have).
@@ -49,7 +51,7 @@ impl Shard {
 ///
 /// # Errors
 /// As [`list_shards_paged`].
-pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Result<Vec<Shard>, ServiceError> {
+pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &StreamAddress) -> Result<Vec<Shard>, ServiceError> {
     list_shards_paged(client, stream, 1000).await
 }
 
@@ -61,15 +63,17 @@ pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Resu
 /// endpoint ignored `ExclusiveStartShardId`), or still more shards after 1,000 calls.
 pub async fn list_shards_paged(
     client: &aws_sdk_kinesis::Client,
-    stream: &str,
+    stream: &StreamAddress,
     page_size: i32,
 ) -> Result<Vec<Shard>, ServiceError> {
     let mut shards: Vec<Shard> = Vec::new();
     let mut seen = HashSet::new();
+    let (name, arn) = stream.request_fields();
     for _ in 0..MAX_CALLS {
         let out = client
             .list_shards()
-            .stream_name(stream)
+            .set_stream_name(name.clone())
+            .set_stream_arn(arn.clone())
             .max_results(page_size)
             .set_exclusive_start_shard_id(shards.last().map(|s| s.shard_id.clone()))
             .send()
@@ -117,7 +121,7 @@ mod tests {
     async fn every_shard_is_listed_once_across_pages() {
         let kinesis = kinesis_testkit::Kinesis::start().await.unwrap();
         let client = kinesis.client();
-        let stream = kinesis.create_stream(5).await.unwrap();
+        let stream = StreamAddress::parse(&kinesis.create_stream(5).await.unwrap()).unwrap();
         let one_a_page = list_shards_paged(&client, &stream, 1).await.unwrap();
         let all = list_shards(&client, &stream).await.unwrap();
         assert_eq!(one_a_page, all);
@@ -125,7 +129,7 @@ mod tests {
         assert!(all.iter().all(|s| s.open && s.parents().next().is_none()));
         assert_eq!(all.first().unwrap().hash_range.start, 0);
         assert_eq!(all.last().unwrap().hash_range.end, u128::MAX);
-        let missing = list_shards(&client, "no-such-stream").await.unwrap_err();
+        let missing = list_shards(&client, &StreamAddress::parse("no-such-stream").unwrap()).await.unwrap_err();
         assert_eq!(missing.class, crate::ErrorClass::NotFound, "{missing}");
     }
 }

@@ -165,6 +165,9 @@ pub enum BuildError {
     /// A configuration value is out of range.
     #[error("invalid producer configuration: {0}")]
     InvalidConfig(String),
+    /// The stream is neither a valid stream name nor a valid stream ARN.
+    #[error("invalid producer configuration: {0}")]
+    InvalidStream(#[from] kinesis_core::InvalidStream),
 }
 
 #[cfg(test)]

@@ -47,6 +47,7 @@ pub use attempt::{Attempt, Attempts};
 pub use config::{ProducerConfig, RECORD_OVERHEAD_BYTES};
 pub use error::{BuildError, DeliveryError, ErrorKind, PutError, PutErrorReason};
 pub use kinesis_aggregation::{HashKey, UserRecord};
+pub use kinesis_core::{InvalidStream, StreamAddress, StreamArn};
 pub use memory::{Faults, MemoryTransport, StoredRecord};
 pub use metrics::MetricsSnapshot;
 pub use producer::{Producer, ProducerBuilder};

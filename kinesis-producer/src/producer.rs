@@ -18,7 +18,8 @@ use crate::transport::{KinesisTransport, Transport};
 /// Builds a [`Producer`].
 #[derive(Debug)]
 pub struct ProducerBuilder {
-    transport: Arc<dyn TransportDebug>,
+    /// The transport, or why there is none (a stream that is neither a name nor an ARN).
+    transport: Result<Arc<dyn TransportDebug>, BuildError>,
     config: ProducerConfig,
 }
 
@@ -36,17 +37,19 @@ impl ProducerBuilder {
     /// Validates the configuration and starts the pipeline task on the current tokio runtime.
     ///
     /// # Errors
-    /// [`BuildError::InvalidConfig`] when a value is out of range.
+    /// [`BuildError::InvalidStream`] when the stream given to [`Producer::builder`] is neither a
+    /// stream name nor a stream ARN; [`BuildError::InvalidConfig`] when a value is out of range.
     ///
     /// # Panics
     /// Outside a tokio runtime.
     pub fn build(self) -> Result<Producer, BuildError> {
+        let transport = self.transport?;
         self.config.validate()?;
         let config = self.config;
         let metrics = Arc::new(Metrics::default());
         // The inbox is bounded; buffer space is bounded by the two semaphores below.
         let (tx, rx) = mpsc::channel(16384);
-        let transport: Arc<dyn Transport> = Arc::new(Upcast(self.transport));
+        let transport: Arc<dyn Transport> = Arc::new(Upcast(transport));
         let stream_limit = Arc::new(AtomicUsize::new(0));
         let engine = Engine::new(config.clone(), transport, metrics.clone(), stream_limit.clone());
         #[cfg(feature = "metrics")]
@@ -123,14 +126,26 @@ pub(crate) struct Inner {
 }
 
 impl Producer {
-    /// A builder for a producer on `stream_name`, with the KPL's defaults.
-    pub fn builder(client: aws_sdk_kinesis::Client, stream_name: impl Into<String>) -> ProducerBuilder {
-        Self::builder_with_transport(KinesisTransport::new(client, stream_name))
+    /// A builder for a producer on `stream`, with the KPL's defaults. `stream` is the stream's
+    /// name, or its ARN (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME`): the way to write to
+    /// another account's stream, whose resource policy must allow this caller
+    /// `kinesis:PutRecords`, `kinesis:ListShards` and `kinesis:DescribeStreamSummary`. By ARN,
+    /// every call carries `StreamARN` (see [`kinesis_core::StreamAddress`]).
+    ///
+    /// Text that is neither a valid name nor a valid ARN makes [`ProducerBuilder::build`] fail
+    /// with [`BuildError::InvalidStream`].
+    pub fn builder(client: aws_sdk_kinesis::Client, stream: impl Into<String>) -> ProducerBuilder {
+        match kinesis_core::StreamAddress::parse(&stream.into()) {
+            Ok(stream) => Self::builder_with_transport(KinesisTransport::new(client, stream)),
+            Err(error) => {
+                ProducerBuilder { transport: Err(BuildError::InvalidStream(error)), config: ProducerConfig::default() }
+            }
+        }
     }
 
     /// A builder over another [`Transport`] (an in-memory sink for benchmarks, a fault injector).
     pub fn builder_with_transport(transport: impl Transport + std::fmt::Debug) -> ProducerBuilder {
-        ProducerBuilder { transport: Arc::new(transport), config: ProducerConfig::default() }
+        ProducerBuilder { transport: Ok(Arc::new(transport)), config: ProducerConfig::default() }
     }
 
     /// Buffers a record; waits while the buffer is full. The returned future resolves when the

@@ -19,6 +19,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use bytes::Bytes;
 use kinesis_aggregation::{HashKey, HashKeyRange};
+use kinesis_core::StreamAddress;
 
 use crate::error::ErrorKind;
 
@@ -109,14 +110,15 @@ pub trait Transport: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct KinesisTransport {
     client: aws_sdk_kinesis::Client,
-    stream_name: String,
+    stream: StreamAddress,
 }
 
 impl KinesisTransport {
-    /// Wraps a client (its retries turned off: the producer retries) for one stream.
-    pub fn new(client: aws_sdk_kinesis::Client, stream_name: impl Into<String>) -> Self {
+    /// Wraps a client (its retries turned off: the producer retries) for one stream, named by its
+    /// name or its ARN (then every call carries `StreamARN`: see [`StreamAddress::request_fields`]).
+    pub fn new(client: aws_sdk_kinesis::Client, stream: StreamAddress) -> Self {
         let config = client.config().to_builder().retry_config(RetryConfig::disabled()).build();
-        KinesisTransport { client: aws_sdk_kinesis::Client::from_conf(config), stream_name: stream_name.into() }
+        KinesisTransport { client: aws_sdk_kinesis::Client::from_conf(config), stream }
     }
 }
 
@@ -136,7 +138,7 @@ impl From<kinesis_core::ServiceError> for CallError {
 
 impl Transport for KinesisTransport {
     fn put_records(&self, entries: Vec<PutEntry>) -> BoxFuture<Result<Vec<EntryResult>, CallError>> {
-        let (client, stream) = (self.client.clone(), self.stream_name.clone());
+        let (client, (name, arn)) = (self.client.clone(), self.stream.request_fields());
         Box::pin(async move {
             let count = entries.len();
             let mut request = Vec::with_capacity(count);
@@ -151,7 +153,8 @@ impl Transport for KinesisTransport {
             }
             let out = client
                 .put_records()
-                .stream_name(stream)
+                .set_stream_name(name)
+                .set_stream_arn(arn)
                 .set_records(Some(request))
                 .send()
                 .await
@@ -179,11 +182,12 @@ impl Transport for KinesisTransport {
     }
 
     fn stream_limits(&self) -> BoxFuture<Result<StreamLimits, CallError>> {
-        let (client, stream) = (self.client.clone(), self.stream_name.clone());
+        let (client, (name, arn)) = (self.client.clone(), self.stream.request_fields());
         Box::pin(async move {
             let out = client
                 .describe_stream_summary()
-                .stream_name(&stream)
+                .set_stream_name(name)
+                .set_stream_arn(arn)
                 .send()
                 .await
                 .map_err(|e| classify("DescribeStreamSummary", e))?;
@@ -194,7 +198,7 @@ impl Transport for KinesisTransport {
     }
 
     fn list_shards(&self) -> BoxFuture<Result<Vec<ShardDescription>, CallError>> {
-        let (client, stream) = (self.client.clone(), self.stream_name.clone());
+        let (client, stream) = (self.client.clone(), self.stream.clone());
         Box::pin(async move {
             let shards = kinesis_core::list_shards(&client, &stream).await?;
             Ok(shards

@@ -15,7 +15,7 @@
 //!
 //! Rules match an operation (the `X-Amz-Target` suffix, `PutRecords`, `UpdateItem`, ...) or every
 //! request, and optionally only requests whose body contains a text (`"SHARD_END"`: the write that
-//! ends a shard); they fire on every n-th match, and may stop after a number of firings. Counters tell a test
+//! ends a shard) or lacks one (`"StreamARN"`: an endpoint that requires it); they fire on every n-th match, and may stop after a number of firings. Counters tell a test
 //! how many requests each operation had and how many faults were injected.
 
 use std::collections::BTreeMap;
@@ -91,6 +91,7 @@ pub struct Rule {
     fault: Fault,
     operation: Option<String>,
     containing: Option<String>,
+    lacking: Option<String>,
     every: u64,
     limit: Option<u64>,
     matched: AtomicU64,
@@ -104,6 +105,7 @@ impl Rule {
             fault,
             operation: None,
             containing: None,
+            lacking: None,
             every: 1,
             limit: None,
             matched: AtomicU64::new(0),
@@ -115,6 +117,13 @@ impl Rule {
     /// DynamoDB, and for Kinesis unless it sends CBOR).
     pub fn containing(mut self, text: impl Into<String>) -> Self {
         self.containing = Some(text.into());
+        self
+    }
+
+    /// Only requests whose body does not contain `text`: with an error fault, an endpoint that
+    /// requires a field, e.g. `"\"StreamARN\""` for a stream shared from another account.
+    pub fn lacking(mut self, text: impl Into<String>) -> Self {
+        self.lacking = Some(text.into());
         self
     }
 
@@ -145,9 +154,11 @@ impl Rule {
         if self.operation.as_deref().is_some_and(|o| o != operation) {
             return false;
         }
-        if let Some(text) = &self.containing
-            && !body.windows(text.len().max(1)).any(|w| w == text.as_bytes())
-        {
+        let contains = |text: &str| body.windows(text.len().max(1)).any(|w| w == text.as_bytes());
+        if self.containing.as_deref().is_some_and(|text| !contains(text)) {
+            return false;
+        }
+        if self.lacking.as_deref().is_some_and(contains) {
             return false;
         }
         let n = self.matched.fetch_add(1, Ordering::Relaxed) + 1;
@@ -524,5 +535,14 @@ mod tests {
         assert!(!rule.fires("UpdateItem", br#"{":checkpoint":{"S":"4959"}}"#));
         assert!(rule.fires("UpdateItem", br#"{":checkpoint":{"S":"SHARD_END"}}"#));
         assert!(!rule.fires("PutItem", b"SHARD_END"));
+    }
+
+    #[test]
+    fn a_rule_with_a_lacking_text_fires_only_on_bodies_without_it() {
+        let rule = Rule::new(Fault::internal_error()).on("ListShards").lacking("\"StreamARN\"");
+        assert!(rule.fires("ListShards", br#"{"StreamName":"s","MaxResults":1000}"#));
+        assert!(!rule.fires("ListShards", br#"{"StreamARN":"arn:aws:kinesis:us-east-1:000000000000:stream/s"}"#));
+        assert!(!rule.fires("GetRecords", br#"{"ShardIterator":"x"}"#));
+        assert_eq!(rule.fired(), 1);
     }
 }

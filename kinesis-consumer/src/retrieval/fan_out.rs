@@ -99,7 +99,7 @@ where
 /// ACTIVE. Returns its ARN.
 pub(crate) async fn register(
     client: &aws_sdk_kinesis::Client,
-    stream: &str,
+    stream: &kinesis_core::StreamAddress,
     config: &FanOutConfig,
 ) -> Result<String, KinesisError> {
     let deadline = Instant::now() + config.registration_timeout;
@@ -118,8 +118,11 @@ pub(crate) async fn register(
         tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(2))).await;
         Ok(())
     };
+    // The consumer calls take the stream's ARN: the one given, else the one described (which
+    // also tells the stream exists).
+    let (name, arn) = stream.request_fields();
     let stream_arn = loop {
-        match client.describe_stream_summary().stream_name(stream).send().await {
+        match client.describe_stream_summary().set_stream_name(name.clone()).set_stream_arn(arn.clone()).send().await {
             Ok(out) => match out.stream_description_summary() {
                 Some(summary) => break summary.stream_arn().to_owned(),
                 None => pause("the stream described", None).await?,
@@ -142,7 +145,7 @@ pub(crate) async fn register(
             .await
         {
             Ok(_) => {
-                tracing::info!(stream, consumer = %config.consumer_name, "stream consumer registered");
+                tracing::info!(stream = stream.name(), consumer = %config.consumer_name, "stream consumer registered");
                 break;
             }
             // Registered before (by this worker's earlier run, or another worker): use it.

@@ -11,6 +11,8 @@ use std::time::SystemTime;
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::ShardIteratorType;
 
+use kinesis_core::StreamAddress;
+
 use crate::error::{KinesisError, classify_sdk};
 
 pub use kinesis_core::Shard;
@@ -37,7 +39,7 @@ pub(crate) struct Fetched {
 #[derive(Clone, Debug)]
 pub(crate) struct KinesisApi {
     client: aws_sdk_kinesis::Client,
-    stream: Arc<str>,
+    stream: Arc<StreamAddress>,
 }
 
 /// Classifies a Kinesis SDK error before it is boxed.
@@ -51,15 +53,21 @@ where
 }
 
 impl KinesisApi {
-    pub(crate) fn new(client: aws_sdk_kinesis::Client, stream: &str) -> Self {
-        KinesisApi { client, stream: stream.into() }
+    pub(crate) fn new(client: aws_sdk_kinesis::Client, stream: StreamAddress) -> Self {
+        KinesisApi { client, stream: Arc::new(stream) }
     }
 
     pub(crate) fn client(&self) -> &aws_sdk_kinesis::Client {
         &self.client
     }
 
+    /// The stream's name (for logs and metrics).
     pub(crate) fn stream(&self) -> &str {
+        self.stream.name()
+    }
+
+    /// The stream as the calls name it.
+    pub(crate) fn address(&self) -> &StreamAddress {
         &self.stream
     }
 
@@ -80,7 +88,8 @@ impl KinesisApi {
     /// A shard iterator. `None` when the shard has nothing more at that position (a closed shard
     /// read to its end).
     pub(crate) async fn shard_iterator(&self, shard_id: &str, at: &StartAt) -> Result<Option<String>, KinesisError> {
-        let request = self.client.get_shard_iterator().stream_name(self.stream.as_ref()).shard_id(shard_id);
+        let (name, arn) = self.stream.request_fields();
+        let request = self.client.get_shard_iterator().set_stream_name(name).set_stream_arn(arn).shard_id(shard_id);
         let request = match at {
             StartAt::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
             StartAt::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
@@ -103,6 +112,9 @@ impl KinesisApi {
         let out = self
             .client
             .get_records()
+            // By ARN, GetRecords carries it too (the iterator alone names the shard; AWS checks
+            // another account's resource policy against the ARN).
+            .set_stream_arn(self.stream.arn().map(|a| a.as_str().to_owned()))
             .shard_iterator(iterator)
             .limit(limit)
             .send()

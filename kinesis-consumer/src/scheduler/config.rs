@@ -2,6 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use kinesis_core::StreamAddress;
+
 use crate::error::ConfigError;
 use crate::leases::shard_sync::InitialPosition;
 use crate::retrieval::fan_out::Retrieval;
@@ -12,8 +14,13 @@ use crate::retrieval::polling::PollingConfig;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SchedulerConfig {
-    /// The stream to read.
-    pub stream_name: String,
+    /// The stream to read: its name, or its ARN (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME`),
+    /// the way to read another account's stream. By ARN, every Kinesis call carries `StreamARN`
+    /// (see [`kinesis_core::StreamAddress`]); the stream's resource policy must allow this caller
+    /// `kinesis:DescribeStreamSummary`, `kinesis:ListShards`, `kinesis:GetShardIterator` and
+    /// `kinesis:GetRecords` (with fan-out: `kinesis:RegisterStreamConsumer` and
+    /// `kinesis:DescribeStreamConsumer`, and the consumer's policy `kinesis:SubscribeToShard`).
+    pub stream: String,
     /// The application: the lease table's name, shared by its workers.
     pub application_name: String,
     /// This worker's id (`leaseOwner`); unique per worker. Default: `worker-<pid>-<random>`.
@@ -107,11 +114,12 @@ pub enum LeaseManagement {
 }
 
 impl SchedulerConfig {
-    /// A worker of `application_name` reading `stream_name`, with the KCL's defaults.
-    pub fn new(stream_name: impl Into<String>, application_name: impl Into<String>) -> Self {
+    /// A worker of `application_name` reading `stream` (its name or its ARN), with the KCL's
+    /// defaults.
+    pub fn new(stream: impl Into<String>, application_name: impl Into<String>) -> Self {
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         SchedulerConfig {
-            stream_name: stream_name.into(),
+            stream: stream.into(),
             application_name: application_name.into(),
             worker_id: format!("worker-{}-{nanos:08x}", std::process::id()),
             initial_position: InitialPosition::Latest,
@@ -151,11 +159,14 @@ impl SchedulerConfig {
         (lock, self.leader_heartbeat.unwrap_or(lock / 3))
     }
 
+    /// The stream, parsed.
+    pub(crate) fn stream_address(&self) -> Result<StreamAddress, ConfigError> {
+        StreamAddress::parse(&self.stream).map_err(|e| ConfigError { field: "stream", problem: e.reason })
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, problem: &str| Err(ConfigError { field, problem: problem.to_owned() });
-        if self.stream_name.is_empty() || self.stream_name.len() > 128 {
-            return bad("stream_name", "must be 1 to 128 characters");
-        }
+        self.stream_address()?;
         let name = &self.application_name;
         if name.len() < 3
             || name.len() > 255
@@ -243,5 +254,17 @@ mod tests {
         let strategy = crate::AssignmentStrategy::WorkerUtilisation(utilisation);
         assert_eq!(field(&|c| c.assignment_strategy = strategy), Some("assignment_strategy"));
         assert_eq!(field(&|c| c.assignment_strategy = crate::AssignmentStrategy::LeaseCount), None);
+    }
+
+    #[test]
+    fn the_stream_is_a_name_or_an_arn() {
+        let arn = "arn:aws:kinesis:eu-west-1:111122223333:stream/orders";
+        let by_arn = SchedulerConfig::new(arn, "app");
+        assert!(by_arn.validate().is_ok());
+        assert_eq!(by_arn.stream_address().unwrap().arn().map(|a| a.account_id()), Some("111122223333"));
+        for bad in ["", "orders/eu", "arn:aws:kinesis:eu-west-1:1111:stream/orders"] {
+            let error = SchedulerConfig::new(bad, "app").validate().unwrap_err();
+            assert_eq!(error.field, "stream", "{bad:?}: {error}");
+        }
     }
 }

@@ -66,6 +66,7 @@ impl Scheduler {
         factory: F,
     ) -> Result<Scheduler, ConfigError> {
         config.validate()?;
+        let stream = config.stream_address()?;
         let metrics = Arc::new(Metrics::default());
         let dynamodb = crate::metrics::counting_requests(&dynamodb, &metrics);
         let table = LeaseTable::new(dynamodb, config.application_name.clone());
@@ -77,7 +78,7 @@ impl Scheduler {
         #[cfg(feature = "metrics")]
         let publishing = crate::exporter::Publishing::new(&config);
         let worker = Worker {
-            api: KinesisApi::new(kinesis, &config.stream_name),
+            api: KinesisApi::new(kinesis, stream),
             coordinator: coordinator.clone(),
             metrics: metrics.clone(),
             factory: Arc::new(factory),

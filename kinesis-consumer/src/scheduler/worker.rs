@@ -80,7 +80,7 @@ impl<F: ProcessorFactory> Worker<F> {
         }
         let consumer_arn: Option<Arc<str>> = match &self.config.retrieval {
             Retrieval::Polling => None,
-            Retrieval::FanOut(fan_out) => match register(self.api.client(), self.api.stream(), fan_out).await {
+            Retrieval::FanOut(fan_out) => match register(self.api.client(), self.api.address(), fan_out).await {
                 Ok(arn) => Some(arn.into()),
                 Err(e) => return Err(SchedulerError::Kinesis(e)),
             },

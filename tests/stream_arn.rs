@@ -1,0 +1,112 @@
+//! Streams named by ARN (issue 15), against an endpoint that requires `StreamARN`.
+//!
+//! Reading or writing another account's stream (Kinesis resource policies) needs every call to
+//! name the stream by ARN: named by its name, the stream is looked for in the caller's own
+//! account, and AWS answers `ResourceNotFoundException`. A fault proxy in front of kinesis-local
+//! plays that endpoint: each call that names a stream and lacks `"StreamARN"` gets that answer.
+//!
+//! kinesis-local, not the embedded ferrokinesis: ferrokinesis 0.7 takes `StreamARN` on PutRecords
+//! only, and answers ListShards, GetShardIterator and DescribeStreamSummary by stream name alone.
+//! Without node and npm this test fails, saying how to install them.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kinesis::consumer::{Batch, Checkpointer, InitialPosition, Processor, Scheduler, SchedulerConfig};
+use kinesis::producer::{BuildError, Producer, UserRecord};
+use kinesis_testkit::{DynamoDb, Fault, FaultProxy, Kinesis, KinesisLocal, Rule, unique_name};
+use tokio::time::Instant;
+
+/// The Kinesis operations our producer and consumer make that name a stream.
+const NAMING_A_STREAM: [&str; 5] =
+    ["PutRecords", "ListShards", "GetShardIterator", "GetRecords", "DescribeStreamSummary"];
+
+struct Recorder(Arc<Mutex<BTreeMap<String, usize>>>);
+
+impl Processor for Recorder {
+    async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
+        {
+            let mut seen = self.0.lock().unwrap();
+            for record in &batch.records {
+                *seen.entry(String::from_utf8_lossy(&record.data).into_owned()).or_default() += 1;
+            }
+        }
+        let _ = checkpointer.checkpoint().await;
+    }
+
+    async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) {
+        let _ = checkpointer.checkpoint().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_and_a_consumer_by_arn_work_where_every_call_must_carry_it() {
+    let local = KinesisLocal::start()
+        .await
+        .expect("kinesis-local must be available for this test (scripts/kinesis-local): ferrokinesis 0.7 does not list shards or give iterators by StreamARN");
+    let dynamodb = DynamoDb::start().await.expect("start DynamoDB (embedded dynoxide)");
+    let name = local.create_stream(2).await.unwrap();
+    let summary = local.client().describe_stream_summary().stream_name(&name).send().await.unwrap();
+    let arn = summary.stream_description_summary().unwrap().stream_arn().to_owned();
+
+    let proxy = FaultProxy::start(local.endpoint_url()).await.expect("a proxy in front of kinesis-local");
+    let refusals: Vec<_> = NAMING_A_STREAM
+        .iter()
+        .map(|operation| {
+            let not_in_this_account = Fault::Error { status: 400, error_type: "ResourceNotFoundException".into() };
+            proxy.add(Rule::new(not_in_this_account).on(*operation).lacking("\"StreamARN\""))
+        })
+        .collect();
+    let client = Kinesis::connect(proxy.url()).client();
+    let refused = || refusals.iter().map(|r| r.fired()).sum::<u64>();
+
+    // The endpoint refuses a stream named by its name: the check can fail.
+    let error = client.list_shards().stream_name(&name).send().await.unwrap_err();
+    assert!(error.as_service_error().is_some_and(|e| e.is_resource_not_found_exception()), "{error:?}");
+    assert_eq!(refused(), 1);
+
+    // Text that is neither a name nor an ARN: a typed error where the producer is built.
+    let bad = Producer::builder(client.clone(), "arn:aws:kinesis:us-east-1:12345:stream/x").build().unwrap_err();
+    assert!(matches!(bad, BuildError::InvalidStream(_)), "{bad}");
+
+    // By ARN: a producer writes, a consumer reads every record once.
+    let producer = Producer::builder(client.clone(), arn.clone()).build().expect("a producer by ARN");
+    let mut receipts = Vec::new();
+    for i in 0..2_000 {
+        let record = UserRecord::new(format!("key-{i}"), format!("record-{i}"));
+        receipts.push(producer.put(record).await.expect("buffered"));
+    }
+    for receipt in receipts {
+        receipt.await.expect("delivered to the stream named by ARN");
+    }
+    producer.shutdown().await;
+
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let mut config = SchedulerConfig::new(arn.clone(), unique_name("by-arn"));
+    config.initial_position = InitialPosition::TrimHorizon;
+    config.table_create_timeout = Duration::from_secs(30);
+    let consumer = Scheduler::start(client.clone(), dynamodb.client(), config, {
+        let seen = seen.clone();
+        move |_: &str| Recorder(seen.clone())
+    })
+    .expect("a consumer by ARN");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while seen.lock().unwrap().len() < 2_000 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    consumer.shutdown().await.expect("a clean shutdown");
+
+    let seen = seen.lock().unwrap().clone();
+    let missing: Vec<String> = (0..2_000).map(|i| format!("record-{i}")).filter(|d| !seen.contains_key(d)).collect();
+    assert!(missing.is_empty(), "{} of 2,000 records not read by ARN, e.g. {:?}", missing.len(), missing.first());
+    assert!(seen.values().all(|n| *n == 1), "each record once");
+    assert_eq!(refused(), 1, "every call by ARN carried StreamARN");
+    for operation in NAMING_A_STREAM {
+        assert!(
+            proxy.requests(operation) > 0,
+            "{operation} went through the checking endpoint: {:?}",
+            proxy.request_counts()
+        );
+    }
+}
