@@ -12,7 +12,12 @@
 //! cargo run --release --example produce -- --throttle --duration 60       # a 60 s throttled run: peak RSS
 //! cargo run --release --example produce -- --throttle --duration 20 --compare ordering
 //! cargo run --release --example produce -- --stream my-stream --records 1000       # a real stream
+//! cargo run --release --example produce -- --throttle --duration 20 --streams 16  # one producer, 16 streams
 //! ```
+//!
+//! With `--streams N` one producer (`Producer::multi_stream`) puts to N streams of `--shards`
+//! shards each, record i to stream i mod N, and the summary adds each stream's share of its write
+//! limit and the process's CPU seconds per million records.
 //!
 //! Records are 100 bytes, with 16-character partition keys drawn from 1,000 keys. Each mode runs
 //! on a stream of its own: the main one (aggregated; `--no-aggregation` or `--ordering` change it),
@@ -34,7 +39,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const USAGE: &str = "usage: produce [--records N | --duration SECS] [--shards N] [--throttle] \
                      [--no-aggregation | --ordering] [--compare plain,ordering,aggregated] \
-                     [--buffer-records N] [--buffer-mib N] [--stream NAME]";
+                     [--buffer-records N] [--buffer-mib N] [--stream NAME] [--streams N]";
 
 /// How a run's producer is configured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +87,8 @@ struct Args {
     /// Put for this long instead of a count.
     duration: Option<Duration>,
     shards: u32,
+    /// Streams one producer puts to (record i to stream i mod N).
+    streams: u32,
     throttle: bool,
     modes: Vec<Mode>,
     stream: Option<String>,
@@ -97,6 +104,7 @@ fn parse_args() -> Result<Args, BoxError> {
         records: 100_000,
         duration: None,
         shards: 4,
+        streams: 1,
         throttle: false,
         modes: vec![Mode::Aggregated],
         stream: None,
@@ -110,6 +118,7 @@ fn parse_args() -> Result<Args, BoxError> {
         match arg.as_str() {
             "--records" => args.records = value()?.replace('_', "").parse()?,
             "--shards" => args.shards = value()?.parse()?,
+            "--streams" => args.streams = value()?.parse::<u32>()?.max(1),
             "--stream" => args.stream = Some(value()?),
             "--throttle" => args.throttle = true,
             "--no-aggregation" => args.modes[0] = Mode::Plain,
@@ -126,8 +135,8 @@ fn parse_args() -> Result<Args, BoxError> {
             _ => return Err(format!("unknown argument {arg}; {USAGE}").into()),
         }
     }
-    if args.stream.is_some() && (args.throttle || args.shards != 4) {
-        return Err("--shards and --throttle apply to the embedded emulator only, not with --stream".into());
+    if args.stream.is_some() && (args.throttle || args.shards != 4 || args.streams != 1) {
+        return Err("--shards, --streams and --throttle apply to the embedded emulator only, not with --stream".into());
     }
     Ok(args)
 }
@@ -165,12 +174,18 @@ async fn main() -> Result<(), BoxError> {
 
     let mut results = Vec::new();
     for &mode in &args.modes {
-        let (client, stream) = match &target {
-            Target::Stream(client, stream) => (client.clone(), stream.clone()),
-            Target::Emulator(kinesis) => (kinesis.client(), kinesis.create_stream(args.shards).await?),
+        let (client, streams) = match &target {
+            Target::Stream(client, stream) => (client.clone(), vec![stream.clone()]),
+            Target::Emulator(kinesis) => {
+                let mut streams = Vec::new();
+                for _ in 0..args.streams {
+                    streams.push(kinesis.create_stream(args.shards).await?);
+                }
+                (kinesis.client(), streams)
+            }
         };
-        println!("\n== {}: stream {stream}, {} shards", mode.name(), args.shards);
-        results.push(run(mode, client, stream, &args).await?);
+        println!("\n== {}: streams {}, {} shards each", mode.name(), streams.join(" "), args.shards);
+        results.push(run(mode, client, streams, &args).await?);
     }
 
     print_summary(&results, &args);
@@ -203,13 +218,26 @@ struct RunResult {
     peak_rss: Option<u64>,
     buffer_cap: usize,
     record_cap: usize,
+    /// Each stream's Kinesis bytes (partition key + data) delivered over the whole run.
+    stream_bytes: Vec<(String, u64)>,
+    /// This process's CPU seconds (user + system) over the run.
+    cpu_seconds: Option<f64>,
 }
 
-async fn run(mode: Mode, client: aws_sdk_kinesis::Client, stream: String, args: &Args) -> Result<RunResult, BoxError> {
+async fn run(
+    mode: Mode,
+    client: aws_sdk_kinesis::Client,
+    streams: Vec<String>,
+    args: &Args,
+) -> Result<RunResult, BoxError> {
     let config = mode.config(args);
     let (buffer_cap, record_cap) = (config.max_buffered_bytes, config.max_buffered_records);
     reset_peak_rss();
-    let producer = Producer::builder(client, stream).config(config).build()?;
+    let cpu_at_start = cpu_seconds();
+    let producer = match &streams[..] {
+        [one] => Producer::builder(client, one.clone()).config(config).build()?,
+        _ => Producer::multi_stream(client).config(config).build()?,
+    };
 
     // Progress once a second, from the metrics; the per-second samples give the steady state.
     let started = Instant::now();
@@ -292,7 +320,10 @@ async fn run(mode: Mode, client: aws_sdk_kinesis::Client, stream: String, args: 
         let key = keys[(i % 1_000) as usize].clone();
         let record = UserRecord::new(key, format!("{i:0>100}")); // 100 bytes
         // Waits while the producer's buffer is full (back-pressure).
-        let receipt = producer.put(record).await?;
+        let receipt = match &streams[..] {
+            [_] => producer.put(record).await?,
+            _ => producer.put_to(&streams[(i % streams.len() as u64) as usize], record).await?,
+        };
         receipts_tx.send(receipt).await?;
         sent += 1;
     }
@@ -303,6 +334,10 @@ async fn run(mode: Mode, client: aws_sdk_kinesis::Client, stream: String, args: 
     let secs = started.elapsed().as_secs_f64();
     producer.shutdown().await;
     progress.abort();
+    let cpu_seconds = cpu_seconds().zip(cpu_at_start).map(|(end, start)| end - start);
+    let mut stream_bytes: Vec<(String, u64)> =
+        producer.metrics_by_stream().into_iter().map(|(s, m)| (s, m.kinesis_records_data_put)).collect();
+    stream_bytes.sort();
 
     let m = producer.metrics();
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -336,13 +371,19 @@ async fn run(mode: Mode, client: aws_sdk_kinesis::Client, stream: String, args: 
         peak_rss: peak_rss_bytes(),
         buffer_cap,
         record_cap,
+        stream_bytes,
+        cpu_seconds,
     })
 }
 
 fn print_summary(results: &[RunResult], args: &Args) {
     // What the shards can take, in Kinesis bytes (partition key + data) per second.
-    let byte_limit = f64::from(args.shards) * 1_048_576.0;
-    println!("\n== summary: {} shards; 100-byte records, 16-character keys from 1,000", args.shards);
+    let stream_limit = f64::from(args.shards) * 1_048_576.0;
+    let byte_limit = f64::from(args.streams) * stream_limit;
+    println!(
+        "\n== summary: {} stream(s) of {} shards; 100-byte records, 16-character keys from 1,000",
+        args.streams, args.shards
+    );
     println!(
         "{:<11} {:>9} {:>9} {:>14} {:>14} {:>12} {:>12} {:>9} {:>8} {:>10} {:>9}",
         "mode",
@@ -374,6 +415,18 @@ fn print_summary(results: &[RunResult], args: &Args) {
             rss,
             rss * 1_048_576.0 / r.buffer_cap as f64,
             if i > 0 { " *" } else { "" },
+        );
+    }
+    for r in results {
+        let cpu = r.cpu_seconds.map_or(f64::NAN, |s| s / (r.delivered as f64 / 1e6));
+        let shares: Vec<f64> =
+            r.stream_bytes.iter().map(|(_, bytes)| 100.0 * *bytes as f64 / r.secs / stream_limit).collect();
+        let (low, high) = shares.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), s| (lo.min(*s), hi.max(*s)));
+        println!(
+            "{}: {cpu:.2} CPU s per million records; over the whole run each stream used {low:.1}-{high:.1} % of its \
+             write limit ({} streams)",
+            r.mode.name(),
+            shares.len()
         );
     }
     if let Some(first) = results.first() {
@@ -428,6 +481,16 @@ async fn serve_emulator(throttle: bool) -> Result<(), BoxError> {
     let mut sink = Vec::new();
     let _ = tokio::io::stdin().read_to_end(&mut sink).await;
     Ok(())
+}
+
+/// This process's CPU seconds so far (user + system, /proc/self/stat in USER_HZ ticks: 100 a
+/// second on Linux), where the OS reports them.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name (which may hold spaces) start after its ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 /// Resets the process's peak RSS (Linux: `5` to /proc/self/clear_refs), so each run reports its own.

@@ -88,7 +88,7 @@ async fn main() -> Result<(), BoxError> {
     let application = unique_name("prometheus-app");
 
     let producer = Producer::builder(bed.kinesis.client(), &stream).build()?;
-    let producer_publisher = producer.spawn_metrics_publisher(&stream, PUBLISH_EVERY);
+    let producer_publisher = producer.spawn_metrics_publisher(PUBLISH_EVERY);
 
     let mut config = SchedulerConfig::new(&stream, &application);
     config.worker_id = "worker-1".to_owned();

@@ -236,7 +236,7 @@ async fn publishers_publish_at_once_and_a_last_time_when_what_they_watch_stops()
 
     // A producer shut down.
     let producer = Producer::builder(bed.kinesis.client(), &stream).build()?;
-    let publisher = producer.spawn_metrics_publisher(&stream, HOUR);
+    let publisher = producer.spawn_metrics_publisher(HOUR);
     published(&recorder, "UserRecordsPut", &[("stream", &stream)]).await;
     assert_eq!(value(&render(&recorder), "UserRecordsPut", &[("stream", &stream)]), 0.0);
     put(&producer, RECORDS).await?;
@@ -277,7 +277,7 @@ async fn publishers_publish_at_once_and_a_last_time_when_what_they_watch_stops()
     let memory = MemoryTransport::new(2);
     memory.set_faults(Faults::RejectEveryNth(2, THROTTLED.to_owned()));
     let producer = Producer::builder_with_transport(memory).build()?;
-    let publisher = producer.spawn_metrics_publisher("memory", HOUR);
+    let publisher = producer.spawn_metrics_publisher(HOUR);
     put(&producer, RECORDS).await?;
     drop(producer);
     tokio::time::timeout(GUARD, publisher).await.expect("the publisher stops once the handles are gone")?;

@@ -73,6 +73,17 @@ pub enum PutErrorReason {
     /// `try_put` only: the buffer is full.
     #[error("the producer's buffer is full")]
     Full,
+    /// `put_to`: the stream is neither a stream name nor a stream ARN.
+    #[error(transparent)]
+    InvalidStream(kinesis_core::InvalidStream),
+    /// `put` or `try_put` on a producer built with [`crate::Producer::multi_stream`], which has
+    /// no default stream: name the stream with `put_to`.
+    #[error("the producer has no default stream: use put_to")]
+    NoDefaultStream,
+    /// `put_to` another stream than the one transport of a producer built with
+    /// [`crate::Producer::builder_with_transport`].
+    #[error("the producer writes through one transport, to its stream only, not to {0}")]
+    OtherStream(String),
 }
 
 /// A record that `put` / `try_put` refused, handed back with the reason.

@@ -50,6 +50,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::metrics::MetricsSnapshot;
 use crate::producer::Producer;
+use crate::streams::Streams;
 
 /// The error code `PutRecords.ThrottledRecords` counts.
 const THROTTLED: &str = "ProvisionedThroughputExceededException";
@@ -110,31 +111,35 @@ impl MetricsSnapshot {
 }
 
 impl Producer {
-    /// Spawns a task that publishes this producer's metrics ([`MetricsSnapshot::publish`],
-    /// labelled `stream`) at once and then every `every`, until the pipeline stops: after
-    /// [`Producer::shutdown`], or once every handle is dropped and every record resolved. It
-    /// publishes a last time then, so the final counts are seen. The task holds no handle, so it
-    /// keeps nothing alive; abort it through the returned handle to stop it sooner.
+    /// Spawns a task that publishes this producer's metrics ([`MetricsSnapshot::publish`]), one
+    /// series a stream labelled `stream` with its name, at once and then every `every`, until the
+    /// pipelines stop: after [`Producer::shutdown`], or once every handle is dropped and every
+    /// record resolved. It publishes a last time then, so the final counts are seen. The task
+    /// holds no handle, so it keeps nothing alive; abort it through the returned handle to stop
+    /// it sooner. Streams first put to later are published from then on.
     ///
     /// # Panics
     /// When `every` is zero, or outside a tokio runtime.
-    pub fn spawn_metrics_publisher(&self, stream: impl Into<String>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let stream = stream.into();
-        let metrics = self.inner.metrics.clone();
+    pub fn spawn_metrics_publisher(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let registry = self.inner.streams.registry();
         let mut stopped = self.inner.stopped.clone();
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let publish = move || {
+            for (stream, snapshot) in Streams::snapshots(&registry) {
+                snapshot.publish(&[("stream", &stream)]);
+            }
+        };
         tokio::spawn(async move {
-            let labels = [("stream", stream.as_str())];
             loop {
-                metrics.snapshot().publish(&labels);
+                publish();
                 tokio::select! {
                     _ = tick.tick() => {}
-                    // Nothing is ever sent: this fails once the pipeline task drops the sender.
+                    // Nothing is ever sent: this fails once the pipeline tasks drop the senders.
                     _ = stopped.changed() => break,
                 }
             }
-            metrics.snapshot().publish(&labels);
+            publish();
         })
     }
 }

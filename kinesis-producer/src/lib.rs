@@ -9,6 +9,9 @@
 //!
 //! - `put(record).await` returns once the record is buffered (it waits while the buffer is full:
 //!   back-pressure), giving a [`ReceiptFuture`]; `try_put` returns `Full` instead of waiting.
+//! - One producer puts to any number of streams (`put_to(stream, record)`, a name or an ARN), as
+//!   one KPL instance does: a pipeline a stream, sharing the buffer caps, the calls in flight and
+//!   the metrics registry.
 //! - Records are aggregated in the KPL format per **predicted** shard (ListShards hash ranges + MD5
 //!   of the partition key, or the explicit hash key), so every aggregate holds only records of the
 //!   shard it lands on. A lone record is sent plain, as the KPL does.
@@ -41,6 +44,7 @@ mod producer;
 mod rate_limit;
 mod receipt;
 mod sender;
+mod streams;
 pub mod transport;
 
 pub use attempt::{Attempt, Attempts};

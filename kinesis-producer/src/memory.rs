@@ -180,6 +180,10 @@ impl MemoryTransport {
 }
 
 impl Transport for MemoryTransport {
+    fn stream_name(&self) -> &str {
+        "memory"
+    }
+
     fn put_records(&self, entries: Vec<PutEntry>) -> BoxFuture<Result<Vec<EntryResult>, CallError>> {
         let mut state = self.lock();
         state.calls += 1;

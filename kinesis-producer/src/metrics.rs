@@ -102,4 +102,42 @@ impl MetricsSnapshot {
     pub fn kinesis_records_per_put_records_request(&self) -> f64 {
         self.kinesis_records_put as f64 / self.put_records_requests.max(1) as f64
     }
+
+    /// Adds another stream's counts to these (every field is a count or a total).
+    pub(crate) fn add(&mut self, other: &MetricsSnapshot) {
+        let MetricsSnapshot {
+            user_records_received,
+            user_records_pending,
+            user_records_put,
+            user_records_data_put,
+            kinesis_records_put,
+            kinesis_records_data_put,
+            errors_by_code,
+            all_errors,
+            retries,
+            user_record_expired,
+            user_records_failed,
+            put_records_requests,
+            put_records_succeeded,
+            request_time_micros_total,
+            buffering_time_micros_total,
+        } = other;
+        self.user_records_received += user_records_received;
+        self.user_records_pending += user_records_pending;
+        self.user_records_put += user_records_put;
+        self.user_records_data_put += user_records_data_put;
+        self.kinesis_records_put += kinesis_records_put;
+        self.kinesis_records_data_put += kinesis_records_data_put;
+        for (code, count) in errors_by_code {
+            *self.errors_by_code.entry(code.clone()).or_default() += count;
+        }
+        self.all_errors += all_errors;
+        self.retries += retries;
+        self.user_record_expired += user_record_expired;
+        self.user_records_failed += user_records_failed;
+        self.put_records_requests += put_records_requests;
+        self.put_records_succeeded += put_records_succeeded;
+        self.request_time_micros_total += request_time_micros_total;
+        self.buffering_time_micros_total += buffering_time_micros_total;
+    }
 }

@@ -13,6 +13,8 @@ use crate::error::{DeliveryError, ErrorKind};
 /// Where a record was written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {
+    /// The stream's name (shared by every record of the stream).
+    pub stream: Arc<str>,
     /// The shard that stored it (shared by every user record of an aggregate).
     pub shard_id: Arc<str>,
     /// The Kinesis record's sequence number (shared by every user record of an aggregate).

@@ -47,14 +47,22 @@ pub(crate) enum Unresolved {
     Entries(Vec<(Entry, EntryResult)>),
 }
 
+/// What a call's task needs besides its entries.
+pub(crate) struct Call {
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// The stream's name, for the receipts.
+    pub(crate) stream: Arc<str>,
+    pub(crate) ordering: bool,
+    pub(crate) responses: mpsc::Sender<Response>,
+    /// The call's place among the producer's calls in flight (shared by every stream), given
+    /// back when the call is answered.
+    pub(crate) slot: OwnedSemaphorePermit,
+}
+
 /// Sends one PutRecords call on its own task; its [`Response`] goes to `responses`.
-pub(crate) fn spawn(
-    transport: Arc<dyn Transport>,
-    metrics: Arc<Metrics>,
-    mut entries: Vec<Entry>,
-    ordering: bool,
-    responses: mpsc::Sender<Response>,
-) {
+pub(crate) fn spawn(call: Call, mut entries: Vec<Entry>) {
+    let Call { transport, metrics, stream, ordering, responses, slot } = call;
     tokio::spawn(async move {
         let puts: Vec<PutEntry> = entries.iter_mut().map(Entry::put_entry).collect();
         tracing::trace!(entries = puts.len(), "PutRecords");
@@ -73,6 +81,7 @@ pub(crate) fn spawn(
             }
         });
         let duration = started.elapsed();
+        drop(slot);
         metrics.put_records_requests.fetch_add(1, Relaxed);
         metrics.request_time_micros.fetch_add(duration.as_micros() as u64, Relaxed);
 
@@ -101,7 +110,7 @@ pub(crate) fn spawn(
                         EntryResult::Stored { shard_id, sequence_number } if entry.readable_anywhere() => {
                             response.map_out_of_date |= *shard_id != *entry.shard;
                             let place = (Arc::from(shard_id), Arc::from(sequence_number));
-                            response.delivered += deliver(&metrics, entry, place, at, duration, now);
+                            response.delivered += deliver(&metrics, &stream, entry, place, at, duration, now);
                         }
                         // An aggregate on the shard it was built for: readable if that shard id
                         // still names the range it was built for, which a listing confirms.
@@ -123,6 +132,7 @@ pub(crate) fn spawn(
 /// Resolves the receipts of a stored entry's records; returns how many.
 pub(crate) fn deliver(
     metrics: &Metrics,
+    stream: &Arc<str>,
     entry: Entry,
     (shard_id, sequence_number): (Arc<str>, Arc<str>),
     at: SystemTime,
@@ -146,6 +156,7 @@ pub(crate) fn deliver(
         let mut attempts = member.take_attempts();
         attempts.push(Attempt { at, duration, error_code: None });
         let receipt = Receipt {
+            stream: stream.clone(),
             shard_id: shard_id.clone(),
             sequence_number: sequence_number.clone(),
             aggregated_index: entry.aggregated.then_some(index as u64),

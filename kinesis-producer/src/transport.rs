@@ -104,6 +104,11 @@ pub trait Transport: Send + Sync + 'static {
     fn stream_limits(&self) -> BoxFuture<Result<StreamLimits, CallError>> {
         Box::pin(std::future::ready(Ok(StreamLimits::default())))
     }
+    /// The stream's name, as receipts ([`crate::Receipt::stream`]) and metrics labels give it.
+    /// The default: `custom`.
+    fn stream_name(&self) -> &str {
+        "custom"
+    }
 }
 
 /// The real transport, over the AWS SDK.
@@ -195,6 +200,10 @@ impl Transport for KinesisTransport {
             let max_record_bytes = kib.and_then(|k| usize::try_from(k).ok()).filter(|k| *k > 0).map(|k| k * 1024);
             Ok(StreamLimits { max_record_bytes })
         })
+    }
+
+    fn stream_name(&self) -> &str {
+        self.stream.name()
     }
 
     fn list_shards(&self) -> BoxFuture<Result<Vec<ShardDescription>, CallError>> {

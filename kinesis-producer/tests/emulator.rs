@@ -395,3 +395,109 @@ async fn a_record_over_the_streams_limit_fails_alone_with_the_services_message()
         producer.shutdown().await;
     }
 }
+
+/// Issue 15: one producer, three streams (2, 3 and 1 shards) and a fourth that does not exist.
+/// 100,000 records over the three: every receipt names the stream it was put to and a shard
+/// where a reader of that stream finds the record, once; the missing stream's records fail with
+/// `NotFound` and no other stream's fail. The metrics are kept by stream and add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_producer_puts_to_three_streams_and_a_missing_one_fails_only_its_own_records() {
+    const RECORDS: usize = 100_000;
+    let kinesis = Kinesis::start().await.expect("start Kinesis");
+    let mut streams = Vec::new();
+    for shards in [2, 3, 1] {
+        streams.push(kinesis.create_stream(shards).await.expect("create a stream"));
+    }
+    let missing = kinesis_testkit::unique_name("no-such-stream");
+    let producer = Producer::multi_stream(kinesis.client()).build().expect("producer");
+    let no_default = producer.put(UserRecord::new("k", "v")).await.expect_err("no default stream");
+    assert!(matches!(no_default.reason(), kinesis_producer::PutErrorReason::NoDefaultStream), "{no_default}");
+    let invalid = producer.put_to("not a stream", UserRecord::new("k", "v")).await.expect_err("invalid");
+    assert!(matches!(invalid.reason(), kinesis_producer::PutErrorReason::InvalidStream(_)), "{invalid}");
+
+    let mut receipts = Vec::with_capacity(RECORDS);
+    let mut lost_cause = Vec::new();
+    for i in 0..RECORDS {
+        let stream = &streams[i % 3];
+        let record = UserRecord::new(format!("device-{}", i % 1_000), format!("{stream} {i:06}"));
+        receipts.push((stream.clone(), producer.put_to(stream, record).await.expect("buffered")));
+        if i % 10_000 == 0 {
+            let record = UserRecord::new("device-0", format!("nowhere {i}"));
+            lost_cause.push(producer.put_to(&missing, record).await.expect("buffered"));
+        }
+    }
+    for receipt in lost_cause {
+        let failed = receipt.await.expect_err("a record of a missing stream fails");
+        assert_eq!(failed.kind(), kinesis_producer::ErrorKind::NotFound, "{failed}");
+    }
+    producer.flush().await;
+    let mut found = HashMap::new();
+    for stream in &streams {
+        found.insert(stream.clone(), read_back(&kinesis.client(), stream).await);
+    }
+    for (i, (stream, receipt)) in receipts.into_iter().enumerate() {
+        let receipt = receipt.await.unwrap_or_else(|e| panic!("record {i} to {stream} failed: {e}"));
+        assert_eq!(&*receipt.stream, stream.as_str(), "record {i}'s receipt names its stream");
+        let data = Bytes::from(format!("{stream} {i:06}"));
+        let places = found[&stream].get(&data).unwrap_or_else(|| panic!("record {i} never arrived in {stream}"));
+        assert_eq!(places.len(), 1, "record {i} arrived {} times", places.len());
+        let place = (receipt.shard_id.to_string(), receipt.sequence_number.to_string(), receipt.aggregated_index);
+        assert_eq!(places[0], place, "record {i}: the receipt points where a reader of {stream} finds it");
+    }
+    let by_stream: HashMap<String, kinesis_producer::MetricsSnapshot> =
+        producer.metrics_by_stream().into_iter().collect();
+    for stream in &streams {
+        assert_eq!(by_stream[stream].user_records_put, (RECORDS / 3 + usize::from(stream == &streams[0])) as u64);
+        assert_eq!(by_stream[stream].user_records_failed, 0, "{stream}");
+    }
+    assert_eq!(by_stream[&missing].user_records_put, 0);
+    let total = producer.metrics();
+    assert_eq!(total.user_records_put, RECORDS as u64);
+    assert_eq!(total.user_records_received, RECORDS as u64 + 10);
+    producer.shutdown().await;
+}
+
+/// Issue 15: one stream of three refuses every PutRecords as throttled (a proxy in front of
+/// Kinesis). The other two streams' records are all delivered while the throttled stream's are
+/// still being retried: none of them resolved before the last of the others did, and then they
+/// expire at their time to live, with the throttling in their attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_throttled_hard_does_not_hold_the_others_back() {
+    let kinesis = Kinesis::start().await.expect("start Kinesis");
+    let streams = [kinesis.create_stream(2).await.unwrap(), kinesis.create_stream(2).await.unwrap()];
+    let throttled = kinesis.create_stream(2).await.unwrap();
+    let proxy = kinesis_testkit::FaultProxy::start(kinesis.endpoint_url()).await.expect("a proxy");
+    let refusing = proxy.add(
+        kinesis_testkit::Rule::new(kinesis_testkit::Fault::kinesis_throttling())
+            .on("PutRecords")
+            .containing(format!("\"StreamName\":\"{throttled}\"")),
+    );
+    let config =
+        kinesis_producer::ProducerConfig { record_ttl: std::time::Duration::from_secs(10), ..Default::default() };
+    let producer = Producer::multi_stream(Kinesis::connect(proxy.url()).client()).config(config).build().unwrap();
+    let (mut fine, mut held) = (Vec::new(), Vec::new());
+    for i in 0..20_000 {
+        let record = UserRecord::new(format!("k-{}", i % 500), format!("record {i}"));
+        match i % 3 {
+            2 => held.push(producer.put_to(&throttled, record).await.expect("buffered")),
+            n => fine.push(producer.put_to(&streams[n], record).await.expect("buffered")),
+        }
+    }
+    let mut held = futures_util::future::join_all(held);
+    let all_fine = futures_util::future::join_all(fine);
+    let fine = tokio::select! {
+        fine = all_fine => fine,
+        _ = &mut held => panic!("the throttled stream's records resolved before the others were delivered"),
+    };
+    assert!(fine.iter().all(Result::is_ok), "the other streams' records delivered");
+    let held = held.await;
+    assert!(refusing.fired() > 0);
+    for failed in held {
+        let failed = failed.expect_err("refused until its time to live ran out");
+        assert_eq!(failed.kind(), kinesis_producer::ErrorKind::Expired, "{failed}");
+        assert!(
+            failed.attempts().iter().any(|a| a.error_code.as_deref() == Some("ProvisionedThroughputExceededException"))
+        );
+    }
+    producer.shutdown().await;
+}

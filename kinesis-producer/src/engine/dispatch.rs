@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::{Engine, ordering};
@@ -15,18 +16,26 @@ impl Engine {
     /// worth, or an entry that has waited its linger time.
     pub(super) fn dispatch(&mut self, now: Instant) {
         self.limiter_wake = None;
+        self.collect_batches(now);
+        // A slot taken when one came free and not used here goes back to the other streams.
+        self.spare_slot = None;
+    }
+
+    fn collect_batches(&mut self, now: Instant) {
         // Parts of a call the service refused as invalid go first, each as a call of its own.
-        while self.in_flight < self.config.max_in_flight_requests {
-            let Some(part) = self.splits.pop_front() else { break };
-            self.send(part);
+        while !self.splits.is_empty() {
+            let Some(slot) = self.take_slot() else { return };
+            let Some(part) = self.splits.pop_front() else { return };
+            self.send(part, slot);
         }
-        while self.in_flight < self.config.max_in_flight_requests && self.shards.count() > 0 {
+        while self.shards.count() > 0 {
             let worth_it = self.shards.count() >= self.config.collection_max_count
                 || self.shards.bytes() >= self.config.collection_max_bytes
                 || self.shards.earliest_due().is_some_and(|due| due <= now);
             if !worth_it {
                 return;
             }
+            let Some(slot) = self.take_slot() else { return };
             let mut batch = Batch::new(self.config.collection_max_count, self.config.collection_max_bytes);
             // Visit every shard with ready entries once, starting where the last batch stopped.
             for _ in 0..self.shards.turns() {
@@ -40,15 +49,33 @@ impl Engine {
             if batch.is_empty() {
                 return;
             }
-            self.send(batch.into_entries());
+            self.send(batch.into_entries(), slot);
         }
     }
 
+    /// A place for one more call in flight, if the producer has one (its calls in flight are
+    /// shared by every stream): the one taken when a slot came free, else a free one.
+    pub(super) fn take_slot(&mut self) -> Option<OwnedSemaphorePermit> {
+        self.spare_slot.take().or_else(|| self.slots.clone().try_acquire_owned().ok())
+    }
+
+    /// Whether a call could start now.
+    pub(super) fn has_slot(&self) -> bool {
+        self.spare_slot.is_some() || self.slots.available_permits() > 0
+    }
+
     /// Starts a PutRecords call on a sender task.
-    fn send(&mut self, entries: Vec<Entry>) {
+    fn send(&mut self, entries: Vec<Entry>, slot: OwnedSemaphorePermit) {
         self.in_flight += 1;
-        let (transport, metrics, tx) = (self.transport.clone(), self.metrics.clone(), self.responses.0.clone());
-        sender::spawn(transport, metrics, entries, self.config.ordering, tx);
+        let call = sender::Call {
+            transport: self.transport.clone(),
+            metrics: self.metrics.clone(),
+            stream: self.stream.clone(),
+            ordering: self.config.ordering,
+            responses: self.responses.0.clone(),
+            slot,
+        };
+        sender::spawn(call, entries);
     }
 
     /// When something held back may go.

@@ -44,7 +44,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use backon::ExponentialBuilder;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::ProducerConfig;
@@ -74,10 +74,17 @@ pub(crate) struct Engine {
     config: ProducerConfig,
     transport: Arc<dyn Transport>,
     metrics: Arc<Metrics>,
+    /// The stream's name, for receipts.
+    stream: Arc<str>,
+    /// The producer's places for calls in flight (`max_in_flight_requests`), shared by the
+    /// pipelines of every stream.
+    slots: Arc<Semaphore>,
+    /// A slot taken when one came free while this pipeline waited for one.
+    spare_slot: Option<OwnedSemaphorePermit>,
     shard_map: ShardMap,
     shards: Shards,
     waiting: Waiting,
-    /// PutRecords calls under way.
+    /// This pipeline's PutRecords calls under way.
     in_flight: usize,
     /// When the earliest entry held back by a shard's rate limiter (or, in ordering mode, its
     /// backoff) may go.
@@ -103,9 +110,10 @@ pub(crate) struct Engine {
 impl Engine {
     pub(crate) fn new(
         config: ProducerConfig,
-        transport: Arc<dyn Transport>,
+        (stream, transport): (Arc<str>, Arc<dyn Transport>),
         metrics: Arc<Metrics>,
         stream_limit: Arc<AtomicUsize>,
+        slots: Arc<Semaphore>,
     ) -> Self {
         let backoff = ExponentialBuilder::new()
             .with_min_delay(config.backoff_initial)
@@ -120,6 +128,9 @@ impl Engine {
             config,
             transport,
             metrics,
+            stream,
+            slots,
+            spare_slot: None,
             shards: Shards::default(),
             waiting: Waiting::default(),
             in_flight: 0,
@@ -173,9 +184,14 @@ impl Engine {
                 break;
             }
             let wake = self.next_wake(now);
+            // With work to send and every slot taken (by this stream or another), a slot coming
+            // free wakes the task.
+            let wants_slot = (self.shards.count() > 0 || !self.splits.is_empty()) && !self.has_slot();
+            let slots = self.slots.clone();
             tokio::select! {
                 biased;
                 Some(response) = self.responses.1.recv() => self.on_response(response),
+                slot = slots.acquire_owned(), if wants_slot => self.spare_slot = slot.ok(),
                 Some((number, list)) = self.shard_lists.1.recv() => self.on_shard_list(number, list),
                 command = inbox.recv(), if inbox_open => match command {
                     Some(command) => {
@@ -269,7 +285,7 @@ impl Engine {
         if let Some(deadline) = self.confirmations.earliest_deadline() {
             wake = wake.min(deadline);
         }
-        if !self.splits.is_empty() && self.in_flight < self.config.max_in_flight_requests {
+        if !self.splits.is_empty() && self.has_slot() {
             wake = now;
         }
         let waiting = if self.shard_map.usable() { self.waiting.next_due() } else { self.waiting.earliest_deadline() };
@@ -279,8 +295,8 @@ impl Engine {
         if let Some(at) = self.shards.next_linger(self.config.record_max_buffered_time) {
             wake = wake.min(at);
         }
-        // With every request slot taken, a response wakes the task.
-        if self.shards.count() > 0 && self.in_flight < self.config.max_in_flight_requests {
+        // With every request slot taken, a slot coming free wakes the task.
+        if self.shards.count() > 0 && self.has_slot() {
             if let Some(at) = self.limiter_wake {
                 wake = wake.min(at);
             }

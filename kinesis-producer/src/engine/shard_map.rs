@@ -143,8 +143,15 @@ impl Engine {
             self.unbusy_if_unparked(&entry.shard);
             match judge(entry.key_span, &shard_id, &shards) {
                 Verdict::Readable => {
-                    self.outstanding -=
-                        sender::deliver(&self.metrics, entry, (shard_id, sequence_number), at, duration, now);
+                    self.outstanding -= sender::deliver(
+                        &self.metrics,
+                        &self.stream,
+                        entry,
+                        (shard_id, sequence_number),
+                        at,
+                        duration,
+                        now,
+                    );
                 }
                 Verdict::Unreadable => {
                     // The shard id names another range than the one the aggregate was built
