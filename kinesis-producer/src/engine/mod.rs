@@ -186,12 +186,18 @@ impl Engine {
             let wake = self.next_wake(now);
             // With work to send and every slot taken (by this stream or another), a slot coming
             // free wakes the task.
+            // (The semaphore is cloned only then: select! builds every branch's future each turn.)
             let wants_slot = (self.shards.count() > 0 || !self.splits.is_empty()) && !self.has_slot();
-            let slots = self.slots.clone();
+            let slots = wants_slot.then(|| self.slots.clone());
             tokio::select! {
                 biased;
                 Some(response) = self.responses.1.recv() => self.on_response(response),
-                slot = slots.acquire_owned(), if wants_slot => self.spare_slot = slot.ok(),
+                slot = async move {
+                    match slots {
+                        Some(slots) => slots.acquire_owned().await.ok(),
+                        None => std::future::pending().await,
+                    }
+                }, if wants_slot => self.spare_slot = slot,
                 Some((number, list)) = self.shard_lists.1.recv() => self.on_shard_list(number, list),
                 command = inbox.recv(), if inbox_open => match command {
                     Some(command) => {
