@@ -350,7 +350,7 @@ impl Producer {
     /// RecordMaxBufferedTime, and waits until every record buffered so far is resolved. (While
     /// other tasks keep putting, it waits for those too.)
     pub async fn flush(&self) {
-        self.each_pipeline(Command::Flush).await;
+        self.each_pipeline(self.inner.streams.all(), Command::Flush).await;
     }
 
     /// Stops accepting records, delivers (or expires) everything buffered on every stream, and
@@ -358,14 +358,14 @@ impl Producer {
     /// with `Shutdown`.
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Relaxed);
-        self.each_pipeline(Command::Shutdown).await;
+        self.each_pipeline(self.inner.streams.close(), Command::Shutdown).await;
         self.inner.streams.stop();
     }
 
     /// Sends every pipeline the command and waits for each answer.
-    async fn each_pipeline(&self, command: fn(oneshot::Sender<()>) -> Command) {
+    async fn each_pipeline(&self, pipelines: Vec<Pipeline>, command: fn(oneshot::Sender<()>) -> Command) {
         let mut answers = Vec::new();
-        for pipeline in self.inner.streams.all() {
+        for pipeline in pipelines {
             let (tx, rx) = oneshot::channel();
             if pipeline.tx.send(command(tx)).await.is_ok() {
                 answers.push(rx);

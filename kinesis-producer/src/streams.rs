@@ -47,8 +47,10 @@ pub(crate) struct Streams {
     /// The client new streams' pipelines call through; `None` for a producer built over one
     /// transport, which has its one stream only.
     client: Option<aws_sdk_kinesis::Client>,
-    /// By the stream as it was given (its name or its ARN).
-    pipelines: Mutex<HashMap<String, Pipeline>>,
+    /// By the stream as it was given (its name or its ARN); and whether the producer is shutting
+    /// down (then no pipeline starts: set under the same lock as the snapshot shutdown takes, so
+    /// a pipeline is either in that snapshot or never started).
+    pipelines: Mutex<(HashMap<String, Pipeline>, bool)>,
     registry: Registry,
     /// Held by every pipeline task, and here until shutdown: its receivers see it close once
     /// the producer is shut down (or dropped) and every task has returned.
@@ -72,7 +74,7 @@ impl Streams {
     /// Starts the pipeline of `stream` (as given) over `transport`.
     pub(crate) fn start(&self, given: &str, transport: Arc<dyn Transport>) -> Pipeline {
         let pipeline = self.spawn(transport);
-        lock(&self.pipelines).insert(given.to_owned(), pipeline.clone());
+        lock(&self.pipelines).0.insert(given.to_owned(), pipeline.clone());
         pipeline
     }
 
@@ -80,12 +82,17 @@ impl Streams {
     ///
     /// # Errors
     /// [`PutErrorReason::InvalidStream`] for text that names no stream;
-    /// [`PutErrorReason::OtherStream`] on a producer built over one transport.
+    /// [`PutErrorReason::OtherStream`] on a producer built over one transport;
+    /// [`PutErrorReason::Shutdown`] for a new stream once the producer is shutting down.
     pub(crate) fn pipeline(&self, stream: &str) -> Result<Pipeline, PutErrorReason> {
         // Held while a new stream's task is spawned (no await), so that a stream gets one.
-        let mut pipelines = lock(&self.pipelines);
+        let mut guard = lock(&self.pipelines);
+        let (pipelines, closing) = &mut *guard;
         if let Some(pipeline) = pipelines.get(stream) {
             return Ok(pipeline.clone());
+        }
+        if *closing {
+            return Err(PutErrorReason::Shutdown);
         }
         let address = StreamAddress::parse(stream).map_err(PutErrorReason::InvalidStream)?;
         let Some(client) = &self.client else { return Err(PutErrorReason::OtherStream(stream.to_owned())) };
@@ -118,7 +125,14 @@ impl Streams {
 
     /// Every pipeline started so far.
     pub(crate) fn all(&self) -> Vec<Pipeline> {
-        lock(&self.pipelines).values().cloned().collect()
+        lock(&self.pipelines).0.values().cloned().collect()
+    }
+
+    /// Every pipeline, for shutdown: none starts after this.
+    pub(crate) fn close(&self) -> Vec<Pipeline> {
+        let mut guard = lock(&self.pipelines);
+        guard.1 = true;
+        guard.0.values().cloned().collect()
     }
 
     /// The registry of every stream's metrics.
@@ -142,4 +156,24 @@ impl Streams {
 /// it was held leaves data that is still whole.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_stream_needs_valid_text_a_client_and_a_producer_not_shutting_down() {
+        let (streams, _stopped) = Streams::new(ProducerConfig::default(), None);
+        let first = streams.start("memory", Arc::new(crate::MemoryTransport::new(1)));
+        assert_eq!(&*first.stream, "memory");
+        let again = streams.pipeline("memory").expect("started");
+        assert!(Arc::ptr_eq(&again.metrics, &first.metrics), "one pipeline a stream");
+        assert!(matches!(streams.pipeline("not a stream"), Err(PutErrorReason::InvalidStream(_))));
+        assert!(matches!(streams.pipeline("other"), Err(PutErrorReason::OtherStream(s)) if s == "other"));
+        assert_eq!(streams.close().len(), 1);
+        assert!(matches!(streams.pipeline("other"), Err(PutErrorReason::Shutdown)));
+        assert!(streams.pipeline("memory").is_ok(), "a started stream is still found");
+        assert_eq!(Streams::snapshots(&streams.registry()).len(), 1);
+    }
 }
