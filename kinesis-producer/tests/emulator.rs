@@ -501,3 +501,32 @@ async fn a_stream_throttled_hard_does_not_hold_the_others_back() {
     }
     producer.shutdown().await;
 }
+
+/// Issue 15: the calls in flight are the producer's, shared by its streams. Four streams, a cap
+/// of two calls, every PutRecords answer held 200 ms by a proxy: the proxy never has more than two
+/// PutRecords at once (four pipelines with a cap each would have up to eight), and every record
+/// is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_calls_in_flight_are_shared_by_every_stream() {
+    let kinesis = Kinesis::start().await.expect("start Kinesis");
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        streams.push(kinesis.create_stream(2).await.expect("create a stream"));
+    }
+    let proxy = kinesis_testkit::FaultProxy::start(kinesis.endpoint_url()).await.expect("a proxy");
+    let delay = std::time::Duration::from_millis(200);
+    proxy.add(kinesis_testkit::Rule::new(kinesis_testkit::Fault::Delay(delay)).on("PutRecords"));
+    let config = kinesis_producer::ProducerConfig { max_in_flight_requests: 2, ..Default::default() };
+    let producer = Producer::multi_stream(Kinesis::connect(proxy.url()).client()).config(config).build().unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..4_000 {
+        let record = UserRecord::new(format!("k-{}", i % 100), format!("record {i}"));
+        receipts.push(producer.put_to(&streams[i % 4], record).await.expect("buffered"));
+    }
+    for receipt in futures_util::future::join_all(receipts).await {
+        receipt.expect("delivered");
+    }
+    assert!(proxy.requests("PutRecords") >= 4, "a call a stream at least: {:?}", proxy.request_counts());
+    assert_eq!(proxy.max_concurrent("PutRecords"), 2, "at most the producer's two calls in flight, and both used");
+    producer.shutdown().await;
+}

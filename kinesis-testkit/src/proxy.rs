@@ -182,6 +182,8 @@ struct State {
     /// Requests arriving in [start, end) get no answer until `end`, then a reset.
     black_hole: Mutex<Option<(Instant, Instant)>>,
     requests: Mutex<BTreeMap<String, u64>>,
+    /// By operation: requests being handled now, and the most there ever were at once.
+    concurrent: Mutex<BTreeMap<String, (u64, u64)>>,
     black_holed: AtomicU64,
 }
 
@@ -228,6 +230,7 @@ impl FaultProxy {
             rules: Mutex::default(),
             black_hole: Mutex::default(),
             requests: Mutex::default(),
+            concurrent: Mutex::default(),
             black_holed: AtomicU64::new(0),
         });
         let shared = state.clone();
@@ -294,9 +297,40 @@ impl FaultProxy {
         self.state.requests.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
+    /// The most requests for `operation` the proxy was handling at once (from the request's
+    /// arrival to its answer, a delay included).
+    pub fn max_concurrent(&self, operation: &str) -> u64 {
+        self.state.concurrent.lock().unwrap_or_else(|p| p.into_inner()).get(operation).map_or(0, |c| c.1)
+    }
+
     /// Requests seen for `operation`, faulted or not.
     pub fn requests(&self, operation: &str) -> u64 {
         self.state.requests.lock().unwrap_or_else(|p| p.into_inner()).get(operation).copied().unwrap_or(0)
+    }
+}
+
+/// A request being handled, counted in [`State::concurrent`] until dropped.
+struct Handling<'a> {
+    state: &'a State,
+    operation: String,
+}
+
+impl<'a> Handling<'a> {
+    fn start(state: &'a State, operation: &str) -> Self {
+        let mut concurrent = state.concurrent.lock().unwrap_or_else(|p| p.into_inner());
+        let (now, most) = concurrent.entry(operation.to_owned()).or_default();
+        *now += 1;
+        *most = (*most).max(*now);
+        Handling { state, operation: operation.to_owned() }
+    }
+}
+
+impl Drop for Handling<'_> {
+    fn drop(&mut self) {
+        let mut concurrent = self.state.concurrent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((now, _)) = concurrent.get_mut(&self.operation) {
+            *now -= 1;
+        }
     }
 }
 
@@ -349,6 +383,7 @@ async fn handle(
     upstream_conn: &tokio::sync::Mutex<Option<Upstream>>,
 ) -> std::result::Result<Response<ProxyBody>, Injected> {
     let operation = operation(&request);
+    let _handling = Handling::start(state, &operation);
     *state.requests.lock().unwrap_or_else(|p| p.into_inner()).entry(operation.clone()).or_default() += 1;
 
     let black_hole = *state.black_hole.lock().unwrap_or_else(|p| p.into_inner());
