@@ -144,13 +144,11 @@ pub(crate) struct Publishing {
 }
 
 impl Publishing {
-    pub(crate) fn new(config: &SchedulerConfig) -> Self {
+    /// `stream`: the stream's name (the config may give its ARN).
+    pub(crate) fn new(config: &SchedulerConfig, stream: &str) -> Self {
         Publishing {
             labels: [
-                (
-                    "stream",
-                    config.stream_address().map(|s| s.name().to_owned()).unwrap_or_else(|_| config.stream.clone()),
-                ),
+                ("stream", stream.to_owned()),
                 ("application", config.application_name.clone()),
                 ("worker", config.worker_id.clone()),
             ],

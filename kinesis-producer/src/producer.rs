@@ -203,7 +203,7 @@ impl Producer {
     /// As [`Producer::put`]; [`PutErrorReason::InvalidStream`] when `stream` is neither a name
     /// nor an ARN, [`PutErrorReason::OtherStream`] on a producer over one [`Transport`].
     pub async fn put_to(&self, stream: &str, record: UserRecord) -> Result<ReceiptFuture, PutError> {
-        match self.pipeline(stream) {
+        match self.inner.streams.pipeline(stream) {
             Ok(pipeline) => self.put_on(&pipeline, record).await,
             Err(reason) => Err(PutError::new(reason, record)),
         }
@@ -214,19 +214,9 @@ impl Producer {
     /// # Errors
     /// As [`Producer::put_to`], and `Full` when the buffer is full.
     pub async fn try_put_to(&self, stream: &str, record: UserRecord) -> Result<ReceiptFuture, PutError> {
-        match self.pipeline(stream) {
+        match self.inner.streams.pipeline(stream) {
             Ok(pipeline) => self.try_put_on(&pipeline, record).await,
             Err(reason) => Err(PutError::new(reason, record)),
-        }
-    }
-
-    fn pipeline(&self, stream: &str) -> Result<Pipeline, PutErrorReason> {
-        if self.inner.closed.load(Relaxed) {
-            return Err(PutErrorReason::Shutdown);
-        }
-        match &self.inner.default {
-            Some(pipeline) if pipeline.stream.as_ref() == stream => Ok(pipeline.clone()),
-            _ => self.inner.streams.pipeline(stream),
         }
     }
 

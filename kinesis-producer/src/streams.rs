@@ -26,8 +26,6 @@ const INBOX: usize = 16384;
 /// One stream's pipeline, as the handle sees it. Cheap to clone.
 #[derive(Clone, Debug)]
 pub(crate) struct Pipeline {
-    /// The stream's name (receipts and metrics say it).
-    pub(crate) stream: Arc<str>,
     pub(crate) tx: mpsc::Sender<Command>,
     pub(crate) metrics: Arc<Metrics>,
     /// The stream's record limit, once its pipeline learned it (0: not known).
@@ -119,8 +117,8 @@ impl Streams {
             engine.run(rx).await;
             drop(running);
         });
-        lock(&self.registry).push((stream.clone(), metrics.clone()));
-        Pipeline { stream, tx, metrics, stream_limit }
+        lock(&self.registry).push((stream, metrics.clone()));
+        Pipeline { tx, metrics, stream_limit }
     }
 
     /// Every pipeline started so far.
@@ -166,7 +164,6 @@ mod tests {
     async fn a_new_stream_needs_valid_text_a_client_and_a_producer_not_shutting_down() {
         let (streams, _stopped) = Streams::new(ProducerConfig::default(), None);
         let first = streams.start("memory", Arc::new(crate::MemoryTransport::new(1)));
-        assert_eq!(&*first.stream, "memory");
         let again = streams.pipeline("memory").expect("started");
         assert!(Arc::ptr_eq(&again.metrics, &first.metrics), "one pipeline a stream");
         assert!(matches!(streams.pipeline("not a stream"), Err(PutErrorReason::InvalidStream(_))));
@@ -174,6 +171,7 @@ mod tests {
         assert_eq!(streams.close().len(), 1);
         assert!(matches!(streams.pipeline("other"), Err(PutErrorReason::Shutdown)));
         assert!(streams.pipeline("memory").is_ok(), "a started stream is still found");
-        assert_eq!(Streams::snapshots(&streams.registry()).len(), 1);
+        let named: Vec<Arc<str>> = Streams::snapshots(&streams.registry()).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(named, [Arc::from("memory")], "named by its transport");
     }
 }

@@ -76,7 +76,7 @@ impl Scheduler {
         let coordinator = LeaseCoordinator::with_metrics(table, coordinator_config, metrics.clone());
         let shutdown = CancellationToken::new();
         #[cfg(feature = "metrics")]
-        let publishing = crate::exporter::Publishing::new(&config);
+        let publishing = crate::exporter::Publishing::new(&config, stream.name());
         let worker = Worker {
             api: KinesisApi::new(kinesis, stream),
             coordinator: coordinator.clone(),

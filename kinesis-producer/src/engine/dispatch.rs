@@ -55,7 +55,7 @@ impl Engine {
 
     /// A place for one more call in flight, if the producer has one (its calls in flight are
     /// shared by every stream): the one taken when a slot came free, else a free one.
-    pub(super) fn take_slot(&mut self) -> Option<OwnedSemaphorePermit> {
+    fn take_slot(&mut self) -> Option<OwnedSemaphorePermit> {
         self.spare_slot.take().or_else(|| self.slots.clone().try_acquire_owned().ok())
     }
 
