@@ -10,6 +10,8 @@
 //!    `our_table_is_taken_over_by_the_kcl`
 //! 4. Can both run on one table at once? `mixed_fleet_with_the_kcl_in_2x_mode`,
 //!    `mixed_fleet_with_the_kcl_in_3x_mode`
+//! 5. Does that hold for a multi-stream application (one table, many streams, the KCL's
+//!    `account:stream:creationEpoch:shardId` leases)? `multi_stream_table_moves_both_ways`
 //!
 //! Without Java 17 and Maven these tests fail, saying how to install them.
 
@@ -1119,4 +1121,192 @@ async fn mixed_fleet_with_the_kcl_in_3x_mode() {
         "both kinds processed records and leases moved between them by handoff: {report:#?}"
     );
     assert_eq!(report.redelivered, 0, "planned moves are graceful handoffs: {report:#?}");
+}
+
+/// The stream identifier a multi-stream application gives `stream` (`account:name:creationEpoch`,
+/// from DescribeStreamSummary), as our workers find it and as the KCL is told it.
+async fn stream_identifier(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> String {
+    let out = kinesis.describe_stream_summary().stream_name(stream).send().await.expect("DescribeStreamSummary");
+    let summary = out.stream_description_summary().expect("a summary");
+    let arn = kinesis::consumer::StreamArn::parse(summary.stream_arn()).expect("a stream ARN");
+    format!("{}:{}:{}", arn.account_id(), arn.stream_name(), summary.stream_creation_timestamp().secs())
+}
+
+/// Question 5, multi-stream, both ways on one table. The KCL 3.x in multi-stream mode reads the
+/// first 300 records of each shard of two streams (2 and 1 shards) and stops; the table holds its
+/// multi-stream leases. Two of our multi-stream workers take the table over and read exactly the
+/// rest, each once, under the right stream; they stop; more records come; the KCL takes the
+/// table back and reads exactly those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_stream_table_moves_both_ways() {
+    use kinesis::consumer::{ShardInfo, StreamConfig, StreamTracker};
+    const FIRST: usize = 1_500;
+    const KCL_FIRST: usize = 300;
+    const THIRD: usize = 600;
+    let _serial = SERIAL.lock().await;
+    let java = java();
+    let bed = TestBed::start().await.expect("start the emulators");
+    let streams = [bed.kinesis.create_stream(2).await.unwrap(), bed.kinesis.create_stream(1).await.unwrap()];
+    let mut ids = Vec::new();
+    for stream in &streams {
+        ids.push(stream_identifier(&bed.kinesis.client(), stream).await);
+    }
+    let app = unique_name("multi-interop");
+    // (stream, data) of every record written.
+    let mut first: Vec<(String, Vec<u8>)> = Vec::new();
+    for stream in &streams {
+        let sent = produce_ours(bed.kinesis.client(), stream, &format!("{stream}-first"), FIRST, || async {}).await;
+        first.extend(sent.into_iter().map(|(d, _)| (stream.clone(), d)));
+    }
+
+    let kcl_args = |worker: &'static str, stop_after: usize| {
+        let mut args = vec!["--streams".to_owned(), ids.join(","), "--app".to_owned(), app.clone()];
+        args.extend(["--worker", worker, "--failover-ms", "2000"].map(str::to_owned));
+        args.extend(["--stop-after".to_owned(), stop_after.to_string()]);
+        args
+    };
+    let run_kcl = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        java.spawn("KclReader", &args, &bed.child_env(), None).expect("start the KCL")
+    };
+    let stop_kcl = |kcl: &mut JavaProcess| {
+        let status =
+            tokio::task::block_in_place(|| kcl.terminate(Duration::from_secs(60))).expect("the KCL stops on SIGTERM");
+        assert_eq!(status.code(), Some(143), "the KCL exited with {status}: {}", kcl_state(kcl));
+    };
+
+    // The KCL, multi-stream: the first 300 records of each of the 3 shards.
+    let mut kcl = run_kcl(kcl_args("kcl-1", KCL_FIRST));
+    until_or(
+        Duration::from_secs(120),
+        "the KCL's first 300 records of each shard of both streams",
+        || kcl.count("record") >= 3 * KCL_FIRST,
+        || kcl_state(&kcl),
+    )
+    .await;
+    stop_kcl(&mut kcl);
+    let kcl_records = kcl.events("record");
+    assert_eq!(kcl_records.len(), 3 * KCL_FIRST, "{}", kcl_state(&kcl));
+    let kcl_saw: std::collections::HashSet<String> = kcl_records.iter().map(|r| text(r, "data_sha256")).collect();
+    for r in &kcl_records {
+        let stream = text(r, "stream");
+        assert!(streams.contains(&stream), "the KCL names the stream: {r}");
+    }
+
+    // The KCL's multi-stream rows: key `id:shard`, `streamName` the id, `shardId` the shard.
+    let dynamodb = bed.dynamodb.client();
+    let items = scan_table(&dynamodb, &app).await;
+    let mut leases: Vec<(String, String, String)> = items
+        .iter()
+        .filter(|i| attr_s(i, "shardId").is_some())
+        .map(|i| (attr_s(i, "leaseKey").unwrap(), attr_s(i, "streamName").unwrap(), attr_s(i, "shardId").unwrap()))
+        .collect();
+    leases.sort();
+    println!("the KCL's multi-stream leases: {leases:?}");
+    assert_eq!(leases.len(), 3, "a lease per shard of both streams: {leases:?}");
+    for (key, stream, shard) in &leases {
+        assert!(ids.contains(stream), "streamName is the stream identifier: {stream}");
+        assert_eq!(key, &format!("{stream}:{shard}"), "the KCL's multi-stream key is ours");
+    }
+
+    // Our two multi-stream workers take the table over: the rest of the first records, each
+    // once, each under the stream it was written to.
+    /// (stream the factory was told, stream of the record, data).
+    type Read = (String, String, Vec<u8>);
+    #[derive(Clone, Default)]
+    struct ByStream(Arc<Mutex<Vec<Read>>>);
+    struct Reader(ByStream, String);
+    impl Processor for Reader {
+        async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
+            {
+                let mut seen = (self.0).0.lock().unwrap();
+                for r in &batch.records {
+                    seen.push((self.1.clone(), r.stream.to_string(), r.data.to_vec()));
+                }
+            }
+            let _ = checkpointer.checkpoint().await;
+        }
+        async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) {
+            let _ = checkpointer.checkpoint().await;
+        }
+        async fn shutdown_requested(&mut self, checkpointer: &mut Checkpointer) {
+            let _ = checkpointer.checkpoint().await;
+        }
+    }
+    struct Factory(ByStream);
+    impl kinesis::consumer::ProcessorFactory for Factory {
+        type Processor = Reader;
+        fn create(&self, _: &str) -> Reader {
+            unreachable!("multi-stream workers make processors with create_for")
+        }
+        fn create_for(&self, shard: &ShardInfo) -> Reader {
+            Reader(self.0.clone(), shard.stream.clone())
+        }
+    }
+    let seen = ByStream::default();
+    let tracker = StreamTracker::fixed(
+        streams.iter().map(|s| StreamConfig::new(s.clone(), InitialPosition::TrimHorizon)).collect(),
+    );
+    let workers: Vec<Scheduler> = ["rust-1", "rust-2"]
+        .iter()
+        .map(|worker| {
+            let single = our_config("unused", &app, worker);
+            let mut config = SchedulerConfig::new_multi_stream(tracker.clone(), app.clone());
+            config.worker_id = single.worker_id;
+            config.failover = single.failover;
+            config.shard_sync_interval = single.shard_sync_interval;
+            config.polling = single.polling;
+            config.cpu_source = single.cpu_source;
+            Scheduler::start(bed.kinesis.client(), bed.dynamodb.client(), config, Factory(seen.clone()))
+                .expect("a valid config")
+        })
+        .collect();
+    let expected: Vec<&(String, Vec<u8>)> = first.iter().filter(|(_, d)| !kcl_saw.contains(&sha256_hex(d))).collect();
+    assert_eq!(expected.len(), 2 * FIRST - 3 * KCL_FIRST);
+    until(Duration::from_secs(90), "our workers to read what the KCL left", || {
+        seen.0.lock().unwrap().len() >= expected.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for worker in workers {
+        worker.shutdown().await.expect("clean shutdown");
+    }
+    let ours = seen.0.lock().unwrap().clone();
+    let mut counts: HashMap<(&str, &[u8]), usize> = HashMap::new();
+    for (told, stream, data) in &ours {
+        assert_eq!(told, stream, "the factory and the record name one stream");
+        *counts.entry((stream.as_str(), data.as_slice())).or_default() += 1;
+    }
+    for (stream, data) in &expected {
+        assert_eq!(counts.get(&(stream.as_str(), data.as_slice())), Some(&1), "{} once", String::from_utf8_lossy(data));
+    }
+    assert_eq!(ours.len(), expected.len(), "nothing the KCL checkpointed, nothing twice");
+
+    // More records; the KCL takes the table back and reads exactly those.
+    let mut third: Vec<Vec<u8>> = Vec::new();
+    for stream in &streams {
+        let sent = produce_ours(bed.kinesis.client(), stream, &format!("{stream}-third"), THIRD, || async {}).await;
+        third.extend(sent.into_iter().map(|(d, _)| d));
+    }
+    let mut kcl = run_kcl(kcl_args("kcl-2", usize::MAX / 2));
+    until_or(
+        Duration::from_secs(120),
+        "the KCL's read of the records after our checkpoints",
+        || kcl.count("record") >= third.len(),
+        || kcl_state(&kcl),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_kcl(&mut kcl);
+    let back: Vec<String> = kcl.events("record").iter().map(|r| text(r, "data_sha256")).collect();
+    let wanted: std::collections::HashSet<String> = third.iter().map(|d| sha256_hex(d)).collect();
+    let extra = back.iter().filter(|h| !wanted.contains(*h)).count();
+    assert_eq!(extra, 0, "the KCL re-read {extra} records our workers had checkpointed");
+    assert_eq!(back.len(), third.len(), "the KCL read each new record once");
+    println!(
+        "multi-stream KCL -> ours -> KCL: the KCL read {} records of 2 streams, ours the {} after them, the KCL the {} after ours",
+        kcl_records.len(),
+        ours.len(),
+        back.len()
+    );
 }

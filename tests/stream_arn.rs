@@ -110,3 +110,91 @@ async fn a_producer_and_a_consumer_by_arn_work_where_every_call_must_carry_it() 
         );
     }
 }
+
+/// Many streams by ARN: one producer writes two streams with `put_to(arn, ..)`, one multi-stream
+/// worker reads both, every call carrying StreamARN, each record once and under its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_stream_producer_and_consumer_by_arn_work_where_every_call_must_carry_it() {
+    use kinesis::consumer::{ShardInfo, StreamConfig, StreamTracker};
+
+    let local = KinesisLocal::start()
+        .await
+        .expect("kinesis-local must be available for this test (scripts/kinesis-local): ferrokinesis 0.7 does not list shards or give iterators by StreamARN");
+    let dynamodb = DynamoDb::start().await.expect("start DynamoDB (embedded dynoxide)");
+    let mut arns = Vec::new();
+    for shards in [2, 1] {
+        let name = local.create_stream(shards).await.unwrap();
+        let summary = local.client().describe_stream_summary().stream_name(&name).send().await.unwrap();
+        arns.push(summary.stream_description_summary().unwrap().stream_arn().to_owned());
+    }
+    let proxy = FaultProxy::start(local.endpoint_url()).await.expect("a proxy in front of kinesis-local");
+    let refusals: Vec<_> = NAMING_A_STREAM
+        .iter()
+        .map(|operation| {
+            let not_in_this_account = Fault::Error { status: 400, error_type: "ResourceNotFoundException".into() };
+            proxy.add(Rule::new(not_in_this_account).on(*operation).lacking("\"StreamARN\""))
+        })
+        .collect();
+    let client = Kinesis::connect(proxy.url()).client();
+
+    let producer = Producer::multi_stream(client.clone()).build().expect("a multi-stream producer");
+    let mut receipts = Vec::new();
+    for i in 0..1_000 {
+        let arn = &arns[i % 2];
+        receipts
+            .push(producer.put_to(arn, UserRecord::new(format!("key-{i}"), format!("{i}"))).await.expect("buffered"));
+    }
+    for receipt in receipts {
+        receipt.await.expect("delivered to the stream named by ARN");
+    }
+    producer.shutdown().await;
+
+    // (stream named by the batch, data) of every record read.
+    let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    struct ByStream(Arc<Mutex<Vec<(String, String)>>>);
+    impl Processor for ByStream {
+        async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
+            {
+                let mut seen = self.0.lock().unwrap();
+                for record in &batch.records {
+                    seen.push((batch.stream.to_string(), String::from_utf8_lossy(&record.data).into_owned()));
+                }
+            }
+            let _ = checkpointer.checkpoint().await;
+        }
+        async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) {
+            let _ = checkpointer.checkpoint().await;
+        }
+    }
+    struct Factory(Arc<Mutex<Vec<(String, String)>>>);
+    impl kinesis::consumer::ProcessorFactory for Factory {
+        type Processor = ByStream;
+        fn create(&self, _: &str) -> ByStream {
+            ByStream(self.0.clone())
+        }
+        fn create_for(&self, _: &ShardInfo) -> ByStream {
+            ByStream(self.0.clone())
+        }
+    }
+    let tracker = StreamTracker::fixed(
+        arns.iter().map(|arn| StreamConfig::new(arn.clone(), InitialPosition::TrimHorizon)).collect(),
+    );
+    let mut config = SchedulerConfig::new_multi_stream(tracker, unique_name("multi-by-arn"));
+    config.table_create_timeout = Duration::from_secs(30);
+    let consumer = Scheduler::start(client.clone(), dynamodb.client(), config, Factory(seen.clone()))
+        .expect("a multi-stream consumer by ARN");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while seen.lock().unwrap().len() < 1_000 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    consumer.shutdown().await.expect("a clean shutdown");
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1_000, "each of 1,000 records read once");
+    let names: Vec<&str> = arns.iter().map(|a| a.rsplit('/').next().unwrap()).collect();
+    for (stream, data) in &seen {
+        let i: usize = data.parse().unwrap();
+        assert_eq!(stream, names[i % 2], "record {i} read under the stream it was put to");
+    }
+    assert_eq!(refusals.iter().map(|r| r.fired()).sum::<u64>(), 0, "every call by ARN carried StreamARN");
+}

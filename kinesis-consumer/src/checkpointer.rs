@@ -125,7 +125,7 @@ impl Checkpointer {
 
     /// The shard.
     pub fn shard_id(&self) -> &str {
-        self.held.key()
+        self.held.shard_id()
     }
 
     fn delivered(&self) -> std::sync::MutexGuard<'_, Delivered> {

@@ -4,7 +4,8 @@
 //! `leases` (the lease table, its rows, the leases held and renewed, the shard sync),
 //! `assignment` (who processes which lease), `lifecycle` (one shard's consumer, a function per
 //! state), `retrieval` (polling or fan-out), then the processor's side: `record`, `checkpointer`,
-//! `failure` (the poison-record policy), `batches` (the records as a `Stream`).
+//! `failure` (the poison-record policy), `batches` (the records as a `Stream`), and `streams`
+//! (many streams, one application: the KCL's multi-stream mode).
 //!
 //! ```text
 //! Scheduler ─▶ lease coordinator (sync shards ─▶ leases, take, renew, steal)
@@ -64,6 +65,7 @@ mod processor;
 mod record;
 mod retrieval;
 mod scheduler;
+mod streams;
 #[cfg(feature = "test-util")]
 pub mod test_util;
 mod worker_metrics;
@@ -79,9 +81,10 @@ pub use leases::shard_sync::InitialPosition;
 pub use leases::table::LeaseTable;
 pub use lifecycle::ShardConsumerState;
 pub use metrics::MetricsSnapshot;
-pub use processor::{Initialization, Processor, ProcessorFactory};
+pub use processor::{Initialization, Processor, ProcessorFactory, ShardInfo};
 pub use record::{Batch, Record, cmp_sequence_numbers};
 pub use retrieval::fan_out::{FanOutConfig, Retrieval};
 pub use retrieval::polling::PollingConfig;
 pub use scheduler::{LeaseManagement, Scheduler, SchedulerConfig};
+pub use streams::{FormerStreams, StreamConfig, StreamIdentifier, StreamTracker, TrackerError};
 pub use worker_metrics::cpu::CpuSource;

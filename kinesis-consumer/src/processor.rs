@@ -21,6 +21,10 @@ use crate::record::Batch;
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Initialization {
+    /// The stream's name.
+    pub stream: String,
+    /// In a multi-stream application, the stream's identifier `account:stream:creationEpoch`.
+    pub stream_identifier: Option<String>,
     /// The shard.
     pub shard_id: String,
     /// The checkpoint processing resumes after (or the initial position).
@@ -69,6 +73,29 @@ pub trait ProcessorFactory: Send + Sync + 'static {
 
     /// A processor for `shard_id`.
     fn create(&self, shard_id: &str) -> Self::Processor;
+
+    /// A processor for a shard of a stream (the KCL's `ShardInfo`): what a multi-stream
+    /// application implements to make each stream's own processor. By default, [`Self::create`]
+    /// with the shard id.
+    fn create_for(&self, shard: &ShardInfo) -> Self::Processor {
+        self.create(&shard.shard_id)
+    }
+}
+
+/// The shard a processor is made for (the KCL's `ShardInfo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShardInfo {
+    /// The stream's name.
+    pub stream: String,
+    /// In a multi-stream application, the stream's identifier `account:stream:creationEpoch`
+    /// (its leases' `streamName`); `None` otherwise.
+    pub stream_identifier: Option<String>,
+    /// The shard.
+    pub shard_id: String,
+    /// The lease's key: the shard id, or in a multi-stream application
+    /// `account:stream:creationEpoch:shardId`.
+    pub lease_key: String,
 }
 
 impl<F, P> ProcessorFactory for F

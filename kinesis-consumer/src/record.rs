@@ -38,12 +38,19 @@ pub struct Record {
     pub data: Bytes,
     /// When Kinesis received the Kinesis record.
     pub approximate_arrival: Option<SystemTime>,
+    /// The stream's name (empty in a record made by [`Record::new`]).
+    pub stream: Arc<str>,
 }
 
 /// Records of one shard, handed to a processor together.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Batch {
+    /// The stream's name.
+    pub stream: Arc<str>,
+    /// In a multi-stream application, the stream's identifier `account:stream:creationEpoch`
+    /// (two accounts may have streams of one name); `None` otherwise.
+    pub stream_identifier: Option<Arc<str>>,
     /// The shard.
     pub shard_id: Arc<str>,
     /// The records, in the shard's order.
@@ -69,6 +76,7 @@ impl Record {
             explicit_hash_key: None,
             data: data.into(),
             approximate_arrival: None,
+            stream: "".into(),
         }
     }
 }
@@ -76,7 +84,13 @@ impl Record {
 impl Batch {
     /// A batch of `records` of `shard_id`: for processors' unit tests.
     pub fn new(shard_id: impl Into<Arc<str>>, records: Vec<Record>) -> Self {
-        Self { shard_id: shard_id.into(), records, millis_behind_latest: None }
+        Self {
+            stream: records.first().map_or_else(|| "".into(), |r| r.stream.clone()),
+            stream_identifier: None,
+            shard_id: shard_id.into(),
+            records,
+            millis_behind_latest: None,
+        }
     }
 
     /// The data bytes of the records.
@@ -101,6 +115,8 @@ pub(crate) struct Unpacked {
 #[derive(Debug)]
 pub(crate) struct Unpacker {
     shard_id: Arc<str>,
+    /// The stream's name, given to every record.
+    stream: Arc<str>,
     deaggregator: Deaggregator,
     /// Resuming: (sequence, sub-sequence) pairs at or before this were processed already.
     resume_after: Option<(String, u64)>,
@@ -111,7 +127,12 @@ pub(crate) struct Unpacker {
 impl Unpacker {
     pub(crate) fn new(shard_id: Arc<str>, range: Option<HashKeyRange>, resume_after: Option<(String, u64)>) -> Self {
         let deaggregator = range.map_or_else(Deaggregator::new, Deaggregator::with_hash_range);
-        Unpacker { shard_id, deaggregator, resume_after, keep_resume_position: false }
+        Unpacker { shard_id, stream: "".into(), deaggregator, resume_after, keep_resume_position: false }
+    }
+
+    /// The same, naming `stream` in every record.
+    pub(crate) fn in_stream(self, stream: Arc<str>) -> Self {
+        Unpacker { stream, ..self }
     }
 
     /// An unpacker that leaves out what is before (sequence, sub-sequence) and keeps the rest:
@@ -171,6 +192,7 @@ impl Unpacker {
                     explicit_hash_key: user.explicit_hash_key().map(str::to_owned),
                     approximate_arrival: arrival,
                     data: user.into_data(),
+                    stream: self.stream.clone(),
                 });
             }
         }

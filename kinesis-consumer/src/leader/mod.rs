@@ -48,6 +48,8 @@ pub(crate) struct LeaderConfig {
     /// Woken when this leader assigned a lease to its own worker, which then looks for its
     /// leases at once instead of at its next discovery round.
     pub assigned_here: Arc<Notify>,
+    /// The leases the leader assigns (its application's, not of retired streams).
+    pub scope: Arc<crate::leases::scope::LeaseScope>,
 }
 
 impl LeaderConfig {
@@ -198,7 +200,8 @@ impl LeaderState {
         config: &LeaderConfig,
         metrics: &Metrics,
     ) -> Result<RunOutcome, LeaseTableError> {
-        let (leases, workers) = table.scan_fleet().await?;
+        let (mut leases, workers) = table.scan_fleet().await?;
+        leases.retain(|l| config.scope.serves(l));
         let mut outcome = RunOutcome::default();
         let now = Instant::now();
         let epoch = crate::worker_metrics::epoch_seconds(SystemTime::now());

@@ -18,6 +18,10 @@ use crate::leases::lease::Lease;
 #[derive(Debug)]
 pub struct HeldLease {
     key: String,
+    /// The shard id (the key, in a single-stream table).
+    shard_id: String,
+    /// The stream identifier of a multi-stream lease.
+    stream_identifier: Option<String>,
     lease: tokio::sync::Mutex<Lease>,
     written_at: Mutex<Instant>,
     validity: Duration,
@@ -43,6 +47,8 @@ impl HeldLease {
         let throughput = lease.throughput_kbps;
         HeldLease {
             key: lease.key.clone(),
+            shard_id: lease.shard().to_owned(),
+            stream_identifier: lease.stream_identifier.clone(),
             lease: tokio::sync::Mutex::new(lease),
             written_at: Mutex::new(written_at),
             validity,
@@ -108,9 +114,19 @@ impl HeldLease {
         Some(next)
     }
 
-    /// The lease key (the shard id).
+    /// The lease key (the shard id; in a multi-stream table `account:stream:creationEpoch:shardId`).
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// The shard id.
+    pub fn shard_id(&self) -> &str {
+        &self.shard_id
+    }
+
+    /// The stream identifier of a lease of a multi-stream table.
+    pub fn stream_identifier(&self) -> Option<&str> {
+        self.stream_identifier.as_deref()
     }
 
     /// The lease as this worker last wrote it.

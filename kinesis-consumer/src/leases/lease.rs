@@ -2,7 +2,9 @@
 //!
 //! | attribute | type | field |
 //! |---|---|---|
-//! | `leaseKey` | S | [`Lease::key`] (the shard id) |
+//! | `leaseKey` | S | [`Lease::key`]: the shard id; in a multi-stream table `account:stream:creationEpoch:shardId` |
+//! | `streamName` | S | [`Lease::stream_identifier`] (multi-stream tables only; KCL `MultiStreamLease`): `account:stream:creationEpoch` |
+//! | `shardId` | S | [`Lease::shard_id`] (multi-stream tables only) |
 //! | `leaseOwner` | S | [`Lease::owner`] (absent: free) |
 //! | `leaseCounter` | N | [`Lease::counter`], the fencing token |
 //! | `checkpoint` | S | [`Lease::checkpoint`]: a sequence number, or `TRIM_HORIZON` / `LATEST` / `AT_TIMESTAMP` / `SHARD_END` |
@@ -80,8 +82,15 @@ impl Checkpoint {
 /// One lease, as read from the table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Lease {
-    /// `leaseKey`: the shard id.
+    /// `leaseKey`: the shard id; in a multi-stream table (KCL `MultiStreamLease`), the stream
+    /// identifier and the shard id, `account:stream:creationEpoch:shardId`.
     pub key: String,
+    /// `streamName` (multi-stream tables only): the stream identifier
+    /// `account:stream:creationEpoch` (the KCL's attribute name, though it holds more than a name).
+    pub stream_identifier: Option<String>,
+    /// `shardId` (multi-stream tables only): the shard. [`Lease::shard`] gives the shard id of
+    /// any lease.
+    pub shard_id: Option<String>,
     /// `leaseOwner`: the worker holding it; `None` when free.
     pub owner: Option<String>,
     /// `leaseCounter`: bumped by every renew, take, release and checkpoint. Every write is
@@ -119,6 +128,8 @@ impl Lease {
     pub fn new(shard_id: impl Into<String>, initial: Position) -> Self {
         Lease {
             key: shard_id.into(),
+            stream_identifier: None,
+            shard_id: None,
             owner: None,
             counter: 0,
             checkpoint: Checkpoint::at(initial),
@@ -130,6 +141,30 @@ impl Lease {
             owner_instance: None,
             checkpoint_owner: None,
             throughput_kbps: None,
+        }
+    }
+
+    /// A new, free lease for a shard of a stream in a multi-stream table: key
+    /// `account:stream:creationEpoch:shardId`, with the `streamName` and `shardId` attributes.
+    pub fn new_in_stream(stream_identifier: &str, shard_id: impl Into<String>, initial: Position) -> Self {
+        let shard_id = shard_id.into();
+        let mut lease = Lease::new(format!("{stream_identifier}:{shard_id}"), initial);
+        lease.stream_identifier = Some(stream_identifier.to_owned());
+        lease.shard_id = Some(shard_id);
+        lease
+    }
+
+    /// The shard id: the `shardId` attribute in a multi-stream table, the key otherwise.
+    pub fn shard(&self) -> &str {
+        self.shard_id.as_deref().unwrap_or(&self.key)
+    }
+
+    /// The key of the lease of another shard of the same stream (a parent's or a child's): the
+    /// shard id itself in a single-stream table.
+    pub fn sibling_key(&self, shard_id: &str) -> String {
+        match &self.stream_identifier {
+            Some(stream) => format!("{stream}:{shard_id}"),
+            None => shard_id.to_owned(),
         }
     }
 
@@ -145,6 +180,12 @@ impl Lease {
         let s = |v: &str| AttributeValue::S(v.to_owned());
         let n = |v: u64| AttributeValue::N(v.to_string());
         item.insert(LEASE_KEY.into(), s(&self.key));
+        if let Some(stream) = &self.stream_identifier {
+            item.insert(STREAM_NAME.into(), s(stream));
+        }
+        if let Some(shard_id) = &self.shard_id {
+            item.insert(SHARD_ID.into(), s(shard_id));
+        }
         if let Some(owner) = &self.owner {
             item.insert(LEASE_OWNER.into(), s(owner));
         }
@@ -234,6 +275,8 @@ impl Lease {
         };
         Ok(Some(Lease {
             key,
+            stream_identifier: text(STREAM_NAME)?.cloned(),
+            shard_id: text(SHARD_ID)?.cloned(),
             owner: text(LEASE_OWNER)?.cloned(),
             counter: number(LEASE_COUNTER)?.unwrap_or(0),
             checkpoint,
@@ -271,6 +314,9 @@ pub(crate) const CHILD_SHARD_IDS: &str = "childShardIds";
 pub(crate) const STARTING_HASH_KEY: &str = "startingHashKey";
 pub(crate) const ENDING_HASH_KEY: &str = "endingHashKey";
 pub(crate) const ENTITY_TYPE: &str = "entityType";
+/// Multi-stream tables (KCL `MultiStreamLease`): the stream identifier, and the shard id.
+pub(crate) const STREAM_NAME: &str = "streamName";
+pub(crate) const SHARD_ID: &str = "shardId";
 pub(crate) const CHECKPOINT_OWNER: &str = "checkpointOwner";
 pub(crate) const THROUGHPUT_KBPS: &str = "throughputKBps";
 /// `entityType` of a lease row (KCL 3.5).
@@ -297,6 +343,8 @@ mod tests {
     fn full() -> Lease {
         Lease {
             key: "shardId-000000000003".into(),
+            stream_identifier: None,
+            shard_id: None,
             owner: Some("worker-a".into()),
             counter: 42,
             checkpoint: Checkpoint {
@@ -329,6 +377,21 @@ mod tests {
         assert!(matches!(item["throughputKBps"], AttributeValue::N(ref n) if n == "12.5"));
         assert!(matches!(item["entityType"], AttributeValue::S(ref s) if s == "LEASE"), "KCL 3.5 marks leases");
         assert_eq!(lease.actual_owner(), Some("worker-b"), "during a handoff the checkpoint owner processes");
+    }
+
+    #[test]
+    fn a_multi_stream_lease_has_the_kcl_key_and_attributes() {
+        let lease = Lease::new_in_stream("111122223333:orders:1700000000", "shardId-000000000002", Position::Latest);
+        assert_eq!(lease.key, "111122223333:orders:1700000000:shardId-000000000002");
+        assert_eq!(lease.shard(), "shardId-000000000002");
+        assert_eq!(lease.sibling_key("shardId-000000000000"), "111122223333:orders:1700000000:shardId-000000000000");
+        let item = lease.to_item();
+        assert!(matches!(item["streamName"], AttributeValue::S(ref s) if s == "111122223333:orders:1700000000"));
+        assert!(matches!(item["shardId"], AttributeValue::S(ref s) if s == "shardId-000000000002"));
+        assert_eq!(Lease::from_item(&item).unwrap(), Some(lease));
+        let single = Lease::new("shardId-000000000002", Position::Latest);
+        assert_eq!((single.shard(), single.sibling_key("p").as_str()), ("shardId-000000000002", "p"));
+        assert!(!single.to_item().contains_key("streamName"));
     }
 
     #[test]

@@ -174,15 +174,36 @@ pub(crate) enum SyncError {
     Table(#[from] LeaseTableError),
 }
 
-/// Lists the shards and creates the missing leases. Returns how many this call created.
-pub(crate) async fn sync_shards(
+/// The leases of one stream, as the pure functions above see them: keyed by shard id (a
+/// multi-stream lease's key is `stream:shardId`), parents and children being shard ids in both.
+fn by_shard(leases: &[Lease], stream: Option<&str>) -> Vec<Lease> {
+    leases
+        .iter()
+        .filter(|l| l.stream_identifier.as_deref() == stream)
+        .map(|l| Lease { key: l.shard().to_owned(), ..l.clone() })
+        .collect()
+}
+
+/// Lists the shards of one stream (`stream`: its identifier in a multi-stream table, `None` in a
+/// single-stream one) and makes its leases agree: stale ones replaced, finished ones deleted,
+/// missing ones created. `leases` is the whole table, read once for every stream of a sync.
+/// Returns how many leases this call created.
+pub(crate) async fn sync_stream(
     api: &KinesisApi,
     table: &LeaseTable,
+    stream: Option<&str>,
     initial: InitialPosition,
+    leases: &[Lease],
     metrics: Option<&crate::metrics::Metrics>,
 ) -> Result<usize, SyncError> {
     let shards = api.list_shards().await?;
-    let mut existing = table.list().await?;
+    let real_key = |shard_id: &str| match stream {
+        Some(stream) => format!("{stream}:{shard_id}"),
+        None => shard_id.to_owned(),
+    };
+    // The writes take the row as read (its real key).
+    let as_read = |lease: &Lease| Lease { key: real_key(&lease.key), ..lease.clone() };
+    let mut existing = by_shard(leases, stream);
     let stale: Vec<Lease> = stale_leases(&shards, &existing).into_iter().cloned().collect();
     let replaced: HashSet<String> = stale.iter().map(|l| l.key.clone()).collect();
     if !stale.is_empty() {
@@ -190,16 +211,16 @@ pub(crate) async fn sync_shards(
             tracing::error!(stream = api.stream(), shard_id = %lease.key, checkpoint = lease.checkpoint.position.as_str(),
                 "the lease belongs to an older stream of this name (its shard now has another hash range, or is open at \
                  SHARD_END); replacing it with a lease at TRIM_HORIZON");
-            if table.delete(lease).await?
+            if table.delete(&as_read(lease)).await?
                 && let Some(metrics) = metrics
             {
                 crate::metrics::Metrics::add(&metrics.stale_leases_replaced, 1);
             }
         }
-        existing = table.list().await?;
+        existing = by_shard(&table.list().await?, stream);
     }
     for lease in finished_leases(&shards, &existing) {
-        if table.delete(lease).await? {
+        if table.delete(&as_read(lease)).await? {
             tracing::info!(stream = api.stream(), shard_id = %lease.key, "finished lease cleaned up");
             if let Some(metrics) = metrics {
                 crate::metrics::Metrics::add(&metrics.leases_cleaned_up, 1);
@@ -211,8 +232,14 @@ pub(crate) async fn sync_shards(
         if replaced.contains(&lease.key) {
             lease.checkpoint = crate::leases::lease::Checkpoint::at(Position::TrimHorizon);
         }
+        if let Some(stream) = stream {
+            let shard_id = std::mem::take(&mut lease.key);
+            lease.key = real_key(&shard_id);
+            lease.stream_identifier = Some(stream.to_owned());
+            lease.shard_id = Some(shard_id);
+        }
         if table.create(&lease).await? {
-            tracing::debug!(stream = api.stream(), shard_id = %lease.key, checkpoint = lease.checkpoint.position.as_str(), "lease created");
+            tracing::debug!(stream = api.stream(), lease = %lease.key, checkpoint = lease.checkpoint.position.as_str(), "lease created");
             created += 1;
         }
     }
@@ -366,6 +393,21 @@ mod tests {
             at("m4", Position::TrimHorizon, &["c2", "p3"], &[]),
         ];
         assert!(new_leases(&resharded(), &leases, InitialPosition::TrimHorizon).is_empty());
+    }
+
+    #[test]
+    fn a_stream_sees_its_own_leases_keyed_by_shard() {
+        let mut a0 = Lease::new_in_stream("1:a:1", "p0", Position::ShardEnd);
+        a0.child_shard_ids = vec!["c1".into()];
+        let leases = [a0, Lease::new_in_stream("1:b:1", "p0", Position::Latest), Lease::new("p0", Position::Latest)];
+        let a = by_shard(&leases, Some("1:a:1"));
+        assert_eq!(positions(&a), [("p0", "SHARD_END")]);
+        assert_eq!(a[0].child_shard_ids, ["c1"], "parents and children are shard ids already");
+        assert_eq!(positions(&by_shard(&leases, None)), [("p0", "LATEST")], "single-stream leases only");
+        // The pure rules then work per stream: stream a's p0 is leased, its children are not.
+        let shards = vec![shard("p0", &[], false), shard("c1", &["p0"], true)];
+        let new = new_leases(&shards, &a, InitialPosition::Latest);
+        assert_eq!(positions(&new), [("c1", "TRIM_HORIZON")], "a child of a leased shard starts at its horizon");
     }
 
     #[test]

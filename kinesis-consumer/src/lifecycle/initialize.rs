@@ -52,13 +52,16 @@ impl<P: Processor> ShardConsumer<P> {
         };
         self.processor
             .initialize(&Initialization {
+                stream: self.ctx.stream.to_string(),
+                stream_identifier: self.ctx.stream_identifier.as_deref().map(str::to_owned),
                 shard_id: shard_id.to_string(),
                 checkpoint: lease.checkpoint.clone(),
                 pending_checkpoint: lease.pending_checkpoint.clone(),
             })
             .await;
         self.initialized = true;
-        let unpacker = Unpacker::new(shard_id.clone(), lease.hash_range, resume_after);
+        let unpacker =
+            Unpacker::new(shard_id.clone(), lease.hash_range, resume_after).in_stream(self.ctx.stream.clone());
         self.fetched = Some(self.ctx.spawn_fetcher(&shard_id, start, unpacker));
         ControlFlow::Continue(ShardConsumerState::Processing)
     }

@@ -90,6 +90,9 @@ pub(crate) enum Exit {
 /// What a shard consumer needs.
 pub(crate) struct Context {
     pub held: Arc<HeldLease>,
+    /// The stream's name, and its identifier in a multi-stream application.
+    pub stream: Arc<str>,
+    pub stream_identifier: Option<Arc<str>>,
     pub table: LeaseTable,
     pub api: KinesisApi,
     pub polling: PollingConfig,
@@ -167,9 +170,10 @@ impl Context {
         }
     }
 
-    async fn parents_done(&self, parents: &[String]) -> bool {
-        for parent in parents {
-            match self.table.get(parent).await {
+    /// Whether every parent of `lease` (shard ids, of the same stream) is processed to its end.
+    async fn parents_done(&self, lease: &crate::Lease) -> bool {
+        for parent in &lease.parent_shard_ids {
+            match self.table.get(&lease.sibling_key(parent)).await {
                 Ok(None) => {}
                 Ok(Some(lease)) if lease.checkpoint.position == Position::ShardEnd => {}
                 Ok(Some(_)) => return false,
@@ -195,6 +199,7 @@ impl Context {
                 let fetcher = Fetcher {
                     api: self.api.clone(),
                     shard_id: shard_id.clone(),
+                    lease_key: self.held.key().into(),
                     config: self.polling.clone(),
                     metrics: self.metrics.clone(),
                     unpacker,
@@ -207,6 +212,7 @@ impl Context {
                     client: self.api.client().clone(),
                     consumer_arn: consumer_arn.clone(),
                     shard_id: shard_id.clone(),
+                    lease_key: self.held.key().into(),
                     config: config.clone(),
                     metrics: self.metrics.clone(),
                     unpacker,
@@ -274,7 +280,7 @@ type Step = ControlFlow<Exit, ShardConsumerState>;
 
 /// Runs a shard's consumer to its end.
 pub(crate) async fn run<P: Processor>(ctx: Context, processor: P) -> Exit {
-    let shard_id: Arc<str> = ctx.held.key().into();
+    let shard_id: Arc<str> = ctx.held.shard_id().into();
     let checkpointer = Checkpointer::new(ctx.held.clone(), ctx.table.clone(), ctx.metrics.clone());
     let mut consumer = ShardConsumer {
         ctx,

@@ -14,7 +14,7 @@ impl<P: Processor> ShardConsumer<P> {
             return ControlFlow::Break(Exit::ShardEnded);
         }
         loop {
-            if self.ctx.parents_done(&lease.parent_shard_ids).await {
+            if self.ctx.parents_done(&lease).await {
                 return ControlFlow::Continue(ShardConsumerState::Initializing);
             }
             if let Err(i) = self.ctx.pause(self.ctx.parent_poll_interval).await {

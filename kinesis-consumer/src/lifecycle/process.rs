@@ -79,7 +79,13 @@ impl<P: Processor> ShardConsumer<P> {
         self.positions.extend(records.iter().map(|r| (r.sequence_number.clone(), r.sub_sequence_number)));
         // A retried delivery is kept: its records may go to the destination.
         let kept = self.retrying.as_ref().map(|_| records.clone());
-        let batch = Batch { shard_id: self.shard_id.clone(), records, millis_behind_latest: self.behind };
+        let batch = Batch {
+            stream: ctx.stream.clone(),
+            stream_identifier: ctx.stream_identifier.clone(),
+            shard_id: self.shard_id.clone(),
+            records,
+            millis_behind_latest: self.behind,
+        };
         let (count, bytes) = (batch.records.len() as u64, batch.data_bytes() as u64);
         self.checkpointer.delivering(&batch.records);
         self.processor.process_records(batch, &mut self.checkpointer).await;
@@ -123,7 +129,8 @@ impl<P: Processor> ShardConsumer<P> {
                     return ControlFlow::Continue(interrupted(i));
                 }
                 let hash_range = self.ctx.held.lease().await.hash_range;
-                let unpacker = Unpacker::starting_at(shard_id.clone(), hash_range, (from.0.to_string(), from.1));
+                let unpacker = Unpacker::starting_at(shard_id.clone(), hash_range, (from.0.to_string(), from.1))
+                    .in_stream(self.ctx.stream.clone());
                 let start = StartAt::AtSequence(from.0.to_string());
                 self.fetched = Some(self.ctx.spawn_fetcher(&shard_id, start, unpacker));
                 ControlFlow::Continue(ShardConsumerState::Processing)

@@ -25,7 +25,7 @@ impl<P: Processor> ShardConsumer<P> {
         }
         if ctx.held.lease().await.checkpoint.position == Position::ShardEnd {
             Metrics::add(&ctx.metrics.shards_ended, 1);
-            ctx.metrics.behind(&self.shard_id, None);
+            ctx.metrics.behind(self.ctx.held.key(), None);
             tracing::info!(shard_id = %self.shard_id, "shard processed to its end");
             return ControlFlow::Break(Exit::ShardEnded);
         }
@@ -47,7 +47,7 @@ impl<P: Processor> ShardConsumer<P> {
 
     pub(super) async fn lease_lost(&mut self) -> Step {
         drop(self.fetched.take());
-        self.ctx.metrics.behind(&self.shard_id, None);
+        self.ctx.metrics.behind(self.ctx.held.key(), None);
         if self.initialized {
             self.processor.lease_lost().await;
         }
@@ -56,7 +56,7 @@ impl<P: Processor> ShardConsumer<P> {
 
     pub(super) async fn shutting_down(&mut self) -> Step {
         drop(self.fetched.take());
-        self.ctx.metrics.behind(&self.shard_id, None);
+        self.ctx.metrics.behind(self.ctx.held.key(), None);
         if self.initialized {
             self.processor.shutdown_requested(&mut self.checkpointer).await;
         }
@@ -65,7 +65,7 @@ impl<P: Processor> ShardConsumer<P> {
 
     pub(super) async fn handing_off(&mut self) -> Step {
         drop(self.fetched.take());
-        self.ctx.metrics.behind(&self.shard_id, None);
+        self.ctx.metrics.behind(self.ctx.held.key(), None);
         tracing::info!(shard_id = %self.shard_id, "graceful handoff: the processor checkpoints, then the lease moves");
         if self.initialized {
             self.processor.shutdown_requested(&mut self.checkpointer).await;

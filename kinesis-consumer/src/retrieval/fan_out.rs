@@ -200,6 +200,8 @@ pub(crate) struct FanOutFetcher {
     pub client: aws_sdk_kinesis::Client,
     pub consumer_arn: Arc<str>,
     pub shard_id: Arc<str>,
+    /// The lease's key, which names the shard in the metrics.
+    pub lease_key: Arc<str>,
     pub config: FanOutConfig,
     pub metrics: Arc<Metrics>,
     pub unpacker: Unpacker,
@@ -322,7 +324,7 @@ impl FanOutFetcher {
                 Ok(Ok(Some(_))) => continue,
             };
             *waits = backoff(self.config.backoff);
-            self.metrics.behind(&self.shard_id, Some(event.millis_behind_latest()));
+            self.metrics.behind(&self.lease_key, Some(event.millis_behind_latest()));
             let had_records = !event.records().is_empty();
             let continuation = event.continuation_sequence_number().to_owned();
             // The service's end signal: no continuation (the last event of a closed shard). A

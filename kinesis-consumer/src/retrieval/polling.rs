@@ -131,6 +131,9 @@ pub(crate) fn refused_checkpoint(at: &StartAt, error: &KinesisError, shard_id: &
 pub(crate) struct Fetcher<R = KinesisApi> {
     pub api: R,
     pub shard_id: Arc<str>,
+    /// The lease's key, which names the shard in the metrics (unique across the streams of a
+    /// multi-stream application).
+    pub lease_key: Arc<str>,
     pub config: PollingConfig,
     pub metrics: Arc<Metrics>,
     pub unpacker: Unpacker,
@@ -165,7 +168,7 @@ impl<R: Reader> Fetcher<R> {
                     if let Some(last) = page.records.last() {
                         last_read = Some(last.sequence_number.clone());
                     }
-                    self.metrics.behind(&self.shard_id, page.millis_behind_latest);
+                    self.metrics.behind(&self.lease_key, page.millis_behind_latest);
                     let mut records = Vec::with_capacity(page.records.len());
                     self.metrics.unpacked(self.unpacker.unpack(page.records, &mut records));
                     if !records.is_empty() {
@@ -334,6 +337,7 @@ pub(crate) mod tests {
         Fetcher {
             api: reader.clone(),
             shard_id: "shard".into(),
+            lease_key: "shard".into(),
             config: PollingConfig::default(),
             metrics: metrics.clone(),
             unpacker: Unpacker::new("shard".into(), None, None),

@@ -20,7 +20,18 @@ pub struct SchedulerConfig {
     /// `kinesis:DescribeStreamSummary`, `kinesis:ListShards`, `kinesis:GetShardIterator` and
     /// `kinesis:GetRecords` (with fan-out: `kinesis:RegisterStreamConsumer` and
     /// `kinesis:DescribeStreamConsumer`, and the consumer's policy `kinesis:SubscribeToShard`).
+    /// Empty in a multi-stream application ([`SchedulerConfig::new_multi_stream`]).
     pub stream: String,
+    /// Multi-stream mode (the KCL's `MultiStreamTracker`): the streams to read, instead of
+    /// `stream`. Their leases are keyed `account:stream:creationEpoch:shardId` in one lease
+    /// table, as the KCL's; each stream has its own initial position (`initial_position` is
+    /// unused). `None`: single-stream mode.
+    pub streams: Option<crate::StreamTracker>,
+    /// Multi-stream mode: how often the tracker is asked for the streams (KCL: 60 s).
+    pub stream_poll_interval: Duration,
+    /// Multi-stream mode: what becomes of the leases of a stream no longer listed (default:
+    /// kept and read, as the KCL's `NO_STREAMS_LEASES_DELETION`).
+    pub former_streams: crate::FormerStreams,
     /// The application: the lease table's name, shared by its workers.
     pub application_name: String,
     /// This worker's id (`leaseOwner`); unique per worker. Default: `worker-<pid>-<random>`.
@@ -120,6 +131,9 @@ impl SchedulerConfig {
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         SchedulerConfig {
             stream: stream.into(),
+            streams: None,
+            stream_poll_interval: Duration::from_secs(60),
+            former_streams: crate::FormerStreams::default(),
             application_name: application_name.into(),
             worker_id: format!("worker-{}-{nanos:08x}", std::process::id()),
             initial_position: InitialPosition::Latest,
@@ -146,6 +160,13 @@ impl SchedulerConfig {
         }
     }
 
+    /// A worker of `application_name` reading the streams `tracker` gives (the KCL's multi-stream
+    /// mode), with the KCL's defaults. Every worker of the application must be given the same
+    /// tracker.
+    pub fn new_multi_stream(tracker: crate::StreamTracker, application_name: impl Into<String>) -> Self {
+        SchedulerConfig { streams: Some(tracker), ..SchedulerConfig::new("", application_name) }
+    }
+
     /// How old a worker's WorkerMetricStats row may be for the worker to count as running: twice
     /// `worker_metrics_interval` (so one missed write is forgiven). The leader's "active worker"
     /// and the 2.x -> 3.x upgrade's readiness both use it.
@@ -159,9 +180,18 @@ impl SchedulerConfig {
         (lock, self.leader_heartbeat.unwrap_or(lock / 3))
     }
 
-    /// The stream, parsed.
-    pub(crate) fn stream_address(&self) -> Result<StreamAddress, ConfigError> {
-        StreamAddress::parse(&self.stream).map_err(|e| ConfigError { field: "stream", problem: e.reason })
+    /// The stream, parsed; `None` in multi-stream mode.
+    pub(crate) fn stream_address(&self) -> Result<Option<StreamAddress>, ConfigError> {
+        if self.streams.is_some() {
+            if !self.stream.is_empty() {
+                return Err(ConfigError {
+                    field: "stream",
+                    problem: "must be empty in multi-stream mode (the tracker gives the streams)".into(),
+                });
+            }
+            return Ok(None);
+        }
+        StreamAddress::parse(&self.stream).map(Some).map_err(|e| ConfigError { field: "stream", problem: e.reason })
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
@@ -228,6 +258,16 @@ impl SchedulerConfig {
         if self.max_leases_per_worker == 0 {
             return bad("max_leases_per_worker", "must be at least 1");
         }
+        if let Some(streams) = self.streams.as_ref().and_then(|t| t.fixed_streams()) {
+            for config in streams {
+                if let Err(e) = StreamAddress::parse(&config.stream) {
+                    return bad("streams", &e.to_string());
+                }
+            }
+        }
+        if self.stream_poll_interval.is_zero() {
+            return bad("stream_poll_interval", "must not be zero");
+        }
         if self.shard_sync_interval.is_zero() || self.parent_poll_interval.is_zero() {
             return bad("shard_sync_interval / parent_poll_interval", "must not be zero");
         }
@@ -261,10 +301,23 @@ mod tests {
         let arn = "arn:aws:kinesis:eu-west-1:111122223333:stream/orders";
         let by_arn = SchedulerConfig::new(arn, "app");
         assert!(by_arn.validate().is_ok());
-        assert_eq!(by_arn.stream_address().unwrap().arn().map(|a| a.account_id()), Some("111122223333"));
+        assert_eq!(by_arn.stream_address().unwrap().unwrap().arn().map(|a| a.account_id()), Some("111122223333"));
         for bad in ["", "orders/eu", "arn:aws:kinesis:eu-west-1:1111:stream/orders"] {
             let error = SchedulerConfig::new(bad, "app").validate().unwrap_err();
             assert_eq!(error.field, "stream", "{bad:?}: {error}");
         }
+    }
+
+    #[test]
+    fn a_multi_stream_worker_has_a_tracker_and_no_stream() {
+        use crate::{InitialPosition, StreamConfig, StreamTracker};
+        let tracker = StreamTracker::fixed(vec![StreamConfig::new("orders", InitialPosition::TrimHorizon)]);
+        let config = SchedulerConfig::new_multi_stream(tracker.clone(), "app");
+        assert!(config.validate().is_ok());
+        assert_eq!(config.stream_address().unwrap(), None);
+        let both = SchedulerConfig { stream: "orders".into(), ..config.clone() };
+        assert_eq!(both.validate().unwrap_err().field, "stream");
+        let bad = StreamTracker::fixed(vec![StreamConfig::new("or/ders", InitialPosition::Latest)]);
+        assert_eq!(SchedulerConfig::new_multi_stream(bad, "app").validate().unwrap_err().field, "streams");
     }
 }

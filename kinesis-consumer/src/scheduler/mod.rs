@@ -13,6 +13,7 @@
 //! leases left to expire, as if the process died).
 
 mod config;
+mod sync;
 mod worker;
 
 use std::sync::Arc;
@@ -25,10 +26,14 @@ use worker::Worker;
 
 use crate::error::{ConfigError, SchedulerError};
 use crate::leases::coordinator::{CoordinatorConfig, LeaseCoordinator};
+use crate::leases::scope::LeaseScope;
 use crate::leases::table::LeaseTable;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::processor::ProcessorFactory;
-use crate::retrieval::kinesis::KinesisApi;
+
+/// The `stream` label of a multi-stream worker's metrics.
+#[cfg(feature = "metrics")]
+const MULTI_STREAM_LABEL: &str = "(multi-stream)";
 
 /// A running worker. Dropping it stops the worker at once, like [`Scheduler::abort`].
 #[derive(Debug)]
@@ -67,18 +72,23 @@ impl Scheduler {
     ) -> Result<Scheduler, ConfigError> {
         config.validate()?;
         let stream = config.stream_address()?;
+        let scope = Arc::new(LeaseScope::new(stream.is_none()));
         let metrics = Arc::new(Metrics::default());
         let dynamodb = crate::metrics::counting_requests(&dynamodb, &metrics);
         let table = LeaseTable::new(dynamodb, config.application_name.clone());
         let mut coordinator_config = CoordinatorConfig::new(config.worker_id.clone()).with_failover(config.failover);
         coordinator_config.max_steal_per_round = config.max_steal_per_round;
         coordinator_config.handoff_timeout = config.handoff_timeout;
-        let coordinator = LeaseCoordinator::with_metrics(table, coordinator_config, metrics.clone());
+        let coordinator =
+            LeaseCoordinator::with_metrics(table, coordinator_config, metrics.clone()).with_scope(scope.clone());
         let shutdown = CancellationToken::new();
         #[cfg(feature = "metrics")]
-        let publishing = crate::exporter::Publishing::new(&config, stream.name());
+        let publishing =
+            crate::exporter::Publishing::new(&config, stream.as_ref().map_or(MULTI_STREAM_LABEL, |s| s.name()));
         let worker = Worker {
-            api: KinesisApi::new(kinesis, stream),
+            kinesis,
+            stream,
+            scope,
             coordinator: coordinator.clone(),
             metrics: metrics.clone(),
             factory: Arc::new(factory),
@@ -109,7 +119,8 @@ impl Scheduler {
         self.metrics.snapshot()
     }
 
-    /// The keys (shard ids) of the leases held now.
+    /// The keys of the leases held now: shard ids, or in a multi-stream application
+    /// `account:stream:creationEpoch:shardId`.
     pub fn held_leases(&self) -> Vec<String> {
         self.coordinator.held_keys()
     }

@@ -1,4 +1,4 @@
-//! The worker task: creates the lease table, syncs shards, runs the renewer and the take rounds,
+//! The worker task: creates the lease table, syncs shards (`sync.rs`), runs the renewer and the take rounds,
 //! starts one shard consumer per lease gained, and shuts down gracefully.
 
 use std::collections::HashMap;
@@ -16,19 +16,28 @@ use crate::error::SchedulerError;
 use crate::leases::coordinator::LeaseCoordinator;
 use crate::leases::held::HeldLease;
 use crate::leases::migration::{self, ClientVersion};
-use crate::leases::shard_sync::{SyncError, sync_shards};
+use crate::leases::scope::LeaseScope;
+use crate::leases::shard_sync::SyncError;
 use crate::lifecycle::{self, AbortOnDrop, Context, Exit};
 use crate::metrics::Metrics;
-use crate::processor::ProcessorFactory;
+use crate::processor::{ProcessorFactory, ShardInfo};
 use crate::retrieval::fan_out::{Retrieval, register};
 use crate::retrieval::kinesis::KinesisApi;
+use crate::streams::tracked::{Served, Tracked};
 use crate::worker_metrics::{RowPlace, WorkerMetrics};
+
+/// The consumers running: the hold of the lease each reads, and its own stop token.
+pub(super) type Running = HashMap<tokio::task::Id, (Arc<HeldLease>, CancellationToken)>;
 
 /// First and largest wait before a shard sync asked for is tried again after it failed.
 const SYNC_RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(10));
 
 pub(crate) struct Worker<F> {
-    pub(crate) api: KinesisApi,
+    pub(crate) kinesis: aws_sdk_kinesis::Client,
+    /// The stream of a single-stream worker; `None` in multi-stream mode (`config.streams`).
+    pub(crate) stream: Option<kinesis_core::StreamAddress>,
+    /// The leases this worker reads (shared with its coordinator and leader).
+    pub(crate) scope: Arc<LeaseScope>,
     pub(crate) coordinator: LeaseCoordinator,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) factory: Arc<F>,
@@ -78,15 +87,31 @@ impl<F: ProcessorFactory> Worker<F> {
             }
             tracing::info!(worker = %self.config.worker_id, ?version, empty, "the table's lease management");
         }
-        let consumer_arn: Option<Arc<str>> = match &self.config.retrieval {
-            Retrieval::Polling => None,
-            Retrieval::FanOut(fan_out) => match register(self.api.client(), self.api.address(), fan_out).await {
-                Ok(arn) => Some(arn.into()),
-                Err(e) => return Err(SchedulerError::Kinesis(e)),
-            },
+        let mut tracked = match &self.stream {
+            Some(address) => {
+                let api = KinesisApi::new(self.kinesis.clone(), address.clone());
+                let consumer_arn: Option<Arc<str>> = match &self.config.retrieval {
+                    Retrieval::Polling => None,
+                    Retrieval::FanOut(fan_out) => match register(api.client(), api.address(), fan_out).await {
+                        Ok(arn) => Some(arn.into()),
+                        Err(e) => return Err(SchedulerError::Kinesis(e)),
+                    },
+                };
+                Tracked::single(api, self.config.initial_position, consumer_arn, self.scope.clone())
+            }
+            None => {
+                let mut tracked = Tracked::multi(
+                    self.kinesis.clone(),
+                    self.config.retrieval.clone(),
+                    self.config.former_streams,
+                    self.scope.clone(),
+                );
+                self.poll_streams(&mut tracked).await;
+                tracked
+            }
         };
         loop {
-            match self.sync().await {
+            match self.sync(&mut tracked).await {
                 Ok(()) => break,
                 Err(SyncError::Kinesis(e)) if !e.kind.is_retryable() => return Err(SchedulerError::Kinesis(e)),
                 Err(SyncError::Table(e)) if !e.kind.is_retryable() => return Err(SchedulerError::LeaseTable(e)),
@@ -142,7 +167,7 @@ impl<F: ProcessorFactory> Worker<F> {
 
         let stop_consumers = CancellationToken::new();
         let mut consumers: JoinSet<Exit> = JoinSet::new();
-        let mut running: HashMap<tokio::task::Id, Arc<HeldLease>> = HashMap::new();
+        let mut running: Running = HashMap::new();
         // Leases gained while the consumer of an earlier hold of the same lease still runs (its
         // last call): they start when it ends, so that a shard never has two consumers here.
         let mut waiting: Vec<Arc<HeldLease>> = Vec::new();
@@ -161,6 +186,10 @@ impl<F: ProcessorFactory> Worker<F> {
         // KCL 2.x -> 3.x upgrade: since when the fleet has been ready without a break.
         let mut upgrade_ready_since: Option<Instant> = None;
         let mut sync_backoff = crate::retrieval::polling::backoff(SYNC_RETRY_BACKOFF);
+        // Multi-stream: the tracker asked for the streams.
+        let poll_every = self.config.stream_poll_interval;
+        let mut stream_poll = tokio::time::interval_at(Instant::now() + poll_every, poll_every);
+        stream_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -170,14 +199,14 @@ impl<F: ProcessorFactory> Worker<F> {
                         Ok((id, exit)) => (id, Ok(exit)),
                         Err(e) => (e.id(), Err(e)),
                     };
-                    let Some(held) = running.remove(&id) else { continue };
+                    let Some((held, _)) = running.remove(&id) else { continue };
                     self.consumer_ended(&held, exit).await;
                     let (ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut waiting)
                         .into_iter()
-                        .partition(|w| !running.values().any(|r| r.key() == w.key()));
+                        .partition(|w| !running.values().any(|(r, _)| r.key() == w.key()));
                     waiting = still;
                     for held in ready {
-                        self.spawn(&mut consumers, &mut running, held, &stop_consumers, &consumer_arn);
+                        self.spawn(&mut tracked, &mut consumers, &mut running, held, &stop_consumers).await;
                     }
                 }
                 _ = &mut take => {
@@ -199,18 +228,26 @@ impl<F: ProcessorFactory> Worker<F> {
                     match round {
                         Ok(gained) => {
                             for held in gained {
-                                if running.values().any(|r| r.key() == held.key()) {
+                                if running.values().any(|(r, _)| r.key() == held.key()) {
                                     waiting.push(held);
                                 } else {
-                                    self.spawn(&mut consumers, &mut running, held, &stop_consumers, &consumer_arn);
+                                    self.spawn(&mut tracked, &mut consumers, &mut running, held, &stop_consumers).await;
                                 }
                             }
                         }
                         Err(error) => tracing::warn!(%error, "take round failed"),
                     }
                 }
+                _ = stream_poll.tick(), if self.stream.is_none() => {
+                    if self.poll_streams(&mut tracked).await {
+                        // A new stream: its leases now, not at the next periodic sync.
+                        sync_wanted = true;
+                        retry_sync.as_mut().reset(Instant::now());
+                    }
+                    self.retire_streams(&mut tracked, &running).await;
+                }
                 _ = sync.tick() => {
-                    if self.sync_logged().await {
+                    if self.sync_logged(&mut tracked).await {
                         sync_wanted = false;
                     }
                     version = self.client_version(version).await;
@@ -224,7 +261,7 @@ impl<F: ProcessorFactory> Worker<F> {
                 // The leader here gave this worker a lease: discover it now, not at the next round.
                 _ = assigned_here.notified(), if version.leader_assigns() => take.as_mut().reset(Instant::now()),
                 _ = &mut retry_sync, if sync_wanted => {
-                    if self.sync_logged().await {
+                    if self.sync_logged(&mut tracked).await {
                         sync_wanted = false;
                         sync_backoff = crate::retrieval::polling::backoff(SYNC_RETRY_BACKOFF);
                     } else {
@@ -241,7 +278,7 @@ impl<F: ProcessorFactory> Worker<F> {
         let drained = tokio::time::timeout(self.config.shutdown_timeout, async {
             while let Some(joined) = consumers.join_next_with_id().await {
                 if let Ok((id, Exit::ShardEnded)) = joined
-                    && let Some(held) = running.remove(&id)
+                    && let Some((held, _)) = running.remove(&id)
                 {
                     self.consumer_ended(&held, Ok(Exit::ShardEnded)).await;
                 }
@@ -273,30 +310,48 @@ impl<F: ProcessorFactory> Worker<F> {
         Ok(())
     }
 
-    fn spawn(
+    /// Starts the consumer of a lease gained, with a stop token of its own (a child of `stop`).
+    async fn spawn(
         &self,
+        tracked: &mut Tracked,
         consumers: &mut JoinSet<Exit>,
-        running: &mut HashMap<tokio::task::Id, Arc<HeldLease>>,
+        running: &mut Running,
         held: Arc<HeldLease>,
         stop: &CancellationToken,
-        consumer_arn: &Option<Arc<str>>,
     ) {
-        let processor = self.factory.create(held.key());
-        let mut context = self.context(held.clone(), stop);
-        if let (Retrieval::FanOut(config), Some(arn)) = (&self.config.retrieval, consumer_arn) {
+        let stream = match tracked.for_lease(held.stream_identifier()).await {
+            Some(stream) if !held.stream_identifier().is_some_and(|s| self.scope.is_retired(s)) => stream,
+            _ => {
+                tracing::warn!(lease = held.key(), "a lease of a stream this worker does not read; released");
+                self.release(&held).await;
+                return;
+            }
+        };
+        let info = ShardInfo {
+            stream: stream.name.to_string(),
+            stream_identifier: stream.identifier.as_deref().map(str::to_owned),
+            shard_id: held.shard_id().to_owned(),
+            lease_key: held.key().to_owned(),
+        };
+        let processor = self.factory.create_for(&info);
+        let stop = stop.child_token();
+        let mut context = self.context(held.clone(), &stream, &stop);
+        if let (Retrieval::FanOut(config), Some(arn)) = (&self.config.retrieval, &stream.consumer_arn) {
             context.fan_out = Some((arn.clone(), config.clone()));
         }
         let handle = consumers.spawn(lifecycle::run(context, processor));
-        running.insert(handle.id(), held);
+        running.insert(handle.id(), (held, stop));
     }
 
-    fn context(&self, held: Arc<HeldLease>, stop: &CancellationToken) -> Context {
+    fn context(&self, held: Arc<HeldLease>, stream: &Served, stop: &CancellationToken) -> Context {
         Context {
             held,
+            stream: stream.name.clone(),
+            stream_identifier: stream.identifier.clone(),
             table: self.coordinator.table().clone(),
-            api: self.api.clone(),
+            api: stream.api.clone(),
             polling: self.config.polling.clone(),
-            initial: self.config.initial_position,
+            initial: stream.initial,
             parent_poll_interval: self.config.parent_poll_interval,
             max_batch_records: self.config.max_batch_records,
             max_batch_wait: self.config.max_batch_wait,
@@ -337,7 +392,13 @@ impl<F: ProcessorFactory> Worker<F> {
                 self.release(held).await;
                 self.sync_now.notify_one();
             }
-            Ok(Exit::Shutdown) => {}
+            Ok(Exit::Shutdown) => {
+                // Stopped because its stream is retired (not because the worker shuts down):
+                // the lease goes, to be deleted.
+                if held.stream_identifier().is_some_and(|s| self.scope.is_retired(s)) {
+                    self.release(held).await;
+                }
+            }
             Ok(Exit::HandedOff) => {
                 if let Err(error) = self.coordinator.transfer_held(held).await {
                     tracing::warn!(shard_id = key, %error, "transferring a lease failed; the leader forces it after its timeout");
@@ -362,27 +423,6 @@ impl<F: ProcessorFactory> Worker<F> {
         let key = held.key();
         if let Err(error) = self.coordinator.release_held(held).await {
             tracing::warn!(shard_id = key, %error, "releasing a lease failed; it expires after the failover time");
-        }
-    }
-
-    async fn sync(&self) -> Result<(), SyncError> {
-        let created =
-            sync_shards(&self.api, self.coordinator.table(), self.config.initial_position, Some(&self.metrics)).await?;
-        Metrics::add(&self.metrics.shard_syncs, 1);
-        if created > 0 {
-            tracing::info!(stream = self.api.stream(), created, "shard sync created leases");
-        }
-        Ok(())
-    }
-
-    /// Runs a shard sync; whether it succeeded.
-    async fn sync_logged(&self) -> bool {
-        match self.sync().await {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(%error, "shard sync failed");
-                false
-            }
         }
     }
 
@@ -413,6 +453,7 @@ impl<F: ProcessorFactory> Worker<F> {
             worker_fresh: self.config.worker_fresh(),
             strategy: self.config.assignment_strategy,
             assigned_here: assigned_here.clone(),
+            scope: self.scope.clone(),
         };
         let table = self.coordinator.table().clone();
         *leading =

@@ -17,6 +17,7 @@ use crate::assignment::taker::{Observations, plan};
 use crate::error::LeaseTableError;
 use crate::leases::held::HeldLease;
 use crate::leases::lease::Lease;
+use crate::leases::scope::LeaseScope;
 use crate::leases::table::{LeaseTable, Outcome};
 use crate::metrics::Metrics;
 
@@ -83,6 +84,8 @@ struct Inner {
     held: Mutex<BTreeMap<String, Arc<HeldLease>>>,
     observations: Mutex<Observations>,
     metrics: Arc<Metrics>,
+    /// The leases this worker takes (the others are not its application's, or are retired).
+    scope: Arc<LeaseScope>,
 }
 
 impl LeaseCoordinator {
@@ -100,8 +103,15 @@ impl LeaseCoordinator {
                 held: Mutex::new(BTreeMap::new()),
                 observations: Mutex::new(Observations::default()),
                 metrics,
+                scope: Arc::new(LeaseScope::new(false)),
             }),
         }
+    }
+
+    /// The same coordinator taking only the leases `scope` serves (before it holds any).
+    pub(crate) fn with_scope(self, scope: Arc<LeaseScope>) -> Self {
+        let inner = Arc::try_unwrap(self.inner).expect("with_scope before the coordinator is shared");
+        LeaseCoordinator { inner: Arc::new(Inner { scope, ..inner }) }
     }
 
     /// The settings.
@@ -288,7 +298,8 @@ impl LeaseCoordinator {
     }
 
     async fn round(&self, now: Instant, only_expired: bool) -> Result<Vec<Arc<HeldLease>>, LeaseTableError> {
-        let leases = self.inner.table.list().await?;
+        let mut leases = self.inner.table.list().await?;
+        leases.retain(|l| self.inner.scope.serves(l));
         let me = self.inner.config.worker_id.as_str();
         let failover = self.inner.config.failover;
         let round = {
@@ -380,6 +391,12 @@ impl LeaseCoordinator {
             let sent = Instant::now();
             let Some(lease) = self.inner.table.get(&key).await? else { continue };
             if lease.owner.as_deref() != Some(me) || lease.checkpoint_owner.is_some() {
+                continue;
+            }
+            if !self.inner.scope.serves(&lease) {
+                // A leader whose streams differ from this worker's (or a stream retired here
+                // first): left unrenewed, it expires and the leader gives it to another worker.
+                tracing::debug!(lease = %key, worker = me, "assigned a lease of a stream this worker does not read");
                 continue;
             }
             let held = Arc::new(HeldLease::new(lease, sent, self.inner.config.validity(), sent));

@@ -4,6 +4,7 @@ import java.net.URI;
 import java.nio.ByteBuffer;
 import java.security.MessageDigest;
 import java.time.Duration;
+import java.util.ArrayList;
 import java.util.HexFormat;
 import java.util.List;
 import java.util.Map;
@@ -23,6 +24,7 @@ import software.amazon.awssdk.utils.AttributeMap;
 import software.amazon.kinesis.common.ConfigsBuilder;
 import software.amazon.kinesis.common.InitialPositionInStream;
 import software.amazon.kinesis.common.InitialPositionInStreamExtended;
+import software.amazon.kinesis.common.StreamConfig;
 import software.amazon.kinesis.common.StreamIdentifier;
 import software.amazon.kinesis.coordinator.CoordinatorConfig;
 import software.amazon.kinesis.coordinator.Scheduler;
@@ -33,9 +35,13 @@ import software.amazon.kinesis.lifecycle.events.ProcessRecordsInput;
 import software.amazon.kinesis.lifecycle.events.ShardEndedInput;
 import software.amazon.kinesis.lifecycle.events.ShutdownRequestedInput;
 import software.amazon.kinesis.metrics.NullMetricsFactory;
+import software.amazon.kinesis.processor.FormerStreamsLeasesDeletionStrategy;
+import software.amazon.kinesis.processor.MultiStreamTracker;
 import software.amazon.kinesis.processor.RecordProcessorCheckpointer;
 import software.amazon.kinesis.processor.ShardRecordProcessor;
+import software.amazon.kinesis.processor.ShardRecordProcessorFactory;
 import software.amazon.kinesis.processor.SingleStreamTracker;
+import software.amazon.kinesis.processor.StreamTracker;
 import software.amazon.kinesis.retrieval.KinesisClientRecord;
 import software.amazon.kinesis.retrieval.polling.PollingConfig;
 
@@ -44,13 +50,15 @@ import software.amazon.kinesis.retrieval.polling.PollingConfig;
  * checkpoints after every batch.
  *
  * <pre>
- * KclReader --stream NAME --app APPLICATION [--worker ID] [--position TRIM_HORIZON|LATEST]
+ * KclReader (--stream NAME | --streams ACCOUNT:NAME:EPOCH,...) --app APPLICATION [--worker ID] [--position TRIM_HORIZON|LATEST]
  *           [--failover-ms 10000] [--shard-sync-ms FAILOVER] [--mode 3x|2x] [--idle-ms 200] [--max-records 10000]
  *           [--checkpoint batch|never] [--stop-after N] [--report records|batches]
  * </pre>
  *
  * Endpoints come from AWS_ENDPOINT_URL_KINESIS and AWS_ENDPOINT_URL_DYNAMODB (http or https, any
  * certificate), the region from AWS_REGION (us-east-1 when unset); credentials are test/test.
+ * `--streams` runs the KCL in multi-stream mode (a MultiStreamTracker of those stream identifiers,
+ * each at --position, leases of former streams kept); each line then names its "stream".
  * `--mode 2x` runs the KCL with CLIENT_VERSION_CONFIG_COMPATIBLE_WITH_2X (the 2.x lease taker and
  * stealer); `3x` is the KCL 3.x default (leader-based lease assignment).
  *
@@ -70,7 +78,8 @@ public final class KclReader {
 
     public static void main(String[] argv) throws Exception {
         Args args = new Args("KclReader", argv);
-        String stream = args.required("stream");
+        String multi = args.get("streams", "");
+        String stream = multi.isEmpty() ? args.required("stream") : null;
         String app = args.required("app");
         String worker = args.get("worker", UUID.randomUUID().toString());
         InitialPositionInStream position = InitialPositionInStream.valueOf(args.get("position", "TRIM_HORIZON"));
@@ -103,10 +112,39 @@ public final class KclReader {
         CloudWatchAsyncClient cloudWatch = CloudWatchAsyncClient.builder().region(region)
                 .credentialsProvider(credentials).httpClient(http).endpointOverride(dynamoEndpoint).build();
 
-        SingleStreamTracker tracker = new SingleStreamTracker(StreamIdentifier.singleStreamInstance(stream),
-                InitialPositionInStreamExtended.newInitialPosition(position));
-        ConfigsBuilder configs = new ConfigsBuilder(tracker, app, kinesis, dynamo, cloudWatch, worker,
-                () -> new Processor(worker, checkpoint, stopAfter, perRecord));
+        InitialPositionInStreamExtended initial = InitialPositionInStreamExtended.newInitialPosition(position);
+        StreamTracker tracker;
+        if (stream != null) {
+            tracker = new SingleStreamTracker(StreamIdentifier.singleStreamInstance(stream), initial);
+        } else {
+            List<StreamConfig> streams = new ArrayList<>();
+            for (String id : multi.split(",")) {
+                streams.add(new StreamConfig(StreamIdentifier.multiStreamInstance(id), initial));
+            }
+            tracker = new MultiStreamTracker() {
+                @Override
+                public List<StreamConfig> streamConfigList() {
+                    return streams;
+                }
+
+                @Override
+                public FormerStreamsLeasesDeletionStrategy formerStreamsLeasesDeletionStrategy() {
+                    return new FormerStreamsLeasesDeletionStrategy.NoLeaseDeletionStrategy();
+                }
+            };
+        }
+        ShardRecordProcessorFactory factory = new ShardRecordProcessorFactory() {
+            @Override
+            public ShardRecordProcessor shardRecordProcessor() {
+                return new Processor(worker, stream, checkpoint, stopAfter, perRecord);
+            }
+
+            @Override
+            public ShardRecordProcessor shardRecordProcessor(StreamIdentifier id) {
+                return new Processor(worker, id.streamName(), checkpoint, stopAfter, perRecord);
+            }
+        };
+        ConfigsBuilder configs = new ConfigsBuilder(tracker, app, kinesis, dynamo, cloudWatch, worker, factory);
 
         LeaseManagementConfig lease = configs.leaseManagementConfig()
                 .failoverTimeMillis(failoverMs)
@@ -120,7 +158,7 @@ public final class KclReader {
             case "3x" -> coordinator.clientVersionConfig(CoordinatorConfig.ClientVersionConfig.CLIENT_VERSION_CONFIG_3X);
             default -> throw args.usage("--mode is 3x or 2x, not " + mode);
         }
-        PollingConfig polling = new PollingConfig(stream, kinesis)
+        PollingConfig polling = (stream != null ? new PollingConfig(stream, kinesis) : new PollingConfig(kinesis))
                 .idleTimeBetweenReadsInMillis(idleMs)
                 .maxRecords(maxRecords);
 
@@ -160,6 +198,7 @@ public final class KclReader {
     /** One per shard lease, as the KCL creates them. */
     static final class Processor implements ShardRecordProcessor {
         private final String worker;
+        private final String stream;
         private final boolean checkpoint;
         private final long stopAfter;
         private final boolean perRecord;
@@ -167,8 +206,9 @@ public final class KclReader {
         private KinesisClientRecord lastReported;
         private String shard = "?";
 
-        Processor(String worker, boolean checkpoint, long stopAfter, boolean perRecord) {
+        Processor(String worker, String stream, boolean checkpoint, long stopAfter, boolean perRecord) {
             this.worker = worker;
+            this.stream = stream;
             this.perRecord = perRecord;
             this.checkpoint = checkpoint;
             this.stopAfter = stopAfter;
@@ -178,6 +218,9 @@ public final class KclReader {
             Map<String, Object> m = Out.line(event);
             m.put("worker", worker);
             m.put("shard", shard);
+            if (stream != null) {
+                m.put("stream", stream);
+            }
             return m;
         }
 
