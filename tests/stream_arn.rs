@@ -40,26 +40,56 @@ impl Processor for Recorder {
     }
 }
 
+/// kinesis-local with streams of the given shard counts, behind a proxy that answers every call
+/// naming a stream without `StreamARN` with ResourceNotFound; DynamoDB beside it.
+struct Checking {
+    _local: KinesisLocal,
+    dynamodb: DynamoDb,
+    proxy: FaultProxy,
+    refusals: Vec<Arc<Rule>>,
+    /// A client of the proxy.
+    client: aws_sdk_kinesis::Client,
+    names: Vec<String>,
+    arns: Vec<String>,
+}
+
+impl Checking {
+    async fn start(shard_counts: &[u32]) -> Checking {
+        let local = KinesisLocal::start()
+            .await
+            .expect("kinesis-local must be available for this test (scripts/kinesis-local): ferrokinesis 0.7 does not list shards or give iterators by StreamARN");
+        let dynamodb = DynamoDb::start().await.expect("start DynamoDB (embedded dynoxide)");
+        let (mut names, mut arns) = (Vec::new(), Vec::new());
+        for shards in shard_counts {
+            let name = local.create_stream(*shards).await.unwrap();
+            let summary = local.client().describe_stream_summary().stream_name(&name).send().await.unwrap();
+            arns.push(summary.stream_description_summary().unwrap().stream_arn().to_owned());
+            names.push(name);
+        }
+        let proxy = FaultProxy::start(local.endpoint_url()).await.expect("a proxy in front of kinesis-local");
+        let refusals = NAMING_A_STREAM
+            .iter()
+            .map(|operation| {
+                let not_in_this_account = Fault::Error { status: 400, error_type: "ResourceNotFoundException".into() };
+                proxy.add(Rule::new(not_in_this_account).on(*operation).lacking("\"StreamARN\""))
+            })
+            .collect();
+        let client = Kinesis::connect(proxy.url()).client();
+        Checking { _local: local, dynamodb, proxy, refusals, client, names, arns }
+    }
+
+    /// How many calls the proxy refused.
+    fn refused(&self) -> u64 {
+        self.refusals.iter().map(|r| r.fired()).sum()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_and_a_consumer_by_arn_work_where_every_call_must_carry_it() {
-    let local = KinesisLocal::start()
-        .await
-        .expect("kinesis-local must be available for this test (scripts/kinesis-local): ferrokinesis 0.7 does not list shards or give iterators by StreamARN");
-    let dynamodb = DynamoDb::start().await.expect("start DynamoDB (embedded dynoxide)");
-    let name = local.create_stream(2).await.unwrap();
-    let summary = local.client().describe_stream_summary().stream_name(&name).send().await.unwrap();
-    let arn = summary.stream_description_summary().unwrap().stream_arn().to_owned();
-
-    let proxy = FaultProxy::start(local.endpoint_url()).await.expect("a proxy in front of kinesis-local");
-    let refusals: Vec<_> = NAMING_A_STREAM
-        .iter()
-        .map(|operation| {
-            let not_in_this_account = Fault::Error { status: 400, error_type: "ResourceNotFoundException".into() };
-            proxy.add(Rule::new(not_in_this_account).on(*operation).lacking("\"StreamARN\""))
-        })
-        .collect();
-    let client = Kinesis::connect(proxy.url()).client();
-    let refused = || refusals.iter().map(|r| r.fired()).sum::<u64>();
+    let bed = Checking::start(&[2]).await;
+    let (name, arn, client, proxy) = (bed.names[0].clone(), bed.arns[0].clone(), bed.client.clone(), &bed.proxy);
+    let dynamodb = &bed.dynamodb;
+    let refused = || bed.refused();
 
     // The endpoint refuses a stream named by its name: the check can fail.
     let error = client.list_shards().stream_name(&name).send().await.unwrap_err();
@@ -117,25 +147,8 @@ async fn a_producer_and_a_consumer_by_arn_work_where_every_call_must_carry_it() 
 async fn a_multi_stream_producer_and_consumer_by_arn_work_where_every_call_must_carry_it() {
     use kinesis::consumer::{ShardInfo, StreamConfig, StreamTracker};
 
-    let local = KinesisLocal::start()
-        .await
-        .expect("kinesis-local must be available for this test (scripts/kinesis-local): ferrokinesis 0.7 does not list shards or give iterators by StreamARN");
-    let dynamodb = DynamoDb::start().await.expect("start DynamoDB (embedded dynoxide)");
-    let mut arns = Vec::new();
-    for shards in [2, 1] {
-        let name = local.create_stream(shards).await.unwrap();
-        let summary = local.client().describe_stream_summary().stream_name(&name).send().await.unwrap();
-        arns.push(summary.stream_description_summary().unwrap().stream_arn().to_owned());
-    }
-    let proxy = FaultProxy::start(local.endpoint_url()).await.expect("a proxy in front of kinesis-local");
-    let refusals: Vec<_> = NAMING_A_STREAM
-        .iter()
-        .map(|operation| {
-            let not_in_this_account = Fault::Error { status: 400, error_type: "ResourceNotFoundException".into() };
-            proxy.add(Rule::new(not_in_this_account).on(*operation).lacking("\"StreamARN\""))
-        })
-        .collect();
-    let client = Kinesis::connect(proxy.url()).client();
+    let bed = Checking::start(&[2, 1]).await;
+    let (arns, client, dynamodb) = (&bed.arns, bed.client.clone(), &bed.dynamodb);
 
     let producer = Producer::multi_stream(client.clone()).build().expect("a multi-stream producer");
     let mut receipts = Vec::new();
@@ -196,5 +209,5 @@ async fn a_multi_stream_producer_and_consumer_by_arn_work_where_every_call_must_
         let i: usize = data.parse().unwrap();
         assert_eq!(stream, names[i % 2], "record {i} read under the stream it was put to");
     }
-    assert_eq!(refusals.iter().map(|r| r.fired()).sum::<u64>(), 0, "every call by ARN carried StreamARN");
+    assert_eq!(bed.refused(), 0, "every call by ARN carried StreamARN");
 }

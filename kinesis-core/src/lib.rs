@@ -12,5 +12,5 @@ mod shards;
 mod stream;
 
 pub use errors::{ErrorClass, ServiceError};
-pub use shards::{Shard, list_shards, list_shards_paged};
+pub use shards::{Shard, StreamSummary, describe_stream, list_shards, list_shards_paged};
 pub use stream::{InvalidStream, MAX_STREAM_ARN_CHARS, MAX_STREAM_NAME_CHARS, StreamAddress, StreamArn};

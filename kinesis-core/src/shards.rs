@@ -46,6 +46,47 @@ impl Shard {
     }
 }
 
+/// What DescribeStreamSummary says of a stream that a producer or consumer needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamSummary {
+    /// The stream's ARN (its account and region: a multi-stream consumer's stream identifier).
+    pub arn: String,
+    /// When the stream was created, in whole seconds since the Unix epoch.
+    pub creation_epoch: u64,
+    /// `MaxRecordSizeInKiB` in bytes, when the endpoint tells it (AWS: 1 MiB by default, up to
+    /// 10 MiB since 2025).
+    pub max_record_bytes: Option<usize>,
+}
+
+/// One DescribeStreamSummary call.
+///
+/// # Errors
+/// A classified [`ServiceError`] (`NotFound`: no such stream); `Invalid` for an answer without a
+/// summary.
+pub async fn describe_stream(
+    client: &aws_sdk_kinesis::Client,
+    stream: &StreamAddress,
+) -> Result<StreamSummary, ServiceError> {
+    let (name, arn) = stream.request_fields();
+    let out = client
+        .describe_stream_summary()
+        .set_stream_name(name)
+        .set_stream_arn(arn)
+        .send()
+        .await
+        .map_err(|e| ServiceError::kinesis("DescribeStreamSummary", e))?;
+    let Some(summary) = out.stream_description_summary() else {
+        return Err(ServiceError::invalid_answer("DescribeStreamSummary", format!("no summary of {stream}")));
+    };
+    let kib = summary.max_record_size_in_kib();
+    Ok(StreamSummary {
+        arn: summary.stream_arn().to_owned(),
+        creation_epoch: summary.stream_creation_timestamp().secs().max(0) as u64,
+        max_record_bytes: kib.and_then(|k| usize::try_from(k).ok()).filter(|k| *k > 0).map(|k| k * 1024),
+    })
+}
+
 /// Every shard of `stream`, open and closed, in the order the service lists them (by shard id),
 /// 1,000 a page.
 ///

@@ -187,18 +187,10 @@ impl Transport for KinesisTransport {
     }
 
     fn stream_limits(&self) -> BoxFuture<Result<StreamLimits, CallError>> {
-        let (client, (name, arn)) = (self.client.clone(), self.stream.request_fields());
+        let (client, stream) = (self.client.clone(), self.stream.clone());
         Box::pin(async move {
-            let out = client
-                .describe_stream_summary()
-                .set_stream_name(name)
-                .set_stream_arn(arn)
-                .send()
-                .await
-                .map_err(|e| classify("DescribeStreamSummary", e))?;
-            let kib = out.stream_description_summary().and_then(|s| s.max_record_size_in_kib());
-            let max_record_bytes = kib.and_then(|k| usize::try_from(k).ok()).filter(|k| *k > 0).map(|k| k * 1024);
-            Ok(StreamLimits { max_record_bytes })
+            let summary = kinesis_core::describe_stream(&client, &stream).await?;
+            Ok(StreamLimits { max_record_bytes: summary.max_record_bytes })
         })
     }
 

@@ -74,28 +74,10 @@ impl KinesisApi {
     /// DescribeStreamSummary: the stream's ARN and its creation time in seconds since the epoch.
     ///
     /// # Errors
-    /// As DescribeStreamSummary (`NotFound` for a stream that does not exist); `Invalid` for an
-    /// answer without a summary.
+    /// As DescribeStreamSummary (`NotFound` for a stream that does not exist).
     pub(crate) async fn describe(&self) -> Result<(String, u64), KinesisError> {
-        let (name, arn) = self.stream.request_fields();
-        let out = self
-            .client
-            .describe_stream_summary()
-            .set_stream_name(name)
-            .set_stream_arn(arn)
-            .send()
-            .await
-            .map_err(|e| error("DescribeStreamSummary", e))?;
-        let Some(summary) = out.stream_description_summary() else {
-            return Err(KinesisError::new(
-                crate::error::ErrorKind::Invalid,
-                "DescribeStreamSummary",
-                None,
-                Some("no StreamDescriptionSummary in the answer".into()),
-            ));
-        };
-        let created = summary.stream_creation_timestamp().secs().max(0) as u64;
-        Ok((summary.stream_arn().to_owned(), created))
+        let summary = kinesis_core::describe_stream(&self.client, &self.stream).await?;
+        Ok((summary.arn, summary.creation_epoch))
     }
 
     /// Every shard of the stream, open and closed, all pages.
