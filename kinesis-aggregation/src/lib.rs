@@ -18,12 +18,16 @@
 //! - [`hash_key`], [`HashKey`], [`HashKeyRange`] and [`ShardRanges`] route records to shards.
 //! - [`compression`]: the opt-in compressed form (`F3 89 9A C3` ++ zlib) that only this library
 //!   reads; [`deaggregate`] inflates it first.
+//! - `lambda` (feature `lambda`): the user records of an AWS Lambda Kinesis event, and the partial
+//!   batch response naming a failed one.
 
 mod aggregator;
 pub mod compression;
 mod deaggregate;
 mod error;
 mod hash;
+#[cfg(feature = "lambda")]
+pub mod lambda;
 pub mod limits;
 pub mod proto;
 mod record;
