@@ -6,6 +6,7 @@ pub mod agg;
 pub mod loadgen;
 pub mod local;
 pub mod stream;
+pub mod tail;
 
 /// Formats an error and its chain of causes on one line: `outer: cause: root cause`.
 pub fn one_line(error: &dyn std::error::Error) -> String {

@@ -1,15 +1,14 @@
-//! `kinesis stream ...`, `kinesis put` and `kinesis tail`: stream administration, writing records,
-//! and reading a stream's records (deaggregated) as JSON lines. They talk to Kinesis through the
+//! `kinesis stream ...` and `kinesis put`: stream administration and writing records (`tail.rs`
+//! reads them). They talk to Kinesis through the
 //! SDK client they are given, so the binary decides where that client points.
 
 use std::io::{BufRead, Write};
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_kinesis::primitives::{Blob, DateTime};
-use aws_sdk_kinesis::types::{ShardIteratorType, StreamStatus};
-use base64::Engine as _;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::StreamStatus;
 use clap::{Args, Subcommand};
-use kinesis_aggregation::{Deaggregator, HashKeyRange};
+use kinesis_aggregation::HashKeyRange;
 use kinesis_core::StreamAddress;
 use serde::Serialize;
 
@@ -71,52 +70,6 @@ pub struct PutArgs {
     /// An explicit hash key (decimal).
     #[arg(long)]
     pub explicit_hash_key: Option<String>,
-}
-
-/// Where `kinesis tail` starts.
-#[derive(Clone, Debug, PartialEq)]
-pub enum From {
-    /// Only records written from now on.
-    Latest,
-    /// The oldest records.
-    TrimHorizon,
-    /// The first record at or after a time (seconds since the epoch).
-    Timestamp(f64),
-    /// At a sequence number (in every shard that holds it; others from their oldest).
-    At(String),
-    /// After a sequence number.
-    After(String),
-}
-
-fn parse_from(text: &str) -> Result<From, String> {
-    let (kind, value) = text.split_once(' ').or_else(|| text.split_once('=')).unwrap_or((text, ""));
-    match (kind, value.trim()) {
-        ("latest", "") => Ok(From::Latest),
-        ("trim-horizon", "") => Ok(From::TrimHorizon),
-        ("timestamp", t) => t.parse().map(From::Timestamp).map_err(|_| format!("not a timestamp in seconds: {t}")),
-        ("at", s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => Ok(From::At(s.to_owned())),
-        ("after", s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => Ok(From::After(s.to_owned())),
-        _ => Err(format!(
-            "{text:?}: use latest, trim-horizon, \"timestamp SECONDS\", \"at SEQUENCE\" or \"after SEQUENCE\""
-        )),
-    }
-}
-
-/// `kinesis tail`.
-#[derive(Debug, Args)]
-pub struct TailArgs {
-    /// The stream's name, or its ARN (another account's stream: every call then carries
-    /// `StreamARN`).
-    pub stream: StreamAddress,
-    /// Where to start: latest, trim-horizon, "timestamp SECONDS", "at SEQUENCE", "after SEQUENCE".
-    #[arg(long, default_value = "latest", value_parser = parse_from)]
-    pub from: From,
-    /// Stop after this many user records.
-    #[arg(long)]
-    pub max_records: Option<u64>,
-    /// Stop when no record came for this many seconds.
-    #[arg(long)]
-    pub idle_exit: Option<f64>,
 }
 
 /// A command failed.
@@ -329,121 +282,4 @@ pub async fn run_put(
         )?;
     }
     Ok(())
-}
-
-#[derive(Serialize)]
-struct RecordLine<'a> {
-    shard_id: &'a str,
-    sequence_number: &'a str,
-    sub_sequence_number: Option<u64>,
-    partition_key: &'a str,
-    explicit_hash_key: Option<&'a str>,
-    /// The data as text when it is UTF-8, else absent.
-    data: Option<&'a str>,
-    data_b64: String,
-}
-
-/// Runs `kinesis tail`: reads every open shard of the stream from `--from`, deaggregates (filtered
-/// to the shard's hash range), and prints one JSON line per user record until a stop condition.
-///
-/// # Errors
-/// [`StreamError`] when a call fails.
-pub async fn run_tail(
-    client: &aws_sdk_kinesis::Client,
-    args: TailArgs,
-    out: &mut dyn Write,
-) -> Result<(), StreamError> {
-    struct Reader {
-        shard_id: String,
-        iterator: Option<String>,
-        deaggregator: Deaggregator,
-    }
-    let mut readers = Vec::new();
-    for shard in shards(client, &args.stream).await?.into_iter().filter(|s| s.open || args.from != From::Latest) {
-        let (stream_name, stream_arn) = args.stream.request_fields();
-        let request = client
-            .get_shard_iterator()
-            .set_stream_name(stream_name.clone())
-            .set_stream_arn(stream_arn.clone())
-            .shard_id(&shard.shard_id);
-        let request = match &args.from {
-            From::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
-            From::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
-            From::Timestamp(t) => {
-                request.shard_iterator_type(ShardIteratorType::AtTimestamp).timestamp(DateTime::from_secs_f64(*t))
-            }
-            From::At(seq) => {
-                request.shard_iterator_type(ShardIteratorType::AtSequenceNumber).starting_sequence_number(seq)
-            }
-            From::After(seq) => {
-                request.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).starting_sequence_number(seq)
-            }
-        };
-        let iterator = match request.send().await {
-            Ok(out) => out.shard_iterator().map(str::to_owned),
-            // A sequence number belongs to one shard: the others start at their oldest record.
-            Err(_) if matches!(args.from, From::At(_) | From::After(_)) => client
-                .get_shard_iterator()
-                .set_stream_name(stream_name)
-                .set_stream_arn(stream_arn)
-                .shard_id(&shard.shard_id)
-                .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                .send()
-                .await
-                .map_err(kinesis("GetShardIterator"))?
-                .shard_iterator()
-                .map(str::to_owned),
-            Err(e) => return Err(kinesis("GetShardIterator")(e)),
-        };
-        let range = HashKeyRange::parse(&shard.starting_hash_key, &shard.ending_hash_key).ok();
-        let deaggregator = range.map_or_else(Deaggregator::new, Deaggregator::with_hash_range);
-        readers.push(Reader { shard_id: shard.shard_id, iterator, deaggregator });
-    }
-    let mut printed = 0u64;
-    let mut last_record = tokio::time::Instant::now();
-    loop {
-        let mut any = false;
-        for reader in &mut readers {
-            let Some(iterator) = reader.iterator.take() else { continue };
-            let page = client
-                .get_records()
-                .set_stream_arn(args.stream.arn().map(|a| a.as_str().to_owned()))
-                .shard_iterator(iterator)
-                .send()
-                .await
-                .map_err(kinesis("GetRecords"))?;
-            reader.iterator = page.next_shard_iterator().map(str::to_owned);
-            for record in page.records() {
-                any = true;
-                let data = bytes::Bytes::copy_from_slice(record.data().as_ref());
-                for user in reader.deaggregator.deaggregate(record.partition_key(), data).records {
-                    let line = RecordLine {
-                        shard_id: &reader.shard_id,
-                        sequence_number: record.sequence_number(),
-                        sub_sequence_number: user.sub_sequence_number(),
-                        partition_key: user.partition_key(),
-                        explicit_hash_key: user.explicit_hash_key(),
-                        data: std::str::from_utf8(user.data()).ok(),
-                        data_b64: base64::engine::general_purpose::STANDARD.encode(user.data()),
-                    };
-                    writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default())?;
-                    printed += 1;
-                    if args.max_records.is_some_and(|max| printed >= max) {
-                        out.flush()?;
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        out.flush()?;
-        if any {
-            last_record = tokio::time::Instant::now();
-        } else if args.idle_exit.is_some_and(|secs| last_record.elapsed().as_secs_f64() >= secs)
-            || readers.iter().all(|r| r.iterator.is_none())
-        {
-            return Ok(());
-        } else {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
 }

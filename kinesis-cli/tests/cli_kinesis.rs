@@ -107,3 +107,65 @@ async fn bad_input_is_a_clear_error_and_help_lists_the_commands() {
     let line: Value = serde_json::from_slice(&encoded.stdout).unwrap();
     assert!(line["data_b64"].as_str().unwrap().starts_with("84maw"));
 }
+
+/// `tail` from a time (`… ago`, RFC 3339), up to a time, one shard, `--grep`, `--pretty`; and
+/// `shard-for`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_by_time_shard_and_pattern_and_shard_for() {
+    let kinesis = Kinesis::start().await.expect("start Kinesis (embedded ferrokinesis)");
+    let name = kinesis.create_stream(2).await.unwrap();
+    let put = |key: &'static str, data: &'static str| {
+        let client = kinesis.client();
+        let name = name.clone();
+        async move {
+            let out = client.put_record().stream_name(&name).partition_key(key).data(Blob::new(data)).send().await;
+            out.unwrap().shard_id().to_owned()
+        }
+    };
+    let early_shard = put("k-early", r#"{"n":1,"kind":"early"}"#).await;
+    // ferrokinesis stamps arrival times in whole seconds: a second apart, the times tell them apart.
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    let between = std::time::SystemTime::now() - std::time::Duration::from_millis(1_000);
+    let between_rfc3339 = humantime::format_rfc3339_seconds(between).to_string();
+    for (key, data) in [("k-late", r#"{"n":2,"kind":"late"}"#), ("k-other", "not json")] {
+        put(key, data).await;
+    }
+
+    let data_of = |lines: &[Value]| -> BTreeSet<String> { lines.iter().map(|l| l["data"].to_string()).collect() };
+    let all = ok(run(&kinesis, &["tail", &name, "--from", "10m ago", "--idle-exit", "1"], b""));
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert!(all.iter().all(|l| l["approximate_arrival"].as_f64().is_some()));
+    let later = ok(run(&kinesis, &["tail", &name, "--from", &between_rfc3339, "--idle-exit", "1"], b""));
+    assert_eq!(later.len(), 2, "from an RFC 3339 time between the puts: {later:?}");
+    assert!(later.iter().all(|l| !l["data"].as_str().unwrap().contains("early")));
+    let until = ok(run(&kinesis, &["tail", &name, "--from", "trim-horizon", "--to", &between_rfc3339], b""));
+    assert_eq!(data_of(&until), BTreeSet::from([r#""{\"n\":1,\"kind\":\"early\"}""#.to_owned()]), "up to a time");
+    let grep = ok(run(
+        &kinesis,
+        &["tail", &name, "--from", "trim-horizon", "--grep", r#""kind":"l.te""#, "--idle-exit", "1"],
+        b"",
+    ));
+    assert_eq!(grep.len(), 1, "{grep:?}");
+    assert_eq!(grep[0]["partition_key"], "k-late");
+    let one =
+        ok(run(&kinesis, &["tail", &name, "--from", "trim-horizon", "--shard", &early_shard, "--idle-exit", "1"], b""));
+    assert!(!one.is_empty() && one.iter().all(|l| l["shard_id"] == early_shard.as_str()), "{one:?}");
+    let pretty = run(
+        &kinesis,
+        &["tail", &name, "--from", "trim-horizon", "--grep", "early", "--pretty", "--idle-exit", "1"],
+        b"",
+    );
+    assert!(pretty.status.success());
+    let text = String::from_utf8(pretty.stdout).unwrap();
+    let value: Value = serde_json::from_str(&text).expect("one indented JSON value");
+    assert_eq!(value["data"]["kind"], "early", "JSON data as JSON: {text}");
+    assert!(text.lines().count() > 5, "indented");
+    let bad = run(&kinesis, &["tail", &name, "--from", "last tuesday"], b"");
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("10m ago"));
+
+    let hashed = ok(run(&kinesis, &["shard-for", "k-early"], b""));
+    let expected = kinesis_aggregation::hash_key("k-early").to_string();
+    assert_eq!(hashed[0]["hash_key"], expected.as_str());
+    let routed = ok(run(&kinesis, &["shard-for", "k-early", "--stream", &name], b""));
+    assert_eq!(routed[0]["shard_id"], early_shard.as_str(), "the shard Kinesis put it in");
+}

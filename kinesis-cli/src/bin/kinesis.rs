@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kinesis_cli::loadgen::{Clients, LoadgenArgs, check, run_loadgen};
 use kinesis_cli::local::Emulators;
-use kinesis_cli::stream::{PutArgs, StreamCommand, TailArgs, run_put, run_stream, run_tail};
+use kinesis_cli::stream::{PutArgs, StreamCommand, run_put, run_stream};
+use kinesis_cli::tail::{ShardForArgs, TailArgs, run_shard_for, run_tail};
 use kinesis_cli::{agg, one_line};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -41,6 +42,8 @@ enum Command {
     Put(PutArgs),
     /// Print a stream's records, deaggregated, as JSON lines.
     Tail(TailArgs),
+    /// The hash key of a partition key, and with --stream the open shard it lands on.
+    ShardFor(ShardForArgs),
     /// Encode and decode KPL aggregated records (the same as `kinesis-agg`).
     #[command(subcommand)]
     Agg(agg::AggCommand),
@@ -124,6 +127,7 @@ async fn run(command: Command, local: bool, throttle: bool) -> Result<(), BoxErr
                 Command::Stream(command) => run_stream(client, command, &mut out).await,
                 Command::Put(args) => run_put(client, args, &mut std::io::stdin().lock(), &mut out).await,
                 Command::Tail(args) => run_tail(client, args, &mut out).await,
+                Command::ShardFor(args) => run_shard_for(client, args, &mut out).await,
                 Command::Agg(_) | Command::Loadgen(_) | Command::Local => Ok(()),
             };
             out.flush()?;
