@@ -3,6 +3,7 @@
 //! can drive the commands directly. `kinesis agg` and `kinesis-agg` share [`agg`].
 
 pub mod agg;
+pub mod leases;
 pub mod loadgen;
 pub mod local;
 pub mod stream;

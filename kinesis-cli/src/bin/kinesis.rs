@@ -6,6 +6,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kinesis_cli::leases::{LeasesArgs, run_leases};
 use kinesis_cli::loadgen::{Clients, LoadgenArgs, check, run_loadgen};
 use kinesis_cli::local::Emulators;
 use kinesis_cli::stream::{PutArgs, StreamCommand, run_put, run_stream};
@@ -44,6 +45,9 @@ enum Command {
     Tail(TailArgs),
     /// The hash key of a partition key, and with --stream the open shard it lands on.
     ShardFor(ShardForArgs),
+    /// A consumer application's leases (ours or the KCL's): owner, checkpoint, how far behind,
+    /// handoffs, parents; and the leases per worker.
+    Leases(LeasesArgs),
     /// Encode and decode KPL aggregated records (the same as `kinesis-agg`).
     #[command(subcommand)]
     Agg(agg::AggCommand),
@@ -128,6 +132,7 @@ async fn run(command: Command, local: bool, throttle: bool) -> Result<(), BoxErr
                 Command::Put(args) => run_put(client, args, &mut std::io::stdin().lock(), &mut out).await,
                 Command::Tail(args) => run_tail(client, args, &mut out).await,
                 Command::ShardFor(args) => run_shard_for(client, args, &mut out).await,
+                Command::Leases(args) => run_leases(client, &clients.dynamodb, args, &mut out).await,
                 Command::Agg(_) | Command::Loadgen(_) | Command::Local => Ok(()),
             };
             out.flush()?;

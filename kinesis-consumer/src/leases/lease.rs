@@ -39,7 +39,9 @@ pub enum Position {
 }
 
 impl Position {
-    pub(crate) fn as_str(&self) -> &str {
+    /// The `checkpoint` attribute's text: `TRIM_HORIZON`, `LATEST`, `AT_TIMESTAMP`, `SHARD_END`,
+    /// or the sequence number.
+    pub fn as_str(&self) -> &str {
         match self {
             Position::TrimHorizon => "TRIM_HORIZON",
             Position::Latest => "LATEST",
