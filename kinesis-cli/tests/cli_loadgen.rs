@@ -62,6 +62,20 @@ fn loadgen_on_local_emulators_verifies_that_every_record_arrived() {
     assert_eq!(number(&summary, "received"), 3000);
     assert_eq!(number(&summary, "lost"), 0);
     assert_eq!(number(&summary, "failed"), 0);
+    // Latencies: min <= p50 <= p90 <= p99 <= max, for every record acknowledged (and received).
+    for (line, count) in [("put->ack", 3000), ("put->process", 3000)] {
+        let text = summary.get(line).unwrap_or_else(|| panic!("a {line} line: {summary:?}"));
+        let figures: Vec<f64> = ["min", "mean", "p50", "p90", "p99", "max"]
+            .iter()
+            .map(|name| {
+                let at = text.find(&format!("{name} ")).unwrap_or_else(|| panic!("{name} in {text}")) + name.len() + 1;
+                text[at..].split_whitespace().next().unwrap().parse().unwrap()
+            })
+            .collect();
+        let (min, p50, p90, p99, max) = (figures[0], figures[2], figures[3], figures[4], figures[5]);
+        assert!(min <= p50 && p50 <= p90 && p90 <= p99 && p99 <= max && max > 0.0, "{line}: {text}");
+        assert!(text.ends_with(&format!("ms ({count} records)")), "{line}: {text}");
+    }
 
     // The --log lines, in the published form, one per producer at each interval.
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -12,6 +12,7 @@
 //! every task are aggregated together per shard, and one set of per-shard rate limiters keeps the
 //! shards busy without fighting each other.
 
+pub mod latency;
 pub mod template;
 pub mod verify;
 
@@ -27,6 +28,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kinesis_producer::{DeliveryError, Producer, ProducerConfig, Receipt, ReceiptFuture, UserRecord};
 use tokio::sync::mpsc;
 
+use self::latency::{Latencies, LatencySummary};
 use self::template::{DEFAULT_PARTITION_KEY, DEFAULT_TEMPLATE, Template, TemplateError, Values};
 use self::verify::{Counts, Group, Tally};
 use crate::stream::{kinesis, wait_active};
@@ -228,6 +230,11 @@ pub struct Report {
     /// With `--verify`: the tally at the end, deliveries not of this run, and the seconds from the
     /// start until the last record arrived (or the wait ended).
     pub verified: Option<(Counts, u64, f64)>,
+    /// Put -> acknowledged (the receipt resolved), per record acknowledged.
+    pub ack_latency: Option<LatencySummary>,
+    /// With `--verify`: put -> first delivery to a processor, per record acknowledged and
+    /// received (millisecond resolution).
+    pub processed_latency: Option<LatencySummary>,
 }
 
 impl Report {
@@ -282,6 +289,12 @@ impl Report {
             self.acknowledged as f64 / self.kinesis_records.max(1) as f64,
             self.user_bytes as f64 / self.kinesis_bytes.max(1) as f64
         )?;
+        if let Some(latency) = &self.ack_latency {
+            writeln!(out, "put->ack      {latency}")?;
+        }
+        if let Some(latency) = &self.processed_latency {
+            writeln!(out, "put->process  {latency}")?;
+        }
         writeln!(out, "retries       {} (errors {:?})", self.retries, self.errors_by_code)?;
         if let Some(rate) = self.rate {
             let rates: Vec<f64> =
@@ -478,7 +491,7 @@ pub async fn run_loadgen(clients: &Clients, args: LoadgenArgs, local: bool) -> R
         log_lines(&progress, started.elapsed().as_secs_f64());
     }
     producer.flush().await;
-    let _ = receipts.await;
+    let ack_latency = receipts.await.ok().and_then(|latencies| latencies.summary());
     let produce_secs = started.elapsed().as_secs_f64();
     producer.shutdown().await;
 
@@ -520,7 +533,9 @@ pub async fn run_loadgen(clients: &Clients, args: LoadgenArgs, local: bool) -> R
             .map(|(n, t)| (n.load(Ordering::Relaxed), t.load(Ordering::Relaxed) as f64 / 1e6))
             .collect(),
         rate: plan.rate,
+        processed_latency: verified.as_ref().and_then(|_| tally.processed_latency().summary()),
         verified,
+        ack_latency,
     };
     if let Some(error) = refused {
         return Err(LoadgenError::Put(error));
@@ -611,10 +626,12 @@ async fn put_loop(
         plan.template.render(&values, &mut data);
         plan.key.render(&values, &mut key);
         let record = UserRecord::new(key.clone(), data.clone().into_bytes());
+        // Latency counts from here: a put that waits for buffer space is part of it.
+        let put_at = Instant::now();
         let receipt = producer.put(record).await?;
         progress.sent[k].fetch_add(1, Ordering::Relaxed);
         progress.last_put[k].store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        if receipts.send(Pending { producer: k + 1, seq, receipt }).await.is_err() {
+        if receipts.send(Pending { producer: k + 1, seq, receipt, put_at }).await.is_err() {
             break;
         }
     }
@@ -622,13 +639,15 @@ async fn put_loop(
 }
 
 /// Awaits receipts in whatever order they resolve (a record being retried must not hold up the
-/// ones behind it); counts them, and tells the tally where each record was stored.
+/// ones behind it); counts them, tells the tally where each record was stored and when it was put,
+/// and returns the put -> acknowledged latencies.
 async fn await_receipts(
     mut rx: mpsc::Receiver<Pending>,
     progress: Arc<Progress>,
     tally: Option<Arc<Tally>>,
     mut file: Option<std::io::LineWriter<std::fs::File>>,
-) {
+) -> Latencies {
+    let mut latencies = Latencies::default();
     use futures_util::StreamExt as _;
     use std::io::Write as _;
     let mut waiting = futures_util::stream::FuturesUnordered::new();
@@ -636,15 +655,16 @@ async fn await_receipts(
     loop {
         tokio::select! {
             pending = rx.recv(), if open => match pending {
-                Some(Pending { producer, seq, receipt }) => {
-                    waiting.push(async move { (producer, seq, receipt.await) });
+                Some(Pending { producer, seq, receipt, put_at }) => {
+                    waiting.push(async move { (producer, seq, put_at, receipt.await) });
                 }
                 None => open = false,
             },
-            Some((producer, seq, result)) = waiting.next(), if !waiting.is_empty() => match result as Result<Receipt, DeliveryError> {
+            Some((producer, seq, put_at, result)) = waiting.next(), if !waiting.is_empty() => match result as Result<Receipt, DeliveryError> {
                 Ok(receipt) => {
+                    latencies.record(put_at.elapsed());
                     if let Some(tally) = &tally {
-                        tally.acked(&receipt.sequence_number, receipt.aggregated_index);
+                        tally.acked(&receipt.sequence_number, receipt.aggregated_index, put_at);
                     }
                     if let Some(out) = &mut file {
                         let line = serde_json::json!({
@@ -670,6 +690,7 @@ async fn await_receipts(
             else => break,
         }
     }
+    latencies
 }
 
 /// A record put, waiting for its receipt.
@@ -677,6 +698,8 @@ struct Pending {
     producer: usize,
     seq: u64,
     receipt: ReceiptFuture,
+    /// When `put` was called.
+    put_at: Instant,
 }
 
 /// Waits until every acknowledged record arrived, or nothing new arrived for `timeout`.

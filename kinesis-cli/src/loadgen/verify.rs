@@ -11,18 +11,30 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::latency::Latencies;
 
 use kinesis_consumer::{Batch, Checkpointer, InitialPosition, Processor, Scheduler, SchedulerConfig};
 
 /// What was acknowledged and received, by position.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tally {
     inner: Mutex<Inner>,
+    /// What the put and receive times are counted from.
+    start: Instant,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally { inner: Mutex::default(), start: Instant::now() }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Put -> first delivery to a processor, in microseconds (millisecond resolution).
+    processed_latency: Latencies,
     positions: HashMap<u64, Seen>,
     acked: u64,
     /// Acknowledged positions received at least once.
@@ -33,10 +45,20 @@ struct Inner {
     deliveries: u64,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct Seen {
     acked: bool,
     received: u32,
+    /// Milliseconds from the tally's start to the put and to the first delivery; `u32::MAX`:
+    /// not known (yet).
+    put_ms: u32,
+    received_ms: u32,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen { acked: false, received: 0, put_ms: u32::MAX, received_ms: u32::MAX }
+    }
 }
 
 /// The tally at one moment.
@@ -67,37 +89,55 @@ fn position(sequence_number: &str, sub_sequence_number: u64) -> u64 {
 }
 
 impl Tally {
-    /// Records a producer receipt: the record is stored at (sequence number, aggregate index).
-    pub fn acked(&self, sequence_number: &str, aggregated_index: Option<u64>) {
+    fn ms_since_start(&self, at: Instant) -> u32 {
+        u32::try_from(at.saturating_duration_since(self.start).as_millis()).unwrap_or(u32::MAX - 1)
+    }
+
+    /// Records a producer receipt: the record, put at `put_at`, is stored at (sequence number,
+    /// aggregate index).
+    pub fn acked(&self, sequence_number: &str, aggregated_index: Option<u64>, put_at: Instant) {
         let key = position(sequence_number, aggregated_index.unwrap_or(0));
+        let put_ms = self.ms_since_start(put_at);
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let seen = inner.positions.entry(key).or_default();
         if seen.acked {
             return;
         }
         seen.acked = true;
-        let received = seen.received > 0;
+        seen.put_ms = put_ms;
+        let (received, received_ms) = (seen.received > 0, seen.received_ms);
         inner.acked += 1;
         if received {
             inner.matched += 1;
+            inner.processed_latency.record_ms(received_ms.saturating_sub(put_ms));
         }
     }
 
     /// Records a batch the consumer group delivered.
     pub fn received(&self, batch: &Batch) {
+        let now_ms = self.ms_since_start(Instant::now());
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for record in &batch.records {
             let key = position(&record.sequence_number, record.sub_sequence_number);
             let seen = inner.positions.entry(key).or_default();
             seen.received += 1;
-            let (first, acked) = (seen.received == 1, seen.acked);
+            let (first, acked, put_ms) = (seen.received == 1, seen.acked, seen.put_ms);
+            if first {
+                seen.received_ms = now_ms;
+            }
             inner.deliveries += 1;
             if !first {
                 inner.duplicates += 1;
             } else if acked {
                 inner.matched += 1;
+                inner.processed_latency.record_ms(now_ms.saturating_sub(put_ms));
             }
         }
+    }
+
+    /// Put -> first delivery to a processor, of every acknowledged record received.
+    pub fn processed_latency(&self) -> Latencies {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).processed_latency.clone()
     }
 
     /// The counts now.
@@ -228,22 +268,28 @@ mod tests {
     #[test]
     fn the_tally_tells_lost_duplicate_and_unexpected_records_apart_in_any_order() {
         let tally = Tally::default();
-        tally.acked("100", Some(0));
-        tally.acked("100", Some(1));
-        tally.acked("200", None);
-        tally.acked("300", Some(0)); // never received: lost
+        let put = Instant::now();
+        tally.acked("100", Some(0), put);
+        tally.acked("100", Some(1), put);
+        tally.acked("200", None, put);
+        tally.acked("300", Some(0), put); // never received: lost
         // Received before and after its receipt, once twice, and one nobody acknowledged.
         tally.received(&batch(&[("100", 0), ("100", 1), ("400", 0)]));
         tally.received(&batch(&[("100", 1), ("200", 0)]));
-        tally.acked("100", Some(0)); // a repeated receipt changes nothing
+        tally.acked("100", Some(0), put); // a repeated receipt changes nothing
         let counts = tally.counts();
         assert_eq!(counts, Counts { acked: 4, received: 3, duplicates: 1, deliveries: 5 });
         assert_eq!(counts.lost(), 1);
         assert_eq!(tally.unexpected(), 1);
-        // A receipt after the delivery still matches.
+        assert_eq!(tally.processed_latency().len(), 3, "one put -> processed latency per record matched");
+        // A receipt after the delivery still matches, and its latency runs from its put.
+        std::thread::sleep(Duration::from_millis(30));
         tally.received(&batch(&[("500", 7)]));
-        tally.acked("500", Some(7));
+        tally.acked("500", Some(7), put);
         assert_eq!(tally.counts().received, 4);
         assert_eq!(tally.unexpected(), 1);
+        let latency = tally.processed_latency().summary().unwrap();
+        assert_eq!(latency.count, 4);
+        assert!(latency.max >= 30.0, "received 30 ms after its put: {latency}");
     }
 }
