@@ -191,10 +191,11 @@ pub async fn run_tail(
                 .await
                 .map_err(kinesis("GetRecords"))?;
             reader.iterator = page.next_shard_iterator().map(str::to_owned);
-            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+            let passed = |to: f64| {
+                to < SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+            };
             // Caught up with a `--to` in the past: nothing later can be before it.
-            if page.records().is_empty() && page.millis_behind_latest() == Some(0) && args.to.is_some_and(|to| to < now)
-            {
+            if page.records().is_empty() && page.millis_behind_latest() == Some(0) && args.to.is_some_and(passed) {
                 reader.iterator = None;
             }
             for record in page.records() {

@@ -149,11 +149,17 @@ impl Lease {
     /// A new, free lease for a shard of a stream in a multi-stream table: key
     /// `account:stream:creationEpoch:shardId`, with the `streamName` and `shardId` attributes.
     pub fn new_in_stream(stream_identifier: &str, shard_id: impl Into<String>, initial: Position) -> Self {
-        let shard_id = shard_id.into();
-        let mut lease = Lease::new(format!("{stream_identifier}:{shard_id}"), initial);
-        lease.stream_identifier = Some(stream_identifier.to_owned());
-        lease.shard_id = Some(shard_id);
-        lease
+        Lease::new(shard_id, initial).into_stream(stream_identifier)
+    }
+
+    /// This lease of a single-stream table (keyed by its shard id) as the lease of that shard of
+    /// `stream_identifier` in a multi-stream table.
+    pub(crate) fn into_stream(mut self, stream_identifier: &str) -> Self {
+        let shard_id = std::mem::take(&mut self.key);
+        self.key = lease_key(Some(stream_identifier), &shard_id);
+        self.stream_identifier = Some(stream_identifier.to_owned());
+        self.shard_id = Some(shard_id);
+        self
     }
 
     /// The shard id: the `shardId` attribute in a multi-stream table, the key otherwise.
@@ -164,10 +170,7 @@ impl Lease {
     /// The key of the lease of another shard of the same stream (a parent's or a child's): the
     /// shard id itself in a single-stream table.
     pub fn sibling_key(&self, shard_id: &str) -> String {
-        match &self.stream_identifier {
-            Some(stream) => format!("{stream}:{shard_id}"),
-            None => shard_id.to_owned(),
-        }
+        lease_key(self.stream_identifier.as_deref(), shard_id)
     }
 
     /// Who processes the shard now: the checkpoint owner during a handoff, else the owner (the
@@ -325,6 +328,15 @@ pub(crate) const THROUGHPUT_KBPS: &str = "throughputKBps";
 pub(crate) const LEASE_ENTITY: &str = "LEASE";
 /// Keys of the rows a KCL 3.5 keeps beside the leases; never lease keys, never worker ids.
 pub(crate) const RESERVED_KEYS: [&str; 3] = ["Leader", "Migration3.0", "TableMigration3.5"];
+
+/// The key of a shard's lease: the shard id, or in a multi-stream table (KCL `MultiStreamLease`)
+/// `account:stream:creationEpoch:shardId`.
+pub(crate) fn lease_key(stream_identifier: Option<&str>, shard_id: &str) -> String {
+    match stream_identifier {
+        Some(stream) => format!("{stream}:{shard_id}"),
+        None => shard_id.to_owned(),
+    }
+}
 
 /// A throughput as DynamoDB takes it: a finite, non-negative decimal with at most 6 places (the
 /// KCL rounds to 6).

@@ -26,13 +26,14 @@ impl LeaseScope {
         match (&lease.stream_identifier, self.multi_stream) {
             (None, multi) => !multi,
             (Some(_), false) => false,
-            (Some(stream), true) => !self.retired.read().unwrap_or_else(|e| e.into_inner()).contains(stream),
+            (Some(stream), true) => !self.is_retired(Some(stream)),
         }
     }
 
-    /// Whether the stream's leases are no longer processed.
-    pub(crate) fn is_retired(&self, stream_identifier: &str) -> bool {
-        self.retired.read().unwrap_or_else(|e| e.into_inner()).contains(stream_identifier)
+    /// Whether the leases of the stream of this identifier (a lease's `streamName`; `None` for a
+    /// single-stream lease, never retired) are no longer processed.
+    pub(crate) fn is_retired(&self, stream_identifier: Option<&str>) -> bool {
+        stream_identifier.is_some_and(|s| self.retired.read().unwrap_or_else(|e| e.into_inner()).contains(s))
     }
 
     /// Sets the streams whose leases are no longer processed.
@@ -57,6 +58,6 @@ mod tests {
         assert!(!scope.serves(&single) && scope.serves(&a) && scope.serves(&b));
         scope.set_retired(["111122223333:b:1".to_owned()].into());
         assert!(scope.serves(&a) && !scope.serves(&b));
-        assert!(scope.is_retired("111122223333:b:1"));
+        assert!(scope.is_retired(Some("111122223333:b:1")) && !scope.is_retired(None));
     }
 }

@@ -31,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
 use crate::error::{KinesisError, LeaseTableError};
-use crate::leases::lease::{Lease, Position};
+use crate::leases::lease::{Lease, Position, lease_key};
 use crate::leases::table::LeaseTable;
 use crate::retrieval::kinesis::{KinesisApi, Shard};
 
@@ -197,12 +197,8 @@ pub(crate) async fn sync_stream(
     metrics: Option<&crate::metrics::Metrics>,
 ) -> Result<usize, SyncError> {
     let shards = api.list_shards().await?;
-    let real_key = |shard_id: &str| match stream {
-        Some(stream) => format!("{stream}:{shard_id}"),
-        None => shard_id.to_owned(),
-    };
     // The writes take the row as read (its real key).
-    let as_read = |lease: &Lease| Lease { key: real_key(&lease.key), ..lease.clone() };
+    let as_read = |lease: &Lease| Lease { key: lease_key(stream, &lease.key), ..lease.clone() };
     let mut existing = by_shard(leases, stream);
     let stale: Vec<Lease> = stale_leases(&shards, &existing).into_iter().cloned().collect();
     let replaced: HashSet<String> = stale.iter().map(|l| l.key.clone()).collect();
@@ -233,10 +229,7 @@ pub(crate) async fn sync_stream(
             lease.checkpoint = crate::leases::lease::Checkpoint::at(Position::TrimHorizon);
         }
         if let Some(stream) = stream {
-            let shard_id = std::mem::take(&mut lease.key);
-            lease.key = real_key(&shard_id);
-            lease.stream_identifier = Some(stream.to_owned());
-            lease.shard_id = Some(shard_id);
+            lease = lease.into_stream(stream);
         }
         if table.create(&lease).await? {
             tracing::debug!(stream = api.stream(), lease = %lease.key, checkpoint = lease.checkpoint.position.as_str(), "lease created");

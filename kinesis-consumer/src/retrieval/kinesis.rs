@@ -71,13 +71,12 @@ impl KinesisApi {
         &self.stream
     }
 
-    /// DescribeStreamSummary: the stream's ARN and its creation time in seconds since the epoch.
+    /// DescribeStreamSummary: the stream's ARN and creation time.
     ///
     /// # Errors
     /// As DescribeStreamSummary (`NotFound` for a stream that does not exist).
-    pub(crate) async fn describe(&self) -> Result<(String, u64), KinesisError> {
-        let summary = kinesis_core::describe_stream(&self.client, &self.stream).await?;
-        Ok((summary.arn, summary.creation_epoch))
+    pub(crate) async fn describe(&self) -> Result<kinesis_core::StreamSummary, KinesisError> {
+        Ok(kinesis_core::describe_stream(&self.client, &self.stream).await?)
     }
 
     /// Every shard of the stream, open and closed, all pages.

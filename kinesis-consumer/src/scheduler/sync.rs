@@ -86,7 +86,7 @@ impl<F: ProcessorFactory> Worker<F> {
         };
         tracked.retire(&leases, Instant::now());
         for (held, stop) in running.values() {
-            if held.stream_identifier().is_some_and(|s| self.scope.is_retired(s)) && !stop.is_cancelled() {
+            if self.scope.is_retired(held.stream_identifier()) && !stop.is_cancelled() {
                 tracing::info!(
                     lease = held.key(),
                     "its stream is retired: the processor stops and the lease is released"

@@ -21,7 +21,7 @@ use crate::leases::shard_sync::SyncError;
 use crate::lifecycle::{self, AbortOnDrop, Context, Exit};
 use crate::metrics::Metrics;
 use crate::processor::{ProcessorFactory, ShardInfo};
-use crate::retrieval::fan_out::{Retrieval, register};
+use crate::retrieval::fan_out::Retrieval;
 use crate::retrieval::kinesis::KinesisApi;
 use crate::streams::tracked::{Served, Tracked};
 use crate::worker_metrics::{RowPlace, WorkerMetrics};
@@ -90,14 +90,8 @@ impl<F: ProcessorFactory> Worker<F> {
         let mut tracked = match &self.stream {
             Some(address) => {
                 let api = KinesisApi::new(self.kinesis.clone(), address.clone());
-                let consumer_arn: Option<Arc<str>> = match &self.config.retrieval {
-                    Retrieval::Polling => None,
-                    Retrieval::FanOut(fan_out) => match register(api.client(), api.address(), fan_out).await {
-                        Ok(arn) => Some(arn.into()),
-                        Err(e) => return Err(SchedulerError::Kinesis(e)),
-                    },
-                };
-                Tracked::single(api, self.config.initial_position, consumer_arn, self.scope.clone())
+                let (initial, retrieval) = (self.config.initial_position, self.config.retrieval.clone());
+                Tracked::single(api, initial, retrieval, self.scope.clone()).await.map_err(SchedulerError::Kinesis)?
             }
             None => {
                 let mut tracked = Tracked::multi(
@@ -320,7 +314,7 @@ impl<F: ProcessorFactory> Worker<F> {
         stop: &CancellationToken,
     ) {
         let stream = match tracked.for_lease(held.stream_identifier()).await {
-            Some(stream) if !held.stream_identifier().is_some_and(|s| self.scope.is_retired(s)) => stream,
+            Some(stream) if !self.scope.is_retired(held.stream_identifier()) => stream,
             _ => {
                 tracing::warn!(lease = held.key(), "a lease of a stream this worker does not read; released");
                 self.release(&held).await;
@@ -395,7 +389,7 @@ impl<F: ProcessorFactory> Worker<F> {
             Ok(Exit::Shutdown) => {
                 // Stopped because its stream is retired (not because the worker shuts down):
                 // the lease goes, to be deleted.
-                if held.stream_identifier().is_some_and(|s| self.scope.is_retired(s)) {
+                if self.scope.is_retired(held.stream_identifier()) {
                     self.release(held).await;
                 }
             }

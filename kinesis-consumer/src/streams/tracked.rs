@@ -54,25 +54,21 @@ pub(crate) struct Tracked {
 }
 
 impl Tracked {
-    /// The one stream of a single-stream worker.
-    pub(crate) fn single(
+    /// The one stream of a single-stream worker (with fan-out, its consumer registered).
+    ///
+    /// # Errors
+    /// Registering the fan-out consumer failed.
+    pub(crate) async fn single(
         api: KinesisApi,
         initial: InitialPosition,
-        consumer_arn: Option<Arc<str>>,
+        retrieval: Retrieval,
         scope: Arc<LeaseScope>,
-    ) -> Self {
+    ) -> Result<Self, KinesisError> {
+        let mut tracked = Tracked::multi(api.client().clone(), retrieval, FormerStreams::Keep, scope);
+        let consumer_arn = tracked.register(&api).await?;
         let served = Served { identifier: None, name: api.stream().into(), api, initial, consumer_arn };
-        Tracked {
-            client: served.api.client().clone(),
-            retrieval: Retrieval::Polling,
-            former_streams: FormerStreams::Keep,
-            single: Some(Arc::new(served)),
-            listed: HashMap::new(),
-            orphans: HashMap::new(),
-            former: HashMap::new(),
-            scope,
-            watched: HashMap::new(),
-        }
+        tracked.single = Some(Arc::new(served));
+        Ok(tracked)
     }
 
     /// A multi-stream worker's streams, none yet.
@@ -171,16 +167,14 @@ impl Tracked {
     }
 
     async fn resolve(&self, config: &StreamConfig) -> Result<Served, KinesisError> {
-        let address = StreamAddress::parse(&config.stream).map_err(|e| {
-            KinesisError::new(crate::error::ErrorKind::Invalid, "DescribeStreamSummary", None, Some(e.into()))
-        })?;
-        let api = KinesisApi::new(self.client.clone(), address);
-        let (arn, created) = api.describe().await?;
         let invalid = |e: kinesis_core::InvalidStream| {
             KinesisError::new(crate::error::ErrorKind::Invalid, "DescribeStreamSummary", None, Some(e.into()))
         };
-        let arn = kinesis_core::StreamArn::parse(&arn).map_err(invalid)?;
-        let identifier = StreamIdentifier::new(arn.account_id(), arn.stream_name(), created).map_err(invalid)?;
+        let api = KinesisApi::new(self.client.clone(), StreamAddress::parse(&config.stream).map_err(invalid)?);
+        let summary = api.describe().await?;
+        let arn = kinesis_core::StreamArn::parse(&summary.arn).map_err(invalid)?;
+        let identifier =
+            StreamIdentifier::new(arn.account_id(), arn.stream_name(), summary.creation_epoch).map_err(invalid)?;
         let consumer_arn = self.register(&api).await?;
         Ok(Served {
             identifier: Some(identifier.to_string().into()),
@@ -262,7 +256,7 @@ impl Tracked {
             .filter(|(_, since)| now.duration_since(**since) >= wait)
             .map(|(id, _)| id.clone())
             .collect();
-        let newly: Vec<String> = retired.iter().filter(|id| !self.scope.is_retired(id)).cloned().collect();
+        let newly: Vec<String> = retired.iter().filter(|id| !self.scope.is_retired(Some(id))).cloned().collect();
         for id in &newly {
             tracing::info!(stream = %id, "a former stream is retired: its leases are released and deleted");
             self.orphans.remove(id);
@@ -285,10 +279,8 @@ impl Tracked {
         now: Instant,
     ) -> Result<usize, crate::error::LeaseTableError> {
         let mut deleted = 0;
-        let retired: Vec<&Lease> = leases
-            .iter()
-            .filter(|l| l.stream_identifier.as_deref().is_some_and(|s| self.scope.is_retired(s)))
-            .collect();
+        let retired: Vec<&Lease> =
+            leases.iter().filter(|l| self.scope.is_retired(l.stream_identifier.as_deref())).collect();
         self.watched.retain(|key, _| retired.iter().any(|l| &l.key == key));
         for lease in retired {
             let still = match lease.owner {
