@@ -1,29 +1,50 @@
-//! Stream processing with event time: a 10-second tumbling average temperature per sensor, read
-//! from one stream and written to another with the producer, checkpointed only behind what was
-//! emitted and acknowledged.
+//! Stream processing with event time: a 10-second average temperature per sensor, tumbling or
+//! sliding, read from one stream and written to another with the producer, checkpointed only
+//! behind what was emitted and acknowledged.
 //!
 //! ```text
 //! cargo run --example window_average                     # demo: embedded emulators, sample data
 //! cargo run --example window_average -- --stream IN --output OUT [--table NAME] [--window-ms 10000]
-//!     [--idle-exit SECS] [--from trim-horizon|latest] [--failover-ms 10000]
+//!     [--slide-ms 5000] [--idle-exit SECS] [--from trim-horizon|latest] [--failover-ms 10000]
 //! ```
 //!
 //! Input records are JSON readings, `{"sensor":"s-3","temperature":21.5,"ts":<epoch ms>}`, put
-//! with the sensor as partition key (so a sensor's readings are in one shard, in order). For each
-//! shard:
-//! - a reading goes to the window `[ts - ts mod W, + W)` of its sensor (W = `--window-ms`);
+//! with the sensor as partition key (so a sensor's readings are in one shard, in order). The
+//! windows are `[k*S, k*S + W)` (W = `--window-ms`, S = `--slide-ms`, by default W: tumbling;
+//! W must be a multiple of S). With `--window-ms 10000 --slide-ms 5000` they are Flink's "10 s
+//! windows every 5 s". For each shard:
+//! - a reading goes to the W/S windows of its sensor whose range holds its `ts`;
 //! - the shard's **watermark** is the largest `ts` seen; a window is closed once the watermark
-//!   reaches its end, and a reading for a window already closed is **late**: counted and left out;
+//!   reaches its end, and a reading whose windows are all closed is **late**: counted and left
+//!   out (a reading with some of its windows open goes to those);
 //! - closed windows are emitted to the output stream as
 //!   `{"sensor","window_start","window_end","count","average","closed_by"}` (partition key: the
 //!   sensor), and the producer's receipts are awaited;
-//! - then the shard is checkpointed just before the first reading of the oldest window still
-//!   open: every reading at or before a checkpoint belongs to a window that was emitted and
-//!   acknowledged. After a crash the open windows are read again from their first reading and come
-//!   out whole (an emitted window whose checkpoint did not make it may come out twice, the same);
+//! - then the shard is checkpointed behind everything a window not yet emitted (or not yet
+//!   acknowledged) needs, so that after a crash those windows are read again whole, and the
+//!   windows already emitted are not rebuilt from a part of their readings (an emitted window
+//!   whose checkpoint did not make it may come out twice, the same). The rule, with s_O the
+//!   start of the oldest window not emitted (windows close in the order of their starts, so every
+//!   window before s_O is emitted and acknowledged) and R* the first reading, in the shard's
+//!   order, with `ts >= s_O` (every reading a window not emitted needs is at or after R*):
+//!   - the checkpoint goes just before R* (at the record, or the aggregated sub-record, before
+//!     it), but only when R* lies in the slide `[s_O, s_O + S)`. A processor that resumes from a
+//!     checkpoint (a sequence number) then finds s_O again from the first reading it reads, as
+//!     `ts - ts mod S`, and never builds a window that starts before it: a reading that only
+//!     belongs to such windows (emitted before the restart) is counted as late;
+//!   - otherwise (the readings jumped a slide or more ahead at s_O) the previous checkpoint
+//!     stays: it is older, and reading again from it only emits again, whole and the same,
+//!     windows already emitted;
+//!   - with W = S (tumbling) R* always lies in its slide: the checkpoint is just before the first
+//!     reading of the oldest window still open, and skipping is the late rule itself;
+//!   - before the first reading of a shard started at its beginning (or at LATEST), invalid
+//!     records are checkpointed past only with W = S (with sliding windows the first reading
+//!     would otherwise be taken for R*);
 //! - at the end of a shard, and at a graceful shutdown, the open windows are emitted too
-//!   (`closed_by` says `shard_end` or `shutdown`: a window cut by a shutdown may go on after a
-//!   restart, as a second record for the same window).
+//!   (`closed_by` says `shard_end` or `shutdown`) and the shard is checkpointed at its last
+//!   record. A window cut by a shutdown may go on after a restart, as a second record for the
+//!   same window; with sliding windows, only the windows from the slide of the first reading read
+//!   after the restart on do (that reading's slide is taken for s_O, as after a crash).
 //!
 //! Without `--stream` it is a demo: it starts the embedded emulators (or uses
 //! `AWS_ENDPOINT_URL_KINESIS` / `AWS_ENDPOINT_URL_DYNAMODB` when set), creates a 2-shard input
@@ -52,7 +73,7 @@ use serde::{Deserialize, Serialize};
 
 use support::{Idle, StartFrom, exit_code, idle_limit};
 
-/// Tumbling-window average temperature per sensor, from one Kinesis stream to another.
+/// Tumbling- or sliding-window average temperature per sensor, from one Kinesis stream to another.
 #[derive(Parser, Debug)]
 #[command(name = "window_average")]
 struct Args {
@@ -68,6 +89,10 @@ struct Args {
     /// The window length, in milliseconds of event time.
     #[arg(long, default_value_t = 10_000)]
     window_ms: u32,
+    /// How far apart windows start, in milliseconds of event time: a divisor of the window length.
+    /// Default: the window length (tumbling windows).
+    #[arg(long)]
+    slide_ms: Option<u32>,
     /// Shut down gracefully (emitting the open windows) after this many seconds without a record,
     /// once every shard held has been read. Default: run until Ctrl-C (demo: 2).
     #[arg(long)]
@@ -109,6 +134,35 @@ struct Reading {
     ts: i64,
 }
 
+/// The largest `ts` taken (in magnitude, 2^60 ms: 36 million years); beyond it a record is
+/// invalid, so that window arithmetic cannot overflow.
+const MAX_TS: i64 = 1 << 60;
+
+/// The windows: `[k*slide, k*slide + length)` for every k; `length` is a multiple of `slide`.
+#[derive(Clone, Copy, Debug)]
+struct Windows {
+    length: i64,
+    slide: i64,
+}
+
+impl Windows {
+    /// The start of the slide (the pane) holding `ts`: the newest window holding it.
+    fn pane(self, ts: i64) -> i64 {
+        ts.div_euclid(self.slide) * self.slide
+    }
+
+    /// The starts of the windows holding `ts`, oldest first.
+    fn starts(self, ts: i64) -> impl Iterator<Item = i64> {
+        let newest = self.pane(ts);
+        (0..self.length / self.slide).rev().map(move |k| newest - k * self.slide)
+    }
+
+    /// The start of the oldest window the watermark has not closed.
+    fn oldest_open(self, watermark: i64) -> i64 {
+        self.pane(watermark - self.length) + self.slide
+    }
+}
+
 /// An output record.
 #[derive(Debug, Serialize)]
 struct Average<'a> {
@@ -142,20 +196,42 @@ fn cmp_at(a: &At, b: &At) -> Ordering {
 struct Window {
     sum: f64,
     count: u64,
-    /// The record just before the window's first reading (`None`: nothing before it in this
-    /// processor's life). Checkpointing there keeps the whole window to be read again.
+}
+
+/// The first reading of a pane (a slide of event time) in this processor's life.
+#[derive(Debug)]
+struct First {
+    /// The reading's rank among the readings of this processor's life.
+    rank: u64,
+    /// The record just before it (`None`: nothing before it in this processor's life).
     before: Option<At>,
+}
+
+/// Which windows a processor may build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Floor {
+    /// Every window: the shard is read from its start (or LATEST, or a time), nothing was emitted.
+    Any,
+    /// Resumed from a checkpoint: the first reading's pane is the oldest window not emitted.
+    FirstReading,
+    /// Only the windows starting at or after this one; those before were emitted.
+    From(i64),
 }
 
 /// One shard's windows.
 struct Averager {
     shard: String,
-    window_ms: i64,
+    geometry: Windows,
     producer: Producer,
     counters: Arc<Counters>,
     watermark: Option<i64>,
+    floor: Floor,
     /// Open (and closed but not yet acknowledged) windows by (start, sensor).
     windows: BTreeMap<(i64, String), Window>,
+    /// The first reading of each pane from the oldest window not emitted on.
+    panes: BTreeMap<i64, First>,
+    /// The readings of this processor's life so far.
+    ranks: u64,
     /// The newest record seen.
     last: Option<At>,
     /// The newest checkpoint written (or resumed from).
@@ -163,21 +239,24 @@ struct Averager {
 }
 
 impl Averager {
-    fn new(shard: &str, window_ms: i64, producer: Producer, counters: Arc<Counters>) -> Self {
+    fn new(shard: &str, geometry: Windows, producer: Producer, counters: Arc<Counters>) -> Self {
         Averager {
             shard: shard.to_owned(),
-            window_ms,
+            geometry,
             producer,
             counters,
             watermark: None,
+            floor: Floor::Any,
             windows: BTreeMap::new(),
+            panes: BTreeMap::new(),
+            ranks: 0,
             last: None,
             saved: None,
         }
     }
 
     fn end_of(&self, start: i64) -> i64 {
-        start.saturating_add(self.window_ms)
+        start.saturating_add(self.geometry.length)
     }
 
     /// Emits the windows the watermark has closed (or every window, with `all`), and waits for
@@ -249,21 +328,39 @@ impl Averager {
         false
     }
 
-    /// Checkpoints as far as is safe: just before the oldest open window's first reading, or at
-    /// the newest record when no window is open.
-    async fn checkpoint(&mut self, checkpointer: &mut Checkpointer) {
-        let safe = if self.windows.is_empty() {
-            self.last.clone()
-        } else {
-            let mut oldest: Option<&At> = None;
-            for window in self.windows.values() {
-                let Some(before) = &window.before else { return };
-                if oldest.is_none_or(|o| cmp_at(before, o) == Ordering::Less) {
-                    oldest = Some(before);
-                }
-            }
-            oldest.cloned()
+    /// Where a checkpoint is safe now (see the module's docs), if anywhere: just before R*, the
+    /// first reading at or after the start s_O of the oldest window not emitted, when R* lies in
+    /// the pane `[s_O, s_O + S)`. Forgets the panes before s_O.
+    fn resume_point(&mut self) -> Option<At> {
+        let Some(watermark) = self.watermark else {
+            // No reading yet: the first one read again is the first one to come, and takes the
+            // place of R* after a restart from a checkpoint, or for tumbling windows.
+            let first_is_r = self.floor == Floor::FirstReading || self.geometry.length == self.geometry.slide;
+            return if first_is_r { self.last.clone() } else { None };
         };
+        let mut oldest = self.geometry.oldest_open(watermark);
+        if let Floor::From(floor) = self.floor {
+            oldest = oldest.max(floor);
+        }
+        if let Some(((start, _), _)) = self.windows.first_key_value() {
+            // A closed window not acknowledged yet.
+            oldest = oldest.min(*start);
+        }
+        self.panes = self.panes.split_off(&oldest);
+        let (pane, first) = self.panes.iter().min_by_key(|(_, first)| first.rank)?;
+        if *pane != oldest {
+            // R* jumped a slide or more: a restart from just before it would take its pane for
+            // s_O and leave out the windows in between.
+            return None;
+        }
+        first.before.clone()
+    }
+
+    /// Checkpoints as far as is safe: at the newest record when every window was emitted and
+    /// acknowledged (after a reading: before, as at [`Averager::resume_point`]), at
+    /// [`Averager::resume_point`] otherwise (or not at all).
+    async fn checkpoint(&mut self, checkpointer: &mut Checkpointer, all_emitted: bool) {
+        let safe = if all_emitted && self.watermark.is_some() { self.last.clone() } else { self.resume_point() };
         let Some(safe) = safe else { return };
         if self.saved.as_ref().is_some_and(|saved| cmp_at(&safe, saved) != Ordering::Greater) {
             return;
@@ -277,6 +374,7 @@ impl Averager {
 
     fn forget(&mut self) {
         self.windows.clear();
+        self.panes.clear();
         self.watermark = None;
     }
 }
@@ -287,29 +385,56 @@ impl Processor for Averager {
             let at: At = (sequence.as_str().into(), init.checkpoint.sub_sequence);
             self.last = Some(at.clone());
             self.saved = Some(at);
+            self.floor = Floor::FirstReading;
         }
     }
 
     async fn process_records(&mut self, batch: Batch, checkpointer: &mut Checkpointer) {
         for record in &batch.records {
             let before = self.last.replace((record.sequence_number.clone(), record.sub_sequence_number));
-            let Ok(reading) = serde_json::from_slice::<Reading>(&record.data) else {
-                self.counters.invalid.fetch_add(1, Relaxed);
-                continue;
+            let reading = match serde_json::from_slice::<Reading>(&record.data) {
+                Ok(reading) if reading.ts.unsigned_abs() <= MAX_TS.unsigned_abs() => reading,
+                _ => {
+                    self.counters.invalid.fetch_add(1, Relaxed);
+                    continue;
+                }
             };
-            let start = reading.ts.div_euclid(self.window_ms) * self.window_ms;
-            if self.watermark.is_some_and(|w| self.end_of(start) <= w) {
+            let pane = self.geometry.pane(reading.ts);
+            let floor = match self.floor {
+                Floor::Any => i64::MIN,
+                Floor::FirstReading => {
+                    self.floor = Floor::From(pane);
+                    pane
+                }
+                Floor::From(floor) => floor,
+            };
+            if pane < floor {
+                // Its windows were emitted before the restart.
                 self.counters.late.fetch_add(1, Relaxed);
                 continue;
             }
-            let window = self.windows.entry((start, reading.sensor)).or_insert(Window { sum: 0.0, count: 0, before });
-            window.sum += reading.temperature;
-            window.count += 1;
+            self.ranks += 1;
+            self.panes.entry(pane).or_insert(First { rank: self.ranks, before });
+            let mut taken = false;
+            for start in self.geometry.starts(reading.ts) {
+                if start < floor || self.watermark.is_some_and(|w| self.end_of(start) <= w) {
+                    continue;
+                }
+                let window =
+                    self.windows.entry((start, reading.sensor.clone())).or_insert(Window { sum: 0.0, count: 0 });
+                window.sum += reading.temperature;
+                window.count += 1;
+                taken = true;
+            }
+            if !taken {
+                self.counters.late.fetch_add(1, Relaxed);
+                continue;
+            }
             self.watermark = Some(self.watermark.map_or(reading.ts, |w| w.max(reading.ts)));
             self.counters.readings.fetch_add(1, Relaxed);
         }
         self.emit(false, "watermark").await;
-        self.checkpoint(checkpointer).await;
+        self.checkpoint(checkpointer, false).await;
     }
 
     async fn lease_lost(&mut self) {
@@ -328,8 +453,8 @@ impl Processor for Averager {
     }
 
     async fn shutdown_requested(&mut self, checkpointer: &mut Checkpointer) {
-        self.emit_all("shutdown").await;
-        self.checkpoint(checkpointer).await;
+        let all_emitted = self.emit_all("shutdown").await;
+        self.checkpoint(checkpointer, all_emitted).await;
     }
 }
 
@@ -345,10 +470,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), AverageError> {
-    if args.window_ms == 0 {
-        return Err(AverageError::Usage("--window-ms must be positive".into()));
-    }
-    let window_ms = i64::from(args.window_ms);
+    let geometry = geometry(args.window_ms, args.slide_ms).map_err(AverageError::Usage)?;
     let idle_exit = idle_limit(args.idle_exit.or(args.stream.is_none().then_some(2.0))).map_err(AverageError::Usage)?;
     let existing = match (&args.stream, &args.output) {
         (Some(input), Some(output)) => Some((input.clone(), output.clone())),
@@ -362,7 +484,7 @@ async fn run(args: Args) -> Result<(), AverageError> {
         None => {
             let input = bed.kinesis.create_stream(2).await.map_err(AverageError::TestBed)?;
             let output = bed.kinesis.create_stream(1).await.map_err(AverageError::TestBed)?;
-            let expected = write_sample(&bed, &input, window_ms).await?;
+            let expected = write_sample(&bed, &input, geometry).await?;
             (input, output, Some(expected))
         }
     };
@@ -372,14 +494,15 @@ async fn run(args: Args) -> Result<(), AverageError> {
     config.failover = Duration::from_millis(args.failover_ms);
     // An idle shard is read twice a second (the KCL's 1.5 s saves calls; records come sooner).
     config.polling.idle_time_between_reads = Duration::from_millis(500);
-    println!("averaging {input} over {window_ms} ms windows into {output} (lease table {table})");
+    let Windows { length, slide } = geometry;
+    println!("averaging {input} over {length} ms windows every {slide} ms into {output} (lease table {table})");
 
     let producer = Producer::builder(bed.kinesis.client(), &output).build().map_err(AverageError::Producer)?;
     let counters = Arc::new(Counters::default());
     let scheduler = {
         let (producer, counters) = (producer.clone(), counters.clone());
         Scheduler::start(bed.kinesis.client(), bed.dynamodb.client(), config, move |shard: &str| {
-            Averager::new(shard, window_ms, producer.clone(), counters.clone())
+            Averager::new(shard, geometry, producer.clone(), counters.clone())
         })
         .map_err(AverageError::Config)?
     };
@@ -403,6 +526,24 @@ async fn run(args: Args) -> Result<(), AverageError> {
         check_demo(&bed, &output, &expected).await?;
     }
     Ok(())
+}
+
+/// `--window-ms` and `--slide-ms` (default: the window) as windows; the message names the bad
+/// value.
+fn geometry(window_ms: u32, slide_ms: Option<u32>) -> Result<Windows, String> {
+    let slide_ms = slide_ms.unwrap_or(window_ms);
+    if window_ms == 0 {
+        return Err("--window-ms must be positive".into());
+    }
+    if slide_ms == 0 {
+        return Err("--slide-ms must be positive".into());
+    }
+    if !window_ms.is_multiple_of(slide_ms) {
+        return Err(format!(
+            "--window-ms {window_ms} is not a multiple of --slide-ms {slide_ms} (a reading must belong to a whole number of windows)"
+        ));
+    }
+    Ok(Windows { length: i64::from(window_ms), slide: i64::from(slide_ms) })
 }
 
 /// Waits for Ctrl-C or the idle exit; returns whether the worker stopped by itself instead.
@@ -442,7 +583,7 @@ type Expected = BTreeMap<(String, i64), (u64, f64)>;
 
 /// Writes a minute of readings of 6 sensors (one a second each, in time order), then one late
 /// reading and one invalid record; returns the averages they must give.
-async fn write_sample(bed: &TestBed, stream: &str, window_ms: i64) -> Result<Expected, AverageError> {
+async fn write_sample(bed: &TestBed, stream: &str, geometry: Windows) -> Result<Expected, AverageError> {
     // Per partition key in put order, across retries: a sensor's readings stay in time order.
     let config = ProducerConfig { ordering: true, ..Default::default() };
     let producer =
@@ -458,9 +599,11 @@ async fn write_sample(bed: &TestBed, stream: &str, window_ms: i64) -> Result<Exp
             let temperature = format!("{:.1}", 18.0 + f64::from(sensor) + fastrand::f64() * 4.0);
             // The value the consumer reads is the one written: parsed from the same text.
             let value: f64 = temperature.parse().map_err(|_| AverageError::Demo("a bad sample".into()))?;
-            let entry = sums.entry((name.clone(), ts.div_euclid(window_ms) * window_ms)).or_insert((0, 0.0));
-            entry.0 += 1;
-            entry.1 += value;
+            for window in geometry.starts(ts) {
+                let entry = sums.entry((name.clone(), window)).or_insert((0, 0.0));
+                entry.0 += 1;
+                entry.1 += value;
+            }
             records.push((name.clone(), format!(r#"{{"sensor":"{name}","temperature":{temperature},"ts":{ts}}}"#)));
         }
     }

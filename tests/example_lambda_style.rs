@@ -8,8 +8,8 @@ mod example_support;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use example_support::{Sent, example, logs, put, run_to_success, temp_dir};
-use kinesis::consumer::{LeaseTable, Position, cmp_sequence_numbers};
+use example_support::{Sent, assert_checkpointed_at_last_records, example, logs, put, run_to_success, temp_dir};
+use kinesis::consumer::{LeaseTable, cmp_sequence_numbers};
 use kinesis_testkit::{TestBed, unique_name};
 use serde_json::Value;
 
@@ -159,15 +159,7 @@ async fn batches_retries_and_the_on_failure_destination_behave_as_lambda() {
     }
 
     // Every record was handled or sent on: each shard is checkpointed at its last record.
-    for lease in LeaseTable::new(bed.dynamodb.client(), &table).list().await.expect("read the lease table") {
-        let last = sent
-            .iter()
-            .filter(|s| s.shard_id == lease.key)
-            .map(|s| s.sequence_number.as_str())
-            .max_by(|a, b| cmp_sequence_numbers(a, b))
-            .expect("records in every shard");
-        assert_eq!(lease.checkpoint.position, Position::Sequence(last.to_owned()), "{}", lease.key);
-    }
+    assert_checkpointed_at_last_records(&LeaseTable::new(bed.dynamodb.client(), &table), &sent).await;
     let summary = events.last().expect("a summary");
     assert_eq!(summary["event"], "summary");
     assert_eq!(summary["orders_handled"], 119);

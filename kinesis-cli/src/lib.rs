@@ -5,6 +5,7 @@
 pub mod agg;
 pub mod leases;
 pub mod loadgen;
+#[cfg(feature = "local")]
 pub mod local;
 pub mod stream;
 pub mod tail;

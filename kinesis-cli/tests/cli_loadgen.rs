@@ -229,3 +229,67 @@ async fn a_producer_process_killed_mid_load_loses_nothing_its_receipts_acknowled
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Loads a page in headless Chromium through `scripts/browser check` (playwright-core driving
+/// Debian's chromium) and returns what it reported.
+fn load_in_chromium(page: &std::path::Path) -> Value {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = Command::new("bash")
+        .arg(root.join("scripts/browser"))
+        .arg("check")
+        .arg(page)
+        .output()
+        .expect("run scripts/browser");
+    assert!(
+        output.status.success(),
+        "scripts/browser check failed. This test needs node, npm and Chromium \
+         (apt-get install nodejs npm chromium; .ci/run installs them):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("one JSON object from scripts/browser check")
+}
+
+#[test]
+fn the_report_page_loads_in_headless_chromium_with_every_chart_drawn() {
+    let dir = std::env::temp_dir().join(format!("kinesis-loadgen-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let page = dir.join("report.html");
+    // Paced for 4 s, so that every chart has a point per second.
+    let output = kinesis(
+        &[
+            "--local",
+            "loadgen",
+            "--producers",
+            "4",
+            "--rate",
+            "250/s",
+            "--duration",
+            "4s",
+            "--shards",
+            "3",
+            "--verify",
+            "--report",
+            page.to_str().unwrap(),
+        ],
+        None,
+    );
+    let summary = summary(&output);
+    assert_eq!(number(&summary, "lost"), 0);
+    assert_eq!(summary.get("report").map(String::as_str), page.to_str());
+
+    let found = load_in_chromium(&page);
+    assert_eq!(found["errors"], serde_json::json!([]), "no console or page errors: {found}");
+    assert_eq!(found["title"], "kinesis loadgen: loadgen");
+    let figures = found["figures"].as_array().expect("figures");
+    let ids: Vec<&str> = figures.iter().map(|f| f["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["throughput", "latency", "shards", "throttles"], "{found}");
+    // Data lines: sent, acknowledged, received; p50, p90, p99, max; one per shard; throttles and
+    // other errors. Each drawn on a chart of non-zero size, with a point per second or more.
+    for (figure, lines) in figures.iter().zip([3, 4, 3, 2]) {
+        assert!(figure["width"].as_f64().unwrap() > 100.0 && figure["height"].as_f64().unwrap() > 100.0, "{figure}");
+        assert_eq!(figure["lines"], lines, "{figure}");
+        assert!(figure["points"].as_u64().unwrap() >= 3 * lines, "{figure}");
+        assert!(figure["texts"].as_u64().unwrap() >= 8, "titles, axis labels and legends: {figure}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,6 +3,8 @@
 //! remembers where each one went.
 #![allow(dead_code)]
 
+pub mod window;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -111,4 +113,17 @@ pub fn temp_dir(prefix: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(kinesis_testkit::unique_name(prefix));
     std::fs::create_dir_all(&dir).expect("create a temporary directory");
     dir
+}
+
+/// Each shard is checkpointed at its last record put (every record was handled).
+pub async fn assert_checkpointed_at_last_records(leases: &kinesis::consumer::LeaseTable, sent: &[Sent]) {
+    for lease in leases.list().await.expect("read the lease table") {
+        let last = sent
+            .iter()
+            .filter(|s| s.shard_id == lease.key)
+            .map(|s| s.sequence_number.as_str())
+            .max_by(|a, b| kinesis::consumer::cmp_sequence_numbers(a, b))
+            .expect("records in every shard");
+        assert_eq!(lease.checkpoint.position, kinesis::consumer::Position::Sequence(last.to_owned()), "{}", lease.key);
+    }
 }

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kinesis_cli::leases::{LeasesArgs, run_leases};
 use kinesis_cli::loadgen::{Clients, LoadgenArgs, check, run_loadgen};
+#[cfg(feature = "local")]
 use kinesis_cli::local::Emulators;
 use kinesis_cli::stream::{PutArgs, StreamCommand, run_put, run_stream};
 use kinesis_cli::tail::{ShardForArgs, TailArgs, run_shard_for, run_tail};
@@ -20,7 +21,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[command(name = "kinesis", version)]
 struct Cli {
     /// Run the command on embedded emulators (Kinesis and DynamoDB on 127.0.0.1, in this
-    /// process), not on AWS. Their data lives as long as the command.
+    /// process), not on AWS. Their data lives as long as the command. Needs a build with the
+    /// `local` feature (cargo install kinesis-cli --features local).
     #[arg(long, global = true)]
     local: bool,
     /// With --local: no per-shard write limits (by default the emulator enforces 1,000 records/s
@@ -56,7 +58,7 @@ enum Command {
     #[command(after_help = PLACEHOLDERS)]
     Loadgen(LoadgenArgs),
     /// Start the embedded emulators and serve them until Ctrl-C; prints the lines that point the
-    /// AWS SDKs (and other `kinesis` commands) at them.
+    /// AWS SDKs (and other `kinesis` commands) at them. Needs the `local` feature.
     Local,
 }
 
@@ -84,6 +86,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// Without the `local` feature there are no emulators: no value of this type exists, and asking
+/// for one says how to get them.
+#[cfg(not(feature = "local"))]
+enum Emulators {}
+
+#[cfg(not(feature = "local"))]
+impl Emulators {
+    async fn start(_throttle: bool) -> Result<Self, BoxError> {
+        Err("--local and `kinesis local` need the embedded emulators, which this build leaves out: \
+             install with `cargo install kinesis-cli --features local` (or run from the repository \
+             with `cargo run -p kinesis-cli --features local -- ...`)"
+            .into())
+    }
+    fn clients(&self) -> Clients {
+        match *self {}
+    }
+    fn exports(&self) -> String {
+        match *self {}
+    }
+}
+
 async fn run(command: Command, local: bool, throttle: bool) -> Result<(), BoxError> {
     // Keep the emulators alive until the command is done.
     let serve = matches!(command, Command::Local);
@@ -107,9 +130,14 @@ async fn run(command: Command, local: bool, throttle: bool) -> Result<(), BoxErr
     match command {
         Command::Loadgen(args) => {
             // Progress lines and the summary go to stdout line by line: no lock held across awaits.
+            let page = args.report.clone();
             let report = run_loadgen(&clients, args, local).await?;
             let mut out = Vec::new();
             report.print(&mut out)?;
+            if let Some(path) = page {
+                report.write_html(&path)?;
+                writeln!(out, "report        {}", path.display())?;
+            }
             std::io::stdout().write_all(&out)?;
             check(&report)?;
             Ok(())

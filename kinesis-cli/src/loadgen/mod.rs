@@ -13,10 +13,11 @@
 //! shards busy without fighting each other.
 
 pub mod latency;
+pub mod report;
 pub mod template;
+pub mod timeline;
 pub mod verify;
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,8 +29,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kinesis_producer::{DeliveryError, Producer, ProducerConfig, Receipt, ReceiptFuture, UserRecord};
 use tokio::sync::mpsc;
 
-use self::latency::{Latencies, LatencySummary};
+pub use self::report::{Report, ReportError};
+
+use self::latency::Latencies;
 use self::template::{DEFAULT_PARTITION_KEY, DEFAULT_TEMPLATE, Template, TemplateError, Values};
+use self::timeline::{Timeline, Totals, throttles_and_others};
 use self::verify::{Counts, Group, Tally};
 use crate::stream::{kinesis, wait_active};
 
@@ -103,6 +107,11 @@ pub struct LoadgenArgs {
     /// How long `--verify` waits, after the last acknowledgement, for records still to arrive.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub verify_timeout: Duration,
+    /// Also write the report as a self-contained HTML page with charts: records/s sent,
+    /// acknowledged and received; put -> acknowledged latency percentiles; each shard's use of
+    /// its write limit; throttles; all over time.
+    #[arg(long, value_name = "FILE.html")]
+    pub report: Option<PathBuf>,
 }
 
 /// The lease management of the `--verify` consumer group.
@@ -194,126 +203,6 @@ pub enum LoadgenError {
         /// Acknowledged records the consumer group did not receive (with `--verify`).
         lost: u64,
     },
-}
-
-/// What a run measured.
-#[derive(Debug, Clone)]
-pub struct Report {
-    /// The stream and its open shards.
-    pub stream: String,
-    /// Open shards while the run started.
-    pub shards: u32,
-    /// Records `put` accepted.
-    pub sent: u64,
-    /// Records Kinesis acknowledged (receipts that succeeded).
-    pub acknowledged: u64,
-    /// Receipts that failed.
-    pub failed: u64,
-    /// Seconds from the first put to the last receipt.
-    pub produce_secs: f64,
-    /// Kinesis records put and their bytes (partition key + data, after compression).
-    pub kinesis_records: u64,
-    /// See `kinesis_records`.
-    pub kinesis_bytes: u64,
-    /// User-record bytes delivered (partition key + data, before compression).
-    pub user_bytes: u64,
-    /// Median of the per-second Kinesis bytes while putting, leaving out the first two seconds.
-    pub steady_bytes_per_sec: Option<f64>,
-    /// Per-record retries and the error codes seen.
-    pub retries: u64,
-    /// See `retries`.
-    pub errors_by_code: BTreeMap<String, u64>,
-    /// Per producer: records sent, and the seconds from its start to its last put.
-    pub per_producer: Vec<(u64, f64)>,
-    /// The pace asked for, per producer.
-    pub rate: Option<f64>,
-    /// With `--verify`: the tally at the end, deliveries not of this run, and the seconds from the
-    /// start until the last record arrived (or the wait ended).
-    pub verified: Option<(Counts, u64, f64)>,
-    /// Put -> acknowledged (the receipt resolved), per record acknowledged.
-    pub ack_latency: Option<LatencySummary>,
-    /// With `--verify`: put -> first delivery to a processor, per record acknowledged and
-    /// received (millisecond resolution).
-    pub processed_latency: Option<LatencySummary>,
-}
-
-impl Report {
-    /// Kinesis bytes per second over the whole run, as a share of the shards' 1 MiB/s each.
-    pub fn utilisation(&self) -> f64 {
-        self.kinesis_bytes as f64 / self.produce_secs.max(1e-9) / (f64::from(self.shards) * 1_048_576.0)
-    }
-
-    /// Writes the summary.
-    pub fn print(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
-        let limit = f64::from(self.shards) * 1_048_576.0;
-        writeln!(out, "== loadgen summary: stream {}, {} shards", self.stream, self.shards)?;
-        writeln!(out, "sent          {}", self.sent)?;
-        writeln!(out, "acknowledged  {}", self.acknowledged)?;
-        writeln!(out, "failed        {}", self.failed)?;
-        if let Some((counts, unexpected, secs)) = &self.verified {
-            writeln!(out, "received      {}", counts.received)?;
-            writeln!(out, "duplicates    {}", counts.duplicates)?;
-            writeln!(out, "lost          {}", counts.lost())?;
-            if *unexpected > 0 {
-                writeln!(out, "unexpected    {unexpected} (received, but not acknowledged in this run)")?;
-            }
-            writeln!(
-                out,
-                "consumed      {:.0} records/s ({} deliveries by {:.1} s)",
-                counts.deliveries as f64 / secs.max(1e-9),
-                counts.deliveries,
-                secs
-            )?;
-        }
-        writeln!(
-            out,
-            "produced      {:.0} records/s ({} acknowledged in {:.1} s)",
-            self.acknowledged as f64 / self.produce_secs.max(1e-9),
-            self.acknowledged,
-            self.produce_secs
-        )?;
-        writeln!(
-            out,
-            "kinesis bytes {:.2} MB/s = {:.1} % of the shards' write limit over the run{}",
-            self.kinesis_bytes as f64 / self.produce_secs.max(1e-9) / 1e6,
-            100.0 * self.utilisation(),
-            match self.steady_bytes_per_sec {
-                Some(steady) => format!("; steady state {:.1} %", 100.0 * steady / limit),
-                None => String::new(),
-            }
-        )?;
-        writeln!(
-            out,
-            "records       {} Kinesis records, {:.1} user records each; {:.2} user bytes per Kinesis byte",
-            self.kinesis_records,
-            self.acknowledged as f64 / self.kinesis_records.max(1) as f64,
-            self.user_bytes as f64 / self.kinesis_bytes.max(1) as f64
-        )?;
-        if let Some(latency) = &self.ack_latency {
-            writeln!(out, "put->ack      {latency}")?;
-        }
-        if let Some(latency) = &self.processed_latency {
-            writeln!(out, "put->process  {latency}")?;
-        }
-        writeln!(out, "retries       {} (errors {:?})", self.retries, self.errors_by_code)?;
-        if let Some(rate) = self.rate {
-            let rates: Vec<f64> =
-                self.per_producer.iter().filter(|(_, s)| *s > 0.0).map(|(n, s)| *n as f64 / s).collect();
-            if !rates.is_empty() {
-                let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
-                let max = rates.iter().copied().fold(0.0, f64::max);
-                let total: f64 = rates.iter().sum();
-                writeln!(
-                    out,
-                    "pacing        {rate} records/s per producer asked; per producer {min:.2}..{max:.2} records/s; \
-                     all {total:.1} records/s of {:.1} asked ({:+.2} %)",
-                    rate * rates.len() as f64,
-                    100.0 * (total / (rate * rates.len() as f64) - 1.0)
-                )?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The clients a run uses.
@@ -452,11 +341,14 @@ pub async fn run_loadgen(clients: &Clients, args: LoadgenArgs, local: bool) -> R
         None => None,
     };
     let (receipts_tx, receipts_rx) = mpsc::channel::<Pending>(4096);
+    let timeline: Arc<Mutex<Timeline>> = Arc::default();
+    timeline.lock().unwrap_or_else(|p| p.into_inner()).sample(Duration::ZERO, Totals::default());
     let receipts = tokio::spawn(await_receipts(
         receipts_rx,
         progress.clone(),
         args.verify.then(|| tally.clone()),
         receipts_file.map(std::io::LineWriter::new),
+        (timeline.clone(), started),
     ));
     let samples: Arc<Mutex<Vec<u64>>> = Arc::default();
     let display = tokio::spawn(display(
@@ -466,7 +358,7 @@ pub async fn run_loadgen(clients: &Clients, args: LoadgenArgs, local: bool) -> R
         args.clone(),
         plan.quotas.as_ref().map(|q| q.iter().sum()),
         started,
-        samples.clone(),
+        (samples.clone(), timeline.clone()),
     ));
 
     let plan = Arc::new(plan);
@@ -506,6 +398,10 @@ pub async fn run_loadgen(clients: &Clients, args: LoadgenArgs, local: bool) -> R
     };
     display.abort();
     ctrl_c.abort();
+    let mut timeline = std::mem::take(&mut *timeline.lock().unwrap_or_else(|p| p.into_inner()));
+    // The last sample: the display's last one may be up to a second old.
+    timeline.sample(started.elapsed(), totals(&producer, &progress, &tally));
+    timeline.finish();
 
     let m = producer.metrics();
     let steady = {
@@ -536,6 +432,7 @@ pub async fn run_loadgen(clients: &Clients, args: LoadgenArgs, local: bool) -> R
         processed_latency: verified.as_ref().and_then(|_| tally.processed_latency().summary()),
         verified,
         ack_latency,
+        timeline,
     };
     if let Some(error) = refused {
         return Err(LoadgenError::Put(error));
@@ -626,12 +523,13 @@ async fn put_loop(
         plan.template.render(&values, &mut data);
         plan.key.render(&values, &mut key);
         let record = UserRecord::new(key.clone(), data.clone().into_bytes());
+        let bytes = (key.len() + data.len()) as u64;
         // Latency counts from here: a put that waits for buffer space is part of it.
         let put_at = Instant::now();
         let receipt = producer.put(record).await?;
         progress.sent[k].fetch_add(1, Ordering::Relaxed);
         progress.last_put[k].store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        if receipts.send(Pending { producer: k + 1, seq, receipt, put_at }).await.is_err() {
+        if receipts.send(Pending { producer: k + 1, seq, receipt, put_at, bytes }).await.is_err() {
             break;
         }
     }
@@ -640,12 +538,13 @@ async fn put_loop(
 
 /// Awaits receipts in whatever order they resolve (a record being retried must not hold up the
 /// ones behind it); counts them, tells the tally where each record was stored and when it was put,
-/// and returns the put -> acknowledged latencies.
+/// adds each to the timeline, and returns the put -> acknowledged latencies.
 async fn await_receipts(
     mut rx: mpsc::Receiver<Pending>,
     progress: Arc<Progress>,
     tally: Option<Arc<Tally>>,
     mut file: Option<std::io::LineWriter<std::fs::File>>,
+    (timeline, started): (Arc<Mutex<Timeline>>, Instant),
 ) -> Latencies {
     let mut latencies = Latencies::default();
     use futures_util::StreamExt as _;
@@ -655,14 +554,22 @@ async fn await_receipts(
     loop {
         tokio::select! {
             pending = rx.recv(), if open => match pending {
-                Some(Pending { producer, seq, receipt, put_at }) => {
-                    waiting.push(async move { (producer, seq, put_at, receipt.await) });
+                Some(Pending { producer, seq, receipt, put_at, bytes }) => {
+                    waiting.push(async move { (producer, seq, put_at, bytes, receipt.await) });
                 }
                 None => open = false,
             },
-            Some((producer, seq, put_at, result)) = waiting.next(), if !waiting.is_empty() => match result as Result<Receipt, DeliveryError> {
+            Some((producer, seq, put_at, bytes, result)) = waiting.next(), if !waiting.is_empty() => match result as Result<Receipt, DeliveryError> {
                 Ok(receipt) => {
-                    latencies.record(put_at.elapsed());
+                    let latency = put_at.elapsed();
+                    latencies.record(latency);
+                    timeline.lock().unwrap_or_else(|p| p.into_inner()).acknowledged(
+                        started.elapsed(),
+                        latency,
+                        &receipt.shard_id,
+                        receipt.aggregated_index,
+                        bytes,
+                    );
                     if let Some(tally) = &tally {
                         tally.acked(&receipt.sequence_number, receipt.aggregated_index, put_at);
                     }
@@ -700,6 +607,21 @@ struct Pending {
     receipt: ReceiptFuture,
     /// When `put` was called.
     put_at: Instant,
+    /// Partition key and data.
+    bytes: u64,
+}
+
+/// The run's running totals now, for the timeline.
+fn totals(producer: &Producer, progress: &Progress, tally: &Tally) -> Totals {
+    let (throttles, other_errors) = throttles_and_others(&producer.metrics().errors_by_code);
+    let counts = tally.counts();
+    Totals {
+        sent: progress.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
+        acknowledged: progress.acked.load(Ordering::Relaxed),
+        received: counts.deliveries - counts.duplicates,
+        throttles,
+        other_errors,
+    }
 }
 
 /// Waits until every acknowledged record arrived, or nothing new arrived for `timeout`.
@@ -734,7 +656,8 @@ fn log_lines(progress: &Progress, secs: f64) {
     }
 }
 
-/// The progress bar, or the `--log` lines; and one sample of Kinesis bytes per second.
+/// The progress bar, or the `--log` lines; and once a second a sample of Kinesis bytes per
+/// second and of the timeline's totals.
 async fn display(
     producer: Producer,
     progress: Arc<Progress>,
@@ -742,7 +665,7 @@ async fn display(
     args: LoadgenArgs,
     total: Option<u64>,
     started: Instant,
-    samples: Arc<Mutex<Vec<u64>>>,
+    (samples, timeline): (Arc<Mutex<Vec<u64>>>, Arc<Mutex<Timeline>>),
 ) {
     let bar = if args.log || !std::io::stderr().is_terminal() {
         ProgressBar::hidden()
@@ -782,6 +705,8 @@ async fn display(
         let received = if args.verify { format!(" received {}", tally.counts().received) } else { String::new() };
         if elapsed >= next_sample {
             next_sample += Duration::from_secs(1);
+            let totals = totals(&producer, &progress, &tally);
+            timeline.lock().unwrap_or_else(|p| p.into_inner()).sample(elapsed, totals);
             let bytes = producer.metrics().kinesis_records_data_put;
             let still_putting = match (total, args.duration) {
                 (Some(total), _) => sent < total,
