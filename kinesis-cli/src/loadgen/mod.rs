@@ -11,30 +11,37 @@
 //! The N tasks share one [`Producer`], as the threads of one KPL process share one KPL: records of
 //! every task are aggregated together per shard, and one set of per-shard rate limiters keeps the
 //! shards busy without fighting each other.
+//!
+//! The stages, a module each: [`template`] renders the records; `put` runs the producer tasks and
+//! awaits the receipts; [`verify`] runs the consumer group and keeps the tally; `progress` shows
+//! the run and samples it once a second; [`latency`] and [`timeline`] keep the figures; [`report`]
+//! prints the summary and draws the `--report` page.
 
 pub mod latency;
+mod progress;
+mod put;
 pub mod report;
 pub mod template;
 pub mod timeline;
 pub mod verify;
 
-use std::io::IsTerminal as _;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
-use kinesis_producer::{DeliveryError, Producer, ProducerConfig, Receipt, ReceiptFuture, UserRecord};
+use kinesis_producer::{Producer, ProducerConfig};
 use tokio::sync::mpsc;
 
 pub use self::report::{Report, ReportError};
 
-use self::latency::Latencies;
-use self::template::{DEFAULT_PARTITION_KEY, DEFAULT_TEMPLATE, Template, TemplateError, Values};
-use self::timeline::{Timeline, Totals, throttles_and_others};
-use self::verify::{Counts, Group, Tally};
+use self::progress::{Progress, display, log_lines, totals};
+use self::put::{Pending, await_receipts, put_loop};
+use self::template::{DEFAULT_PARTITION_KEY, DEFAULT_TEMPLATE, Template, TemplateError};
+use self::timeline::{Timeline, Totals};
+use self::verify::{Group, Tally, wait_for_arrivals};
 use crate::stream::{kinesis, wait_active};
 
 /// Arguments of `kinesis loadgen`.
@@ -251,16 +258,6 @@ fn plan(args: &LoadgenArgs) -> Result<Plan, LoadgenError> {
         }
     };
     Ok(Plan { template, key, quotas, duration: args.duration, rate: args.rate.map(|r| r.0) })
-}
-
-/// Counters shared by the producer tasks, the receipt task and the progress display.
-#[derive(Default)]
-struct Progress {
-    sent: Vec<AtomicU64>,
-    acked: AtomicU64,
-    failed: AtomicU64,
-    /// Per producer: microseconds from the start to its last put.
-    last_put: Vec<AtomicU64>,
 }
 
 /// Runs the load: creates the stream if needed, starts the `--verify` group, puts, waits for every
@@ -483,255 +480,6 @@ async fn ensure_stream(
         eprintln!("stream {stream} exists with {open} open shards; --shards {asked} is ignored");
     }
     Ok((open, created))
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn put_loop(
-    k: usize,
-    producers: usize,
-    producer: &Producer,
-    plan: &Plan,
-    progress: &Progress,
-    stop: &AtomicBool,
-    receipts: &mpsc::Sender<Pending>,
-    started: Instant,
-) -> Result<(), kinesis_producer::PutError> {
-    // Paced producers start spread over one interval, so that N of them do not put in step.
-    let offset = plan.rate.map_or(0.0, |rate| k as f64 / (producers as f64 * rate));
-    let (mut data, mut key) = (String::with_capacity(256), String::with_capacity(64));
-    for seq in 0u64.. {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        if let Some(quotas) = &plan.quotas
-            && seq >= quotas[k]
-        {
-            break;
-        }
-        let due = plan.rate.map(|rate| Duration::from_secs_f64(offset + seq as f64 / rate));
-        if let Some(duration) = plan.duration
-            && due.unwrap_or_else(|| started.elapsed()) >= duration
-        {
-            break;
-        }
-        if let Some(due) = due {
-            tokio::time::sleep_until((started + due).into()).await;
-        }
-        let values = Values::new(k + 1, seq);
-        data.clear();
-        key.clear();
-        plan.template.render(&values, &mut data);
-        plan.key.render(&values, &mut key);
-        let record = UserRecord::new(key.clone(), data.clone().into_bytes());
-        let bytes = (key.len() + data.len()) as u64;
-        // Latency counts from here: a put that waits for buffer space is part of it.
-        let put_at = Instant::now();
-        let receipt = producer.put(record).await?;
-        progress.sent[k].fetch_add(1, Ordering::Relaxed);
-        progress.last_put[k].store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        if receipts.send(Pending { producer: k + 1, seq, receipt, put_at, bytes }).await.is_err() {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// Awaits receipts in whatever order they resolve (a record being retried must not hold up the
-/// ones behind it); counts them, tells the tally where each record was stored and when it was put,
-/// adds each to the timeline, and returns the put -> acknowledged latencies.
-async fn await_receipts(
-    mut rx: mpsc::Receiver<Pending>,
-    progress: Arc<Progress>,
-    tally: Option<Arc<Tally>>,
-    mut file: Option<std::io::LineWriter<std::fs::File>>,
-    (timeline, started): (Arc<Mutex<Timeline>>, Instant),
-) -> Latencies {
-    let mut latencies = Latencies::default();
-    use futures_util::StreamExt as _;
-    use std::io::Write as _;
-    let mut waiting = futures_util::stream::FuturesUnordered::new();
-    let mut open = true;
-    loop {
-        tokio::select! {
-            pending = rx.recv(), if open => match pending {
-                Some(Pending { producer, seq, receipt, put_at, bytes }) => {
-                    waiting.push(async move { (producer, seq, put_at, bytes, receipt.await) });
-                }
-                None => open = false,
-            },
-            Some((producer, seq, put_at, bytes, result)) = waiting.next(), if !waiting.is_empty() => match result as Result<Receipt, DeliveryError> {
-                Ok(receipt) => {
-                    let latency = put_at.elapsed();
-                    latencies.record(latency);
-                    timeline.lock().unwrap_or_else(|p| p.into_inner()).acknowledged(
-                        started.elapsed(),
-                        latency,
-                        &receipt.shard_id,
-                        receipt.aggregated_index,
-                        bytes,
-                    );
-                    if let Some(tally) = &tally {
-                        tally.acked(&receipt.sequence_number, receipt.aggregated_index, put_at);
-                    }
-                    if let Some(out) = &mut file {
-                        let line = serde_json::json!({
-                            "producer": producer,
-                            "seq": seq,
-                            "shard_id": &*receipt.shard_id,
-                            "sequence_number": &*receipt.sequence_number,
-                            "sub_sequence_number": receipt.aggregated_index,
-                        });
-                        if let Err(error) = writeln!(out, "{line}") {
-                            eprintln!("cannot write the receipts file ({error}); no more receipts are written");
-                            file = None;
-                        }
-                    }
-                    progress.acked.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(error) => {
-                    if progress.failed.fetch_add(1, Ordering::Relaxed) < 5 {
-                        eprintln!("a record was not delivered: {error} after {} attempts", error.attempts().len());
-                    }
-                }
-            },
-            else => break,
-        }
-    }
-    latencies
-}
-
-/// A record put, waiting for its receipt.
-struct Pending {
-    producer: usize,
-    seq: u64,
-    receipt: ReceiptFuture,
-    /// When `put` was called.
-    put_at: Instant,
-    /// Partition key and data.
-    bytes: u64,
-}
-
-/// The run's running totals now, for the timeline.
-fn totals(producer: &Producer, progress: &Progress, tally: &Tally) -> Totals {
-    let (throttles, other_errors) = throttles_and_others(&producer.metrics().errors_by_code);
-    let counts = tally.counts();
-    Totals {
-        sent: progress.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
-        acknowledged: progress.acked.load(Ordering::Relaxed),
-        received: counts.deliveries - counts.duplicates,
-        throttles,
-        other_errors,
-    }
-}
-
-/// Waits until every acknowledged record arrived, or nothing new arrived for `timeout`.
-async fn wait_for_arrivals(tally: &Tally, timeout: Duration, stop: &AtomicBool) -> Counts {
-    let mut last = tally.counts();
-    let mut since = Instant::now();
-    loop {
-        let counts = tally.counts();
-        if counts.lost() == 0 || stop.load(Ordering::Relaxed) {
-            return counts;
-        }
-        if counts.deliveries != last.deliveries {
-            (last, since) = (counts, Instant::now());
-        } else if since.elapsed() >= timeout {
-            eprintln!("verify: nothing arrived for {:.0} s; {} records missing", timeout.as_secs_f64(), counts.lost());
-            return counts;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The `--log` lines: one per producer.
-fn log_lines(progress: &Progress, secs: f64) {
-    let sent: u64 = progress.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum();
-    for (k, count) in progress.sent.iter().enumerate() {
-        println!(
-            "producer {} has sent {} records, elapsed {secs:.1} s, all producers have sent {sent} records, tps = {:.0}",
-            k + 1,
-            count.load(Ordering::Relaxed),
-            sent as f64 / secs.max(1e-9)
-        );
-    }
-}
-
-/// The progress bar, or the `--log` lines; and once a second a sample of Kinesis bytes per
-/// second and of the timeline's totals.
-async fn display(
-    producer: Producer,
-    progress: Arc<Progress>,
-    tally: Arc<Tally>,
-    args: LoadgenArgs,
-    total: Option<u64>,
-    started: Instant,
-    (samples, timeline): (Arc<Mutex<Vec<u64>>>, Arc<Mutex<Timeline>>),
-) {
-    let bar = if args.log || !std::io::stderr().is_terminal() {
-        ProgressBar::hidden()
-    } else {
-        let (length, unit) = match (total, args.duration) {
-            (Some(total), _) => (total, "records"),
-            (None, Some(d)) => (d.as_secs(), "s"),
-            (None, None) => (0, ""),
-        };
-        let bar = ProgressBar::new(length);
-        let style =
-            ProgressStyle::with_template(&format!("{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{msg}}"))
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
-        bar.set_style(style);
-        bar
-    };
-    let plain_lines = !args.log && bar.is_hidden();
-    let tick = Duration::from_millis(250);
-    let mut next_sample = Duration::from_secs(1);
-    let mut next_line = args.log_interval;
-    let (mut last_bytes, mut window) = (0u64, std::collections::VecDeque::<(Instant, u64)>::new());
-    loop {
-        tokio::time::sleep(tick).await;
-        let elapsed = started.elapsed();
-        let sent: u64 = progress.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum();
-        // Records/s over the last 2 s.
-        window.push_back((Instant::now(), sent));
-        while window.len() > 9 {
-            window.pop_front();
-        }
-        let rate = match (window.front(), window.back()) {
-            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => (n1 - n0) as f64 / t1.duration_since(*t0).as_secs_f64(),
-            _ => 0.0,
-        };
-        let acked = progress.acked.load(Ordering::Relaxed);
-        let received = if args.verify { format!(" received {}", tally.counts().received) } else { String::new() };
-        if elapsed >= next_sample {
-            next_sample += Duration::from_secs(1);
-            let totals = totals(&producer, &progress, &tally);
-            timeline.lock().unwrap_or_else(|p| p.into_inner()).sample(elapsed, totals);
-            let bytes = producer.metrics().kinesis_records_data_put;
-            let still_putting = match (total, args.duration) {
-                (Some(total), _) => sent < total,
-                (None, Some(d)) => elapsed < d,
-                (None, None) => true,
-            };
-            if still_putting {
-                samples.lock().unwrap_or_else(|p| p.into_inner()).push(bytes - last_bytes);
-            }
-            last_bytes = bytes;
-        }
-        if !bar.is_hidden() {
-            bar.set_position(if total.is_some() { sent } else { elapsed.as_secs() });
-            bar.set_message(format!("{rate:.0} records/s  acked {acked}{received}"));
-        }
-        if elapsed >= next_line {
-            next_line += args.log_interval;
-            let secs = elapsed.as_secs_f64();
-            if args.log {
-                log_lines(&progress, secs);
-            } else if plain_lines {
-                eprintln!("{secs:6.1} s  sent {sent}  acked {acked}{received}  {rate:.0} records/s");
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -244,6 +245,25 @@ pub fn start_position(created: bool, run_started: SystemTime) -> InitialPosition
         InitialPosition::TrimHorizon
     } else {
         InitialPosition::AtTimestamp(run_started - Duration::from_secs(5))
+    }
+}
+
+/// Waits until every acknowledged record arrived, or nothing new arrived for `timeout`.
+pub(super) async fn wait_for_arrivals(tally: &Tally, timeout: Duration, stop: &AtomicBool) -> Counts {
+    let mut last = tally.counts();
+    let mut since = Instant::now();
+    loop {
+        let counts = tally.counts();
+        if counts.lost() == 0 || stop.load(Ordering::Relaxed) {
+            return counts;
+        }
+        if counts.deliveries != last.deliveries {
+            (last, since) = (counts, Instant::now());
+        } else if since.elapsed() >= timeout {
+            eprintln!("verify: nothing arrived for {:.0} s; {} records missing", timeout.as_secs_f64(), counts.lost());
+            return counts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

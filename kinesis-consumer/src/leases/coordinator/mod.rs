@@ -228,8 +228,11 @@ impl LeaseCoordinator {
                 lease = held.key(),
                 "the processor did not finish a graceful handoff in time; transferring the lease"
             );
+            let transferred = self.transfer_held(held).await;
+            // Counted once the transfer was tried, so that a reader of the metric finds the table
+            // already written.
             Metrics::add(&self.inner.metrics.handoffs_timed_out, 1);
-            self.transfer_held(held).await?;
+            transferred?;
             return Ok(false);
         }
         let mut lease = held.lock().await;
