@@ -200,6 +200,7 @@ impl Chart<'_> {
             .chain(self.limit.map(|(y, _)| y))
             .fold(0.0f64, f64::max);
         let y_end = if top > 0.0 { top * 1.1 } else { 1.0 };
+        let x_end = self.x_end.max(1.0);
         let mut svg = String::new();
         {
             let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
@@ -209,13 +210,13 @@ impl Chart<'_> {
                 .margin(12)
                 .x_label_area_size(36)
                 .y_label_area_size(64)
-                .build_cartesian_2d(0.0..self.x_end.max(1.0), 0.0..y_end)
+                .build_cartesian_2d(0.0..x_end, 0.0..y_end)
                 .map_err(|e| fail(&e))?;
             chart
                 .configure_mesh()
                 .x_desc("seconds since the start")
                 .y_desc(self.y_label)
-                .x_label_formatter(&|x| format!("{x:.0}"))
+                .x_label_formatter(&|x| if x_end >= 10.0 { format!("{x:.0}") } else { format!("{x:.1}") })
                 .y_label_formatter(&|y| if y_end >= 10.0 { format!("{y:.0}") } else { format!("{y:.1}") })
                 .light_line_style(WHITE.mix(0.0))
                 .draw()
@@ -223,7 +224,10 @@ impl Chart<'_> {
             for series in &self.series {
                 let color = series.color;
                 chart
-                    .draw_series(LineSeries::new(series.points.iter().copied(), color.stroke_width(2)))
+                    // Each point marked too: a run of a second or two still shows its figures.
+                    .draw_series(
+                        LineSeries::new(series.points.iter().copied(), color.filled().stroke_width(2)).point_size(2),
+                    )
                     .map_err(|e| fail(&e))?
                     .label(series.name.as_str())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
@@ -231,12 +235,7 @@ impl Chart<'_> {
             if let Some((y, name)) = self.limit {
                 let limit = RGBColor(120, 120, 120);
                 chart
-                    .draw_series(DashedLineSeries::new(
-                        [(0.0, y), (self.x_end.max(1.0), y)],
-                        6,
-                        4,
-                        limit.stroke_width(1),
-                    ))
+                    .draw_series(DashedLineSeries::new([(0.0, y), (x_end, y)], 6, 4, limit.stroke_width(1)))
                     .map_err(|e| fail(&e))?
                     .label(name)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], limit));
