@@ -409,7 +409,7 @@ pub async fn run_loadgen(clients: &Clients, args: LoadgenArgs, local: bool) -> R
     let report = Report {
         stream,
         shards,
-        sent: progress.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
+        sent: progress.sent_total(),
         acknowledged: progress.acked.load(Ordering::Relaxed),
         failed: progress.failed.load(Ordering::Relaxed),
         produce_secs,

@@ -27,12 +27,19 @@ pub(super) struct Progress {
     pub(super) last_put: Vec<AtomicU64>,
 }
 
+impl Progress {
+    /// Records `put` accepted, all producers together.
+    pub(super) fn sent_total(&self) -> u64 {
+        self.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum()
+    }
+}
+
 /// The run's running totals now, for the timeline.
 pub(super) fn totals(producer: &Producer, progress: &Progress, tally: &Tally) -> Totals {
     let (throttles, other_errors) = throttles_and_others(&producer.metrics().errors_by_code);
     let counts = tally.counts();
     Totals {
-        sent: progress.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
+        sent: progress.sent_total(),
         acknowledged: progress.acked.load(Ordering::Relaxed),
         received: counts.deliveries - counts.duplicates,
         throttles,
@@ -42,7 +49,7 @@ pub(super) fn totals(producer: &Producer, progress: &Progress, tally: &Tally) ->
 
 /// The `--log` lines: one per producer.
 pub(super) fn log_lines(progress: &Progress, secs: f64) {
-    let sent: u64 = progress.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum();
+    let sent = progress.sent_total();
     for (k, count) in progress.sent.iter().enumerate() {
         println!(
             "producer {} has sent {} records, elapsed {secs:.1} s, all producers have sent {sent} records, tps = {:.0}",
@@ -88,7 +95,7 @@ pub(super) async fn display(
     loop {
         tokio::time::sleep(tick).await;
         let elapsed = started.elapsed();
-        let sent: u64 = progress.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum();
+        let sent = progress.sent_total();
         // Records/s over the last 2 s.
         window.push_back((Instant::now(), sent));
         while window.len() > 9 {
